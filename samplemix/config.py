@@ -1,0 +1,211 @@
+"""The run configuration: one YAML file validated by pydantic.
+
+Every field has a default except ``corpus.input``. Unknown fields are errors, so a
+typo never silently falls back to a default. ``load_config`` turns pydantic's
+errors into one message per field that names the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field and the fix."""
+
+
+def parse_count(value: int | float | str) -> int:
+    """Parse a token count such as ``2000000``, ``"2M"``, ``"1.5B"`` or ``"500k"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of tokens such as 2000000 or '2M'")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbBtT]?)\s*", value)
+    if not m:
+        raise ValueError(f"{value!r} is not a token count; use e.g. 2000000, '500k', '2M', '1.5B'")
+    n = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError("must be > 0")
+    return int(n)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(_Section):
+    input: str = Field(description="Folder, glob or s3:// URL of Parquet/JSONL shards")
+    text_column: str = "text"
+    id_column: str | None = Field("id", description="Ids derive from shard+row when absent")
+    domain_column: str | None = Field(
+        "domain", description="When absent in a shard, the shard's parent folder names the domain"
+    )
+    on_bad_shard: Literal["error", "skip"] = Field(
+        "error", description="An unreadable shard stops the run, or is skipped and reported"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options, e.g. endpoint_url for S3"
+    )
+
+
+class OutputConfig(_Section):
+    path: str = "out"
+    rows_per_shard: int = Field(100_000, gt=0, description="Rows per output mixture shard")
+
+
+class TokensConfig(_Section):
+    tokenizer: str | None = Field(None, description="Tokenizer for len(x); default: embedder's")
+
+
+class QualityConfig(_Section):
+    scorer: Literal["heuristic", "hf-classifier", "perplexity"] = "heuristic"
+    model: str | None = Field(None, description="Local path or hub id (hf-classifier, perplexity)")
+    gguf_file: str | None = Field(None, description="GGUF file inside `model` (perplexity)")
+    readout: str = Field(
+        "auto",
+        description="hf-classifier: 'regression' (logit 0), 'expected' (sum of p_i*i), "
+        "'label:NAME' (probability of NAME), or 'auto'",
+    )
+    max_length: int = Field(512, gt=1)
+    batch_tokens: int = Field(16_384, gt=0)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class EmbedConfig(_Section):
+    model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2")
+    max_length: int = Field(256, gt=1)
+    batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per batch")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class KMeansConfig(_Section):
+    k: int | Literal["auto"] = Field("auto", description="'auto' = max(2, round(N / 500))")
+    max_points_per_centroid: int = Field(256, gt=0)
+    niter: int = Field(20, gt=0)
+    seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _k_at_least_two(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("k must be >= 2 or 'auto'")
+        return v
+
+
+class DiversityConfig(_Section):
+    form: Literal["product", "per_sample", "additive"] = "product"
+    separation: Literal["nearest", "mean", "mean_nearest"] = "nearest"
+    m: int = Field(3, gt=0, description="Neighbours for separation='mean_nearest'")
+    lam: float = Field(0.5, ge=0, le=1, description="λ for form='additive'")
+
+
+class MixingConfig(_Section):
+    alpha: float = Field(0.8, ge=0, le=1, description="0 = quality only, 1 = diversity only")
+    budget: int | None = Field(None, description="Target tokens T_tgt, e.g. 2000000 or '2M'")
+    budget_ratio: float | None = Field(None, gt=0, description="T_tgt as a ratio of T_src")
+    epsilon: float = Field(0.0, ge=0)
+    max_repeats: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, v: Any) -> int | None:
+        return None if v is None else parse_count(v)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> MixingConfig:
+        if self.budget is not None and self.budget_ratio is not None:
+            raise ValueError("set either budget or budget_ratio, not both")
+        return self
+
+
+class ComputeConfig(_Section):
+    scheduler_address: str | None = Field(None, description="Existing Dask scheduler; else local")
+    n_workers: int | None = Field(None, gt=0, description="LocalCluster workers; default: cores")
+    torch_threads: int | None = Field(None, gt=0, description="Per worker; default: cores/workers")
+
+
+class Config(_Section):
+    corpus: CorpusConfig
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    mixing: MixingConfig = Field(default_factory=MixingConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def _describe(err: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        msg = f"must be one of {err['ctx']['expected']}"
+    elif err["type"] == "extra_forbidden":
+        msg = "is not a known field (check the spelling; `samplemix config --show` lists fields)"
+    elif err["type"] == "missing":
+        msg = "is required"
+    got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err['input']!r})"
+    return f"  {field}: {msg}{got}"
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Read ``path`` (YAML; optional), apply dotted ``overrides`` such as
+    ``{"mixing.alpha": 0.5}``, validate, and return the resolved Config.
+
+    Raises ConfigError with one line per invalid field.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    # A budget flag overrides the file's other budget form instead of clashing with it.
+    given = {k for k, v in (overrides or {}).items() if v is not None}
+    mixing = data.get("mixing") or {}
+    for flag, other in (("mixing.budget", "budget_ratio"), ("mixing.budget_ratio", "budget")):
+        if flag in given and f"mixing.{other}" not in given:
+            mixing.pop(other, None)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        lines = "\n".join(_describe(err) for err in e.errors())
+        raise ConfigError(f"invalid configuration{where}:\n{lines}") from None
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved configuration as YAML, every default spelled out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
