@@ -59,6 +59,7 @@ class CorpusConfig(_Section):
 
 class OutputConfig(_Section):
     path: str = "out"
+    store: str | None = Field(None, description="Artifact store (folder or s3://); default OUT/store")
     rows_per_shard: int = Field(100_000, gt=0, description="Rows per output mixture shard")
 
 

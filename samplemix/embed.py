@@ -1,0 +1,55 @@
+"""Document embeddings: transformers encoder, mean pooling, L2-normalised."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from samplemix.config import EmbedConfig
+from samplemix.models import (
+    encode_batch,
+    load_model,
+    load_tokenizer,
+    padded_batches,
+    resolve_device,
+    resolve_dtype,
+    token_lengths,
+)
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (b, t, h) over the positions where ``mask`` (b, t) is 1."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
+    """Embed ``texts`` with ``cfg.model`` truncated to ``cfg.max_length`` tokens.
+
+    Returns float32 (n, dim), each row L2-normalised, in input order. Batches are
+    formed over length-sorted documents so that each holds about ``cfg.batch_tokens``
+    padded tokens; results do not depend on the batching.
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, "encoder", cfg.device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    dim = model.config.hidden_size
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    if not texts:
+        return out
+    lengths = token_lengths(tokenizer, texts, cfg.max_length)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        for idx in padded_batches(lengths, cfg.batch_tokens):
+            enc = encode_batch(tokenizer, [texts[i] for i in idx], cfg.max_length).to(device)
+            hidden = model(**enc).last_hidden_state
+            pooled = mean_pooled(hidden.float(), enc["attention_mask"])
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    return out

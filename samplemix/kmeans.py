@@ -1,0 +1,43 @@
+"""Spherical k-means with FAISS: fit on a bounded sample, assign every document."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def auto_k(n_docs: int) -> int:
+    """Default cluster count: about 500 documents per cluster, at least 2."""
+    return max(2, round(n_docs / 500))
+
+
+def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    """Fit ``k`` centroids on ``sample`` (n, dim) L2-normalised float32 rows.
+
+    Returns float32 (k, dim) unit-norm centroids. Raises ValueError when the sample
+    has fewer rows than ``k``.
+    """
+    n, dim = sample.shape
+    if n < k:
+        raise ValueError(
+            f"kmeans.k = {k} clusters but only {n} documents to fit on; lower kmeans.k"
+        )
+    km = faiss.Kmeans(
+        dim, k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=n, verbose=False
+    )
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    centroids = km.centroids.astype(np.float32)
+    return centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def assign(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine for each row of ``embeddings`` (n, dim).
+
+    Returns (cluster int32 (n,), distance float32 (n,) = 1 − cos(e, μ) in [0, 2]).
+    """
+    if len(embeddings) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, ids = index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
+    return ids[:, 0].astype(np.int32), (1.0 - sims[:, 0]).astype(np.float32)

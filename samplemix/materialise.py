@@ -1,0 +1,81 @@
+"""Mixture shards: each selected document repeated n(x) times, globally shuffled.
+
+A bucketed shuffle that never holds the mixture in one place: every copy of a
+document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it to bucket
+key mod B from its source shard; ``gather`` reads one bucket from every source
+shard and sorts it by key. Each output shard is one bucket, so memory per worker is
+one bucket, and the order is the same whatever the sharding or worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MIXTURE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("domain", pa.string()),
+        ("text", pa.string()),
+        ("copy", pa.int32()),
+        ("quality", pa.float64()),
+        ("diversity", pa.float64()),
+        ("weight", pa.float64()),
+    ]
+)
+
+
+def bucket_count(expected_rows: float, rows_per_shard: int) -> int:
+    """Output shards for about ``expected_rows`` rows at ``rows_per_shard`` each (≥ 1)."""
+    return max(1, math.ceil(expected_rows / rows_per_shard))
+
+
+def copy_keys(ids: list[str], copies: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit shuffle key per (id, copy index): uint64 (len(ids),)."""
+    prefix = f"{seed}\x1fshuffle\x1f".encode()
+    raw = b"".join(
+        hashlib.blake2b(prefix + f"{i}\x1f{c}".encode(), digest_size=8).digest()
+        for i, c in zip(ids, copies.tolist(), strict=True)
+    )
+    return np.frombuffer(raw, dtype="<u8")
+
+
+def scatter(
+    docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int
+) -> dict[int, pa.Table]:
+    """Repeat row i of ``docs`` counts[i] times and split the copies into buckets.
+
+    ``docs`` has the MIXTURE_SCHEMA columns except ``copy``. Returns bucket ->
+    table with MIXTURE_SCHEMA plus a ``key`` column (uint64); empty buckets omitted.
+    """
+    rows = np.repeat(np.arange(len(counts)), counts)
+    if len(rows) == 0:
+        return {}
+    starts = np.cumsum(counts) - counts
+    copy = (np.arange(len(rows)) - np.repeat(starts, counts)).astype(np.int32)
+    expanded = docs.take(pa.array(rows))
+    keys = copy_keys(expanded.column("id").to_pylist(), copy, seed)
+    table = expanded.append_column("copy", pa.array(copy)).append_column("key", pa.array(keys))
+    table = table.select([*MIXTURE_SCHEMA.names, "key"])
+    bucket = keys % np.uint64(n_buckets)
+    out = {}
+    for b in np.unique(bucket):
+        out[int(b)] = table.filter(pa.array(bucket == b))
+    return out
+
+
+def gather(parts: list[pa.Table]) -> pa.Table:
+    """One output shard: all parts of a bucket, sorted by key (then id, copy, so that
+    equal keys from duplicate ids still order deterministically), key dropped."""
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return MIXTURE_SCHEMA.empty_table()
+    table = pa.concat_tables(parts)
+    order = pc.sort_indices(
+        table, sort_keys=[("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
+    )
+    return table.take(order).drop_columns(["key"]).cast(MIXTURE_SCHEMA)
