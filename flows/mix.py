@@ -31,8 +31,9 @@ from tasks import stages as t
 
 
 def store_for(cfg: Config) -> Store:
-    return Store(cfg.output.store or f"{cfg.output.path.rstrip('/')}/store",
-                 cfg.corpus.storage_options)
+    return Store(
+        cfg.output.store or f"{cfg.output.path.rstrip('/')}/store", cfg.corpus.storage_options
+    )
 
 
 def _run_name() -> str:
@@ -56,8 +57,10 @@ def _collect(futures: list[PrefectFuture], stage: str) -> list[dict]:
         results[index[fut.task_run_id]] = fut.result()
         update_progress_artifact(artifact, 100.0 * done / len(futures))
     get_run_logger().info(
-        "%s: %d computed, %d from the store", stage,
-        sum(not r["cached"] for r in results), sum(r["cached"] for r in results),
+        "%s: %d computed, %d from the store",
+        stage,
+        sum(not r["cached"] for r in results),
+        sum(r["cached"] for r in results),
     )
     return results  # type: ignore[return-value]
 
@@ -73,11 +76,19 @@ def mix(config: Config) -> dict:
     shards = discover_shards(cfg.corpus)
     log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
 
-    keys = [{"tokens": stages.tokens_key(s, cfg), "quality": stages.quality_key(s, cfg),
-             "embed": stages.embed_key(s, cfg)} for s in shards]
-    tok_f = [t.tokens.submit(s, cfg, store, k["tokens"]) for s, k in zip(shards, keys)]
-    emb_f = [t.embed.submit(s, cfg, store, k["embed"]) for s, k in zip(shards, keys)]
-    qual_f = [t.quality.submit(s, cfg, store, k["quality"]) for s, k in zip(shards, keys)]
+    keys = [
+        {
+            "tokens": stages.tokens_key(s, cfg),
+            "quality": stages.quality_key(s, cfg),
+            "embed": stages.embed_key(s, cfg),
+        }
+        for s in shards
+    ]
+    tok_f = [t.tokens.submit(s, cfg, store, k["tokens"]) for s, k in zip(shards, keys, strict=True)]
+    emb_f = [t.embed.submit(s, cfg, store, k["embed"]) for s, k in zip(shards, keys, strict=True)]
+    qual_f = [
+        t.quality.submit(s, cfg, store, k["quality"]) for s, k in zip(shards, keys, strict=True)
+    ]
 
     tok = _collect(tok_f, "tokens")
     n_docs = sum(r["docs"] for r in tok)
@@ -94,33 +105,53 @@ def mix(config: Config) -> dict:
 
     emb = _collect(emb_f, "embed")
     km_key = stages.kmeans_key([k["embed"] for k in keys], cfg)
-    km = t.kmeans.submit([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store,
-                         km_key).result()
+    km = t.kmeans.submit(
+        [(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key
+    ).result()
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
-    asg = _collect([t.assign.submit(s, k["tokens"], k["embed"], km_key, store, k["assign"])
-                    for s, k in zip(shards, keys)], "assign")
+    asg = _collect(
+        [
+            t.assign.submit(s, k["tokens"], k["embed"], km_key, store, k["assign"])
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        "assign",
+    )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
     cl = t.clusters.submit([k["assign"] for k in keys], km_key, cfg, store, cl_key).result()
 
     qual = _collect(qual_f, "quality")
-    q_range = [min(r["min"] for r in qual if r["min"] is not None),
-               max(r["max"] for r in qual if r["max"] is not None)]
+    q_range = [
+        min(r["min"] for r in qual if r["min"] is not None),
+        max(r["max"] for r in qual if r["max"] is not None),
+    ]
     d_range = [cl["d_min"], cl["d_max"]]
     for k in keys:
         k["clusters"] = cl_key
-        k["weights"] = stages.weights_key(k["tokens"], k["quality"], k["assign"], cl_key,
-                                          q_range, cfg)
-    wts = _collect([t.weights.submit(s, k, q_range, d_range, cfg, store, k["weights"])
-                    for s, k in zip(shards, keys)], "weights")
+        k["weights"] = stages.weights_key(
+            k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
+        )
+    wts = _collect(
+        [
+            t.weights.submit(s, k, q_range, d_range, cfg, store, k["weights"])
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        "weights",
+    )
 
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = t.budget.submit([(k["tokens"], k["weights"]) for k in keys], target, cfg, store,
-                           b_key).result()
+    plan = t.budget.submit(
+        [(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key
+    ).result()
     for k in keys:
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
-    cnt = _collect([t.counts.submit(s, k, plan, cfg, store, k["counts"])
-                    for s, k in zip(shards, keys)], "counts")
+    cnt = _collect(
+        [
+            t.counts.submit(s, k, plan, cfg, store, k["counts"])
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        "counts",
+    )
 
     fs, out_path = fsspec.core.url_to_fs(out, **cfg.corpus.storage_options)
     for folder in ("mixture", "plan"):  # a previous run may have written more parts
@@ -130,15 +161,26 @@ def mix(config: Config) -> dict:
     stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
 
     settings = {
-        "method": "samplemix", "alpha": cfg.mixing.alpha, "scorer": cfg.quality.scorer,
-        "embed model": cfg.embed.model, "K": km["k"], "seed": cfg.mixing.seed,
-        "budget": f"{target:,} tokens", "max_repeats": cfg.mixing.max_repeats,
+        "method": "samplemix",
+        "alpha": cfg.mixing.alpha,
+        "scorer": cfg.quality.scorer,
+        "embed model": cfg.embed.model,
+        "K": km["k"],
+        "seed": cfg.mixing.seed,
+        "budget": f"{target:,} tokens",
+        "max_repeats": cfg.mixing.max_repeats,
         "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
     }
     inputs = stages.report_inputs(tok, cnt, cl, target, settings)
     _publish_report(inputs, out, cfg)
-    stage_results = {"tokens": tok, "embed": emb, "quality": qual, "assign": asg,
-                     "weights": wts, "counts": cnt}
+    stage_results = {
+        "tokens": tok,
+        "embed": emb,
+        "quality": qual,
+        "assign": asg,
+        "weights": wts,
+        "counts": cnt,
+    }
     summary = {
         "target_tokens": target,
         "source_tokens": source_tokens,
@@ -152,31 +194,48 @@ def mix(config: Config) -> dict:
         "mixture_parts": len(mixture),
         "output": out,
         "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()}
-        | {"kmeans": int(not km["cached"]), "clusters": int(not cl["cached"]),
-           "budget": int(not plan["cached"])},
+        | {
+            "kmeans": int(not km["cached"]),
+            "clusters": int(not cl["cached"]),
+            "budget": int(not plan["cached"]),
+        },
     }
-    log.info("mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
-             summary["mixture_rows"], summary["mixture_parts"], summary["realised_tokens"],
-             target, summary["sigma_tokens"])
+    log.info(
+        "mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
+        summary["mixture_rows"],
+        summary["mixture_parts"],
+        summary["realised_tokens"],
+        target,
+        summary["sigma_tokens"],
+    )
     return summary
 
 
 def _materialise(keys: list[dict], cnt: list[dict], plan: dict, store: Store, out: str) -> list:
-    return _collect([
-        t.materialise.submit(b, [k["counts"] for k, c in zip(keys, cnt) if b in c["buckets"]],
-                             store, out)
-        for b in range(plan["buckets"])
-    ], "materialise")
+    return _collect(
+        [
+            t.materialise.submit(
+                b,
+                [k["counts"] for k, c in zip(keys, cnt, strict=True) if b in c["buckets"]],
+                store,
+                out,
+            )
+            for b in range(plan["buckets"])
+        ],
+        "materialise",
+    )
 
 
 def _publish_report(inputs, out: str, cfg: Config) -> None:  # noqa: ANN001
     from samplemix import report
 
     report.write_report(inputs, f"{out}/report", cfg.corpus.storage_options)
-    create_markdown_artifact(report.report_markdown(inputs), key="mixture-report",
-                             description="SampleMix mixture report")
-    create_table_artifact(report.table_rows(inputs), key="mixture-domains",
-                          description="Domain shares before/after")
+    create_markdown_artifact(
+        report.report_markdown(inputs), key="mixture-report", description="SampleMix mixture report"
+    )
+    create_table_artifact(
+        report.table_rows(inputs), key="mixture-domains", description="Domain shares before/after"
+    )
 
 
 def task_runner(cfg: Config) -> DaskTaskRunner:
@@ -186,8 +245,12 @@ def task_runner(cfg: Config) -> DaskTaskRunner:
         return DaskTaskRunner(address=cfg.compute.scheduler_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": workers(cfg), "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": ":0"},
+        cluster_kwargs={
+            "n_workers": workers(cfg),
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": ":0",
+        },
     )
 
 
@@ -225,7 +288,8 @@ def run_mix(cfg: Config) -> dict:
     worker default to the cores shared out among the local workers."""
     if cfg.compute.torch_threads is None and not cfg.compute.scheduler_address:
         threads = max(1, len(os.sched_getaffinity(0)) // workers(cfg))
-        cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(
-            update={"torch_threads": threads})})
+        cfg = cfg.model_copy(
+            update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
+        )
     with prefect_api():
         return mix.with_options(task_runner=task_runner(cfg))(cfg)

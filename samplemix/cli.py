@@ -16,12 +16,17 @@ import typer
 
 from samplemix.config import Config, ConfigError, config_to_yaml, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Sample-wise pre-training data mixtures (SampleMix).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Sample-wise pre-training data mixtures (SampleMix).",
+)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config file (optional)")]
-Set = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override any field: --set mixing.alpha=0.5 (repeatable)")]
+Set = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any field: --set mixing.alpha=0.5 (repeatable)"),
+]
 
 
 def _overrides(pairs: list[str] | None, **flags: Any) -> dict[str, Any]:
@@ -57,15 +62,25 @@ def run(
     set_: Set = None,
 ) -> None:
     """Build a mixture: score, embed, cluster, weight, count and write it."""
-    cfg = _load(config, _overrides(
-        set_, **{"corpus.input": input, "output.path": output, "mixing.budget": budget,
-                 "mixing.budget_ratio": budget_ratio, "mixing.alpha": alpha,
-                 "mixing.seed": seed, "compute.n_workers": workers}))
+    cfg = _load(
+        config,
+        _overrides(
+            set_,
+            **{
+                "corpus.input": input,
+                "output.path": output,
+                "mixing.budget": budget,
+                "mixing.budget_ratio": budget_ratio,
+                "mixing.alpha": alpha,
+                "mixing.seed": seed,
+                "compute.n_workers": workers,
+            },
+        ),
+    )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.mix import run_mix
     from samplemix.corpus import CorpusError
     from samplemix.mixing import BudgetError
-
-    from flows.mix import run_mix
 
     try:
         summary = run_mix(cfg)

@@ -59,7 +59,9 @@ class CorpusConfig(_Section):
 
 class OutputConfig(_Section):
     path: str = "out"
-    store: str | None = Field(None, description="Artifact store (folder or s3://); default OUT/store")
+    store: str | None = Field(
+        None, description="Artifact store (folder or s3://); default OUT/store"
+    )
     rows_per_shard: int = Field(100_000, gt=0, description="Rows per output mixture shard")
 
 
@@ -90,7 +92,7 @@ class EmbedConfig(_Section):
 
 
 class KMeansConfig(_Section):
-    k: int | Literal["auto"] = Field("auto", description="'auto' = max(2, round(N / 500))")
+    k: int | Literal["auto"] = Field("auto", description="'auto' = max(2, round(N / 200))")
     max_points_per_centroid: int = Field(256, gt=0)
     niter: int = Field(20, gt=0)
     seed: int = 0
@@ -171,9 +173,7 @@ def _describe(err: dict[str, Any]) -> str:
     return f"  {field}: {msg}{got}"
 
 
-def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read ``path`` (YAML; optional), apply dotted ``overrides`` such as
     ``{"mixing.alpha": 0.5}``, validate, and return the resolved Config.
 

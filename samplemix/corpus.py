@@ -158,8 +158,13 @@ def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple
             continue
         keys_seen.update(obj)
         records.append(
-            (row, obj.get(cfg.text_column), obj.get(cfg.id_column or ""),
-             obj.get(cfg.domain_column or ""), None)
+            (
+                row,
+                obj.get(cfg.text_column),
+                obj.get(cfg.id_column or ""),
+                obj.get(cfg.domain_column or ""),
+                None,
+            )
         )
     if keys_seen and cfg.text_column not in keys_seen:
         raise _missing_column(shard, cfg.text_column, sorted(keys_seen))

@@ -7,8 +7,11 @@ import numpy as np
 
 
 def auto_k(n_docs: int) -> int:
-    """Default cluster count: about 500 documents per cluster, at least 2."""
-    return max(2, round(n_docs / 500))
+    """Default cluster count: about 200 documents per cluster, at least 2.
+
+    method.md asks for clusters of a few hundred to a few thousand documents; 200
+    keeps small corpora from collapsing into a handful of all-domain clusters."""
+    return max(2, round(n_docs / 200))
 
 
 def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:

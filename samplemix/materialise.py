@@ -44,9 +44,7 @@ def copy_keys(ids: list[str], copies: np.ndarray, seed: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8")
 
 
-def scatter(
-    docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int
-) -> dict[int, pa.Table]:
+def scatter(docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int) -> dict[int, pa.Table]:
     """Repeat row i of ``docs`` counts[i] times and split the copies into buckets.
 
     ``docs`` has the MIXTURE_SCHEMA columns except ``copy``. Returns bucket ->

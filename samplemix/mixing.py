@@ -22,9 +22,7 @@ class BudgetError(ValueError):
 def doc_uniforms(ids: Iterable[str], seed: int, salt: str) -> np.ndarray:
     """One uniform in [0, 1) per id, a pure function of (seed, salt, id): float64 (n,)."""
     prefix = f"{seed}\x1f{salt}\x1f".encode()
-    raw = b"".join(
-        hashlib.blake2b(prefix + i.encode(), digest_size=8).digest() for i in ids
-    )
+    raw = b"".join(hashlib.blake2b(prefix + i.encode(), digest_size=8).digest() for i in ids)
     # 53 random bits map exactly onto the float64 grid in [0, 1).
     return (np.frombuffer(raw, dtype="<u8") >> np.uint64(11)) * (1.0 / (1 << 53))
 

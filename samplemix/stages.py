@@ -63,8 +63,11 @@ def _corpus_part(shard: Shard, cfg: Config) -> dict:
 def tokens_key(shard: Shard, cfg: Config) -> str:
     name = tokenizer_name(cfg)
     return artifact_key(
-        "tokens", VERSIONS["tokens"], corpus=_corpus_part(shard, cfg),
-        tokenizer=name, weights=model_fingerprint(name),
+        "tokens",
+        VERSIONS["tokens"],
+        corpus=_corpus_part(shard, cfg),
+        tokenizer=name,
+        weights=model_fingerprint(name),
     )
 
 
@@ -79,7 +82,10 @@ def quality_key(shard: Shard, cfg: Config) -> str:
 def embed_key(shard: Shard, cfg: Config) -> str:
     e = cfg.embed.model_dump(exclude={"batch_tokens", "device"})
     return artifact_key(
-        "embed", VERSIONS["embed"], corpus=_corpus_part(shard, cfg), embed=e,
+        "embed",
+        VERSIONS["embed"],
+        corpus=_corpus_part(shard, cfg),
+        embed=e,
         weights=model_fingerprint(cfg.embed.model),
     )
 
@@ -105,15 +111,26 @@ def weights_key(
 ) -> str:
     m = cfg.mixing
     return artifact_key(
-        "weights", VERSIONS["weights"], tokens=tokens, quality=quality, assign=assign,
-        clusters=clusters, q_range=q_range, alpha=m.alpha, epsilon=m.epsilon,
+        "weights",
+        VERSIONS["weights"],
+        tokens=tokens,
+        quality=quality,
+        assign=assign,
+        clusters=clusters,
+        q_range=q_range,
+        alpha=m.alpha,
+        epsilon=m.epsilon,
     )
 
 
 def budget_key(weights_keys: list[str], target: int, cfg: Config) -> str:
     return artifact_key(
-        "budget", VERSIONS["budget"], weights=weights_keys, target=target,
-        max_repeats=cfg.mixing.max_repeats, rows_per_shard=cfg.output.rows_per_shard,
+        "budget",
+        VERSIONS["budget"],
+        weights=weights_keys,
+        target=target,
+        max_repeats=cfg.mixing.max_repeats,
+        rows_per_shard=cfg.output.rows_per_shard,
     )
 
 
@@ -135,8 +152,12 @@ def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
         if cfg.corpus.on_bad_shard == "error":
             raise
         rejects = pa.table(
-            {"shard": [shard.shard_id], "row": [-1], "reason": ["unreadable_shard"],
-             "detail": [str(e)]},
+            {
+                "shard": [shard.shard_id],
+                "row": [-1],
+                "reason": ["unreadable_shard"],
+                "detail": [str(e)],
+            },
             schema=REJECTS_SCHEMA,
         )
         return ShardDocs(DOCS_SCHEMA.empty_table(), rejects)
@@ -161,13 +182,17 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     domain_tokens: Counter[str] = Counter()
     for d, t in zip(domains, n_tok.tolist(), strict=True):
         domain_tokens[d] += t
-    return store.commit("tokens", key, {
-        "docs": len(texts),
-        "tokens": int(n_tok.sum()),
-        "rejects": dict(Counter(sd.rejects.column("reason").to_pylist())),
-        "domain_docs": dict(Counter(domains)),
-        "domain_tokens": dict(domain_tokens),
-    })
+    return store.commit(
+        "tokens",
+        key,
+        {
+            "docs": len(texts),
+            "tokens": int(n_tok.sum()),
+            "rejects": dict(Counter(sd.rejects.column("reason").to_pylist())),
+            "domain_docs": dict(Counter(domains)),
+            "domain_tokens": dict(domain_tokens),
+        },
+    )
 
 
 def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
@@ -175,9 +200,14 @@ def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     q = make_scorer(cfg.quality).score(_texts(shard, cfg)).astype(np.float64)
     store.put_array("quality", key, "quality.npy", q)
     empty = len(q) == 0
-    return store.commit("quality", key, {
-        "min": None if empty else float(q.min()), "max": None if empty else float(q.max()),
-    })
+    return store.commit(
+        "quality",
+        key,
+        {
+            "min": None if empty else float(q.min()),
+            "max": None if empty else float(q.max()),
+        },
+    )
 
 
 def run_embed(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
@@ -210,27 +240,36 @@ def run_kmeans(
         ids = store.get_table("tokens", tok, "index.parquet", columns=["id"]).column("id")
         take = mixing.doc_uniforms(ids.to_pylist(), cfg.kmeans.seed, "kmeans") < rate
         if take.any():
-            chunks.append(np.asarray(store.get_array("embed", emb, "embeddings.npy", mmap=True)[take]))
+            chunks.append(
+                np.asarray(store.get_array("embed", emb, "embeddings.npy", mmap=True)[take])
+            )
     sample = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed)
     store.put_array("kmeans", key, "centroids.npy", centroids)
     return store.commit("kmeans", key, {"k": k, "sample": int(len(sample))})
 
 
-def run_assign(
-    tok: str, emb: str, km: str, store: Store, key: str
-) -> dict:
+def run_assign(tok: str, emb: str, km: str, store: Store, key: str) -> dict:
     """Nearest centroid and cosine distance per document; per-cluster partial sums."""
     centroids = store.get_array("kmeans", km, "centroids.npy")
     cluster, dist = kmeans.assign(store.get_array("embed", emb, "embeddings.npy"), centroids)
     domains = store.get_table("tokens", tok, "index.parquet", columns=["domain"])
-    p = div.cluster_partials(cluster, dist, domains.column("domain").to_numpy(zero_copy_only=False),
-                             len(centroids))
-    store.put_table("assign", key, "assign.parquet",
-                    pa.table({"cluster": cluster, "distance": dist}))
-    store.put_arrays("assign", key, "partials.npz", count=p.count, dist_sum=p.dist_sum,
-                     dist_min=p.dist_min, dist_max=p.dist_max,
-                     **{f"domain:{d}": c for d, c in p.by_domain.items()})
+    p = div.cluster_partials(
+        cluster, dist, domains.column("domain").to_numpy(zero_copy_only=False), len(centroids)
+    )
+    store.put_table(
+        "assign", key, "assign.parquet", pa.table({"cluster": cluster, "distance": dist})
+    )
+    store.put_arrays(
+        "assign",
+        key,
+        "partials.npz",
+        count=p.count,
+        dist_sum=p.dist_sum,
+        dist_min=p.dist_min,
+        dist_max=p.dist_max,
+        **{f"domain:{d}": c for d, c in p.by_domain.items()},
+    )
     return store.commit("assign", key, {"docs": int(len(cluster))})
 
 
@@ -248,38 +287,68 @@ def run_clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key
     p = div.merge_partials([load_partials(store, a) for a in assign_keys])
     stats = div.cluster_stats(p, store.get_array("kmeans", km, "centroids.npy"), cfg.diversity)
     domains, overlap = div.overlap_matrix(p.by_domain)
-    store.put_arrays("clusters", key, "stats.npz", count=stats.count,
-                     compactness=stats.compactness, separation=stats.separation)
-    return store.commit("clusters", key, {
-        "d_min": stats.d_min, "d_max": stats.d_max, "k": int(len(stats.count)),
-        "nonempty": int((stats.count > 0).sum()), "cluster_sizes": stats.count.tolist(),
-        "overlap_domains": domains, "overlap": overlap.tolist(),
-    })
+    store.put_arrays(
+        "clusters",
+        key,
+        "stats.npz",
+        count=stats.count,
+        compactness=stats.compactness,
+        separation=stats.separation,
+    )
+    return store.commit(
+        "clusters",
+        key,
+        {
+            "d_min": stats.d_min,
+            "d_max": stats.d_max,
+            "k": int(len(stats.count)),
+            "nonempty": int((stats.count > 0).sum()),
+            "cluster_sizes": stats.count.tolist(),
+            "overlap_domains": domains,
+            "overlap": overlap.tolist(),
+        },
+    )
 
 
 # ---- weights, budget, counts -----------------------------------------------------------
 
 
 def run_weights(
-    tok: str, qual: str, assign: str, clusters: str, q_range: list[float],
-    d_range: list[float], cfg: Config, store: Store, key: str,
+    tok: str,
+    qual: str,
+    assign: str,
+    clusters: str,
+    q_range: list[float],
+    d_range: list[float],
+    cfg: Config,
+    store: Store,
+    key: str,
 ) -> dict:
     """d(x) and w(x) per document. Summary: wl = Σ w·len, w_sum = Σ w."""
     stats = store.get_arrays("clusters", clusters, "stats.npz")
     a = store.get_table("assign", assign, "assign.parquet")
     d = div.diversity_values(
-        a.column("cluster").to_numpy(), a.column("distance").to_numpy(),
-        stats["compactness"], stats["separation"], cfg.diversity,
+        a.column("cluster").to_numpy(),
+        a.column("distance").to_numpy(),
+        stats["compactness"],
+        stats["separation"],
+        cfg.diversity,
     )
     q = store.get_array("quality", qual, "quality.npy")
-    w = mixing.sample_weights(q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha,
-                              cfg.mixing.epsilon)
+    w = mixing.sample_weights(
+        q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
+    )
     n_tok = store.get_table("tokens", tok, "index.parquet", columns=["tokens"])
     n_tok = n_tok.column("tokens").to_numpy()
     store.put_arrays("weights", key, "weights.npz", diversity=d, weight=w)
-    return store.commit("weights", key, {
-        "wl": float(np.dot(w, n_tok)), "w_sum": float(w.sum()),
-    })
+    return store.commit(
+        "weights",
+        key,
+        {
+            "wl": float(np.dot(w, n_tok)),
+            "w_sum": float(w.sum()),
+        },
+    )
 
 
 def target_tokens(source_tokens: int, cfg: Config) -> int:
@@ -304,15 +373,23 @@ def run_budget(
             yield w, n.column("tokens").to_numpy()
 
     scale = mixing.budget_scale(wl, target, cfg.mixing.max_repeats)
-    rows = sum(float(mixing.expected_counts(w, scale, cfg.mixing.max_repeats).sum())
-               for w, _ in wl())
+    rows = sum(
+        float(mixing.expected_counts(w, scale, cfg.mixing.max_repeats).sum()) for w, _ in wl()
+    )
     buckets = materialise.bucket_count(rows, cfg.output.rows_per_shard)
     return store.commit("budget", key, {"scale": scale, "expected_rows": rows, "buckets": buckets})
 
 
 def run_counts(
-    shard: Shard, tok: str, qual: str, assign: str, weights: str, budget: dict,
-    cfg: Config, store: Store, key: str,
+    shard: Shard,
+    tok: str,
+    qual: str,
+    assign: str,
+    weights: str,
+    budget: dict,
+    cfg: Config,
+    store: Store,
+    key: str,
 ) -> dict:
     """c(x) and n(x); the shard's plan and its copies scattered into output buckets.
 
@@ -328,21 +405,35 @@ def run_counts(
     c = mixing.expected_counts(wz["weight"], budget["scale"], cfg.mixing.max_repeats)
     n = mixing.realised_counts(c, ids, cfg.mixing.seed)
     cluster = store.get_table("assign", assign, "assign.parquet", columns=["cluster"])
-    plan = pa.table({
-        "id": index.column("id"), "domain": index.column("domain"), "tokens": n_tok,
-        "quality": q, "diversity": wz["diversity"], "weight": wz["weight"],
-        "expected_count": c, "count": n, "cluster": cluster.column("cluster"),
-        "shard": pa.array([shard.shard_id] * len(ids), pa.string()), "row": index.column("row"),
-    })
+    plan = pa.table(
+        {
+            "id": index.column("id"),
+            "domain": index.column("domain"),
+            "tokens": n_tok,
+            "quality": q,
+            "diversity": wz["diversity"],
+            "weight": wz["weight"],
+            "expected_count": c,
+            "count": n,
+            "cluster": cluster.column("cluster"),
+            "shard": pa.array([shard.shard_id] * len(ids), pa.string()),
+            "row": index.column("row"),
+        }
+    )
     store.put_table("counts", key, "plan.parquet", plan)
     buckets: list[int] = []
     if n.any():
         docs = read_docs(shard, cfg).docs
-        mix_docs = pa.table({
-            "id": index.column("id"), "domain": index.column("domain"),
-            "text": docs.column("text"), "quality": q, "diversity": wz["diversity"],
-            "weight": wz["weight"],
-        })
+        mix_docs = pa.table(
+            {
+                "id": index.column("id"),
+                "domain": index.column("domain"),
+                "text": docs.column("text"),
+                "quality": q,
+                "diversity": wz["diversity"],
+                "weight": wz["weight"],
+            }
+        )
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
             store.put_table("counts", key, f"bucket-{b:05d}.parquet", part)
             buckets.append(b)
@@ -398,14 +489,15 @@ def sigma(variance_sum: float) -> float:
     return math.sqrt(max(variance_sum, 0.0))
 
 
-def run_publish(
-    counts_keys: list[str], tokens_keys: list[str], store: Store, out: str
-) -> dict:
+def run_publish(counts_keys: list[str], tokens_keys: list[str], store: Store, out: str) -> dict:
     """Write the per-document plan (one part per source shard, in shard order) and all
     rejects to ``out``. Summary: plan_parts, rejects."""
     for i, ck in enumerate(counts_keys):
-        write_parquet(store.get_table("counts", ck, "plan.parquet"),
-                      f"{out}/plan/part-{i:05d}.parquet", store.storage_options)
+        write_parquet(
+            store.get_table("counts", ck, "plan.parquet"),
+            f"{out}/plan/part-{i:05d}.parquet",
+            store.storage_options,
+        )
     rejects = pa.concat_tables(
         [store.get_table("tokens", tk, "rejects.parquet") for tk in tokens_keys]
     ).cast(REJECTS_SCHEMA)

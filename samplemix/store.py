@@ -32,8 +32,9 @@ class Store:
         self.root = root.rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self._base = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                 else (self.fs.protocol,))
+        self._local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     def _path(self, stage: str, key: str, name: str = "") -> str:
         return "/".join(p for p in (self._base, stage, key, name) if p)

@@ -66,13 +66,30 @@ def clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key: st
 
 @task(name="weights", task_run_name="weights/{shard.shard_id}", **_OPTS)
 def weights(
-    shard: Shard, keys: dict[str, str], q_range: list[float], d_range: list[float],
-    cfg: Config, store: Store, key: str,
+    shard: Shard,
+    keys: dict[str, str],
+    q_range: list[float],
+    d_range: list[float],
+    cfg: Config,
+    store: Store,
+    key: str,
 ) -> dict:
-    return _from_store(store, "weights", key, lambda: stages.run_weights(
-        keys["tokens"], keys["quality"], keys["assign"], keys["clusters"], q_range, d_range,
-        cfg, store, key,
-    ))
+    return _from_store(
+        store,
+        "weights",
+        key,
+        lambda: stages.run_weights(
+            keys["tokens"],
+            keys["quality"],
+            keys["assign"],
+            keys["clusters"],
+            q_range,
+            d_range,
+            cfg,
+            store,
+            key,
+        ),
+    )
 
 
 @task(name="budget", task_run_name="budget/scale", **_OPTS)
@@ -86,10 +103,22 @@ def budget(parts: list[tuple[str, str]], target: int, cfg: Config, store: Store,
 def counts(
     shard: Shard, keys: dict[str, str], plan: dict, cfg: Config, store: Store, key: str
 ) -> dict:
-    return _from_store(store, "counts", key, lambda: stages.run_counts(
-        shard, keys["tokens"], keys["quality"], keys["assign"], keys["weights"], plan,
-        cfg, store, key,
-    ))
+    return _from_store(
+        store,
+        "counts",
+        key,
+        lambda: stages.run_counts(
+            shard,
+            keys["tokens"],
+            keys["quality"],
+            keys["assign"],
+            keys["weights"],
+            plan,
+            cfg,
+            store,
+            key,
+        ),
+    )
 
 
 @task(name="materialise", task_run_name="materialise/part-{bucket:05d}", **_OPTS)
