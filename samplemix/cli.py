@@ -114,3 +114,7 @@ def schema() -> None:
     """Print the config's JSON schema (every field, its type, default and description)."""
     json.dump(Config.model_json_schema(), sys.stdout, indent=2)
     typer.echo()
+
+
+if __name__ == "__main__":
+    app()

@@ -7,6 +7,7 @@ errors into one message per field that names the field and what it accepts.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -23,19 +24,17 @@ class ConfigError(ValueError):
 
 def parse_count(value: int | float | str) -> int:
     """Parse a token count such as ``2000000``, ``"2M"``, ``"1.5B"`` or ``"500k"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a number of tokens such as 2000000 or '2M'")
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbBtT]?)\s*", value)
-    if not m:
-        raise ValueError(f"{value!r} is not a token count; use e.g. 2000000, '500k', '2M', '1.5B'")
-    n = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
-    if n <= 0:
-        raise ValueError("must be > 0")
-    return int(n)
+    usage = "use e.g. 2000000, '500k', '2M', '1.5B'"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a token count; {usage}")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbBtT]?)\s*", value)
+        if not m:
+            raise ValueError(f"{value!r} is not a token count; {usage}")
+        value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"must be at least 1 token and finite; {usage}")
+    return int(value)
 
 
 class _Section(BaseModel):
@@ -182,14 +181,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}; pass a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = loaded or {}
+        # An empty section (`mixing:` with every key commented out) means its defaults.
+        data = {k: {} if v is None else v for k, v in (loaded or {}).items()}
+    # Without a corpus section the error should name the one required field.
+    data.setdefault("corpus", {})
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 
 import fsspec
@@ -136,10 +137,30 @@ def _parquet_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tup
     ]
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unzstd(data: bytes) -> bytes:
+    """Decompress every zstd frame in ``data``; a truncated frame raises EOFError (the
+    streaming reader fsspec uses returns what it has without complaint, losing rows)."""
+    import zstandard
+
+    out = []
+    while data:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out.append(d.decompress(data))
+        if not d.eof:
+            raise EOFError("zstd data ends before the end of its frame (truncated file?)")
+        data = d.unused_data
+    return b"".join(out)
+
+
 def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple]:  # noqa: ANN001
     """(row, text, id, domain, reject_reason) per non-blank line; row = 0-based line number."""
-    with fs.open(path, "rb", compression="infer") as f:
-        lines = f.read().split(b"\n")
+    zst = path.lower().endswith(".zst")
+    with fs.open(path, "rb", compression=None if zst else "infer") as f:
+        data = f.read()
+    lines = (_unzstd(data) if zst else data).split(b"\n")
     records: list[tuple] = []
     keys_seen: set[str] = set()
     for row, raw in enumerate(lines):
@@ -156,6 +177,12 @@ def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple
         if not isinstance(obj, dict):
             records.append((row, None, None, None, "not_object"))
             continue
+        if _SURROGATE_ESCAPE.search(raw):  # "\ud800" decodes to a str Arrow cannot store
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                records.append((row, None, None, None, "non_utf8: lone surrogate \\u escape"))
+                continue
         keys_seen.update(obj)
         records.append(
             (

@@ -79,7 +79,8 @@ def separation(centroids: np.ndarray, nonempty: np.ndarray, cfg: DiversityConfig
     'mean_nearest': mean over the ``cfg.m`` nearest. A lone non-empty cluster gets 0.
     """
     k = len(centroids)
-    dist = 1.0 - centroids.astype(np.float64) @ centroids.T.astype(np.float64)
+    # Clipped: float32 unit vectors can have inner products a few ulps above 1.
+    dist = np.clip(1.0 - centroids.astype(np.float64) @ centroids.T.astype(np.float64), 0, 2)
     dist[:, ~nonempty] = np.nan
     dist[np.arange(k), np.arange(k)] = np.nan
     others = int(nonempty.sum()) - 1
@@ -117,8 +118,9 @@ def cluster_stats(p: ClusterPartials, centroids: np.ndarray, cfg: DiversityConfi
     sep = separation(centroids, nonempty, cfg)
     if cfg.form == "per_sample":
         # d is increasing in the distance, so its range comes from each cluster's extremes.
-        lo = (p.dist_min * sep)[nonempty].min()
-        hi = (p.dist_max * sep)[nonempty].max()
+        # (indexed first: empty clusters hold ±inf · 0, which warns as NaN)
+        lo = (p.dist_min[nonempty] * sep[nonempty]).min()
+        hi = (p.dist_max[nonempty] * sep[nonempty]).max()
     else:
         values = diversity_values(np.flatnonzero(nonempty), np.zeros(0), comp, sep, cfg)
         lo, hi = values.min(), values.max()

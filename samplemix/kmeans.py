@@ -43,4 +43,5 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, n
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     sims, ids = index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
-    return ids[:, 0].astype(np.int32), (1.0 - sims[:, 0]).astype(np.float32)
+    # float32 inner products of unit vectors can land a few ulps outside [−1, 1].
+    return ids[:, 0].astype(np.int32), np.clip(1.0 - sims[:, 0], 0.0, 2.0).astype(np.float32)

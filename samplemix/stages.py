@@ -235,15 +235,19 @@ def run_kmeans(
     """
     k = cluster_count(n_docs, cfg)
     rate = min(1.0, cfg.kmeans.max_points_per_centroid * k / max(n_docs, 1))
-    chunks = []
+    keys, chunks = [], []
     for tok, emb in parts:
         ids = store.get_table("tokens", tok, "index.parquet", columns=["id"]).column("id")
-        take = mixing.doc_uniforms(ids.to_pylist(), cfg.kmeans.seed, "kmeans") < rate
+        u = mixing.doc_uniforms(ids.to_pylist(), cfg.kmeans.seed, "kmeans")
+        take = u < rate
         if take.any():
-            chunks.append(
-                np.asarray(store.get_array("embed", emb, "embeddings.npy", mmap=True)[take])
-            )
-    sample = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+            keys.append(u[take])
+            chunks.append(np.asarray(store.get_array("embed", emb, "embeddings.npy")[take]))
+    if not chunks:
+        raise ValueError("no embeddings to fit k-means on")
+    # Ordered by the ids' uniforms, the sample (and so FAISS's seeded initialisation)
+    # is the same however the corpus is sharded.
+    sample = np.concatenate(chunks)[np.argsort(np.concatenate(keys), kind="stable")]
     centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed)
     store.put_array("kmeans", key, "centroids.npy", centroids)
     return store.commit("kmeans", key, {"k": k, "sample": int(len(sample))})

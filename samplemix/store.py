@@ -88,11 +88,8 @@ class Store:
         with self.fs.open(self._path(stage, key, name), "rb") as f:
             return pq.read_table(f, columns=columns)
 
-    def get_array(self, stage: str, key: str, name: str, mmap: bool = False) -> np.ndarray:
-        path = self._path(stage, key, name)
-        if mmap and self._local:
-            return np.load(path, mmap_mode="r")
-        with self.fs.open(path, "rb") as f:
+    def get_array(self, stage: str, key: str, name: str) -> np.ndarray:
+        with self.fs.open(self._path(stage, key, name), "rb") as f:
             return np.load(io.BytesIO(f.read()), allow_pickle=False)
 
     def get_arrays(self, stage: str, key: str, name: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,257 @@
+"""Benchmarks for the mix pipeline, each against the plain way, in one process.
+
+1. embed: ``samplemix.embed.embed_texts`` vs a plain ``SentenceTransformer.encode``
+   on the same documents and threads (docs/s and the ratio, plus cosine agreement).
+2. overhead: the whole ``mix`` flow (Prefect + Dask LocalCluster) vs the same
+   engine stages called one after another in this process (wall time ratio).
+3. memory: peak RSS of each Dask worker on 1x and 4x the data (same shard size).
+
+Usage: python bench/bench_pipeline.py [--corpus ../shared/corpus] [--skip overhead]
+Prints a Markdown table to paste into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from flows.mix import run_mix  # noqa: E402
+from samplemix import stages  # noqa: E402
+from samplemix.config import Config, load_config  # noqa: E402
+from samplemix.corpus import discover_shards  # noqa: E402
+from samplemix.embed import embed_texts  # noqa: E402
+from samplemix.models import resolve_model, set_torch_threads  # noqa: E402
+from samplemix.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_embed(cfg: Config, n_docs: int) -> dict:
+    """Same documents, same threads, same truncation; both warm (model loaded once)."""
+    from sentence_transformers import SentenceTransformer
+
+    texts: list[str] = []
+    for shard in discover_shards(cfg.corpus):
+        texts += stages.read_docs(shard, cfg).docs.column("text").to_pylist()
+    rng = np.random.default_rng(0)
+    texts = [texts[i] for i in rng.choice(len(texts), min(n_docs, len(texts)), replace=False)]
+    st = SentenceTransformer(resolve_model(cfg.embed.model), device="cpu")
+    st.max_seq_length = cfg.embed.max_length
+    embed_texts(texts[:8], cfg.embed)
+    st.encode(texts[:8])
+    t0 = time.perf_counter()
+    ours = embed_texts(texts, cfg.embed)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = st.encode(texts, batch_size=32, normalize_embeddings=True)
+    t_plain = time.perf_counter() - t0
+    cos = np.sum(ours * plain, axis=1)
+    return {
+        "docs": len(texts),
+        "ours_docs_s": len(texts) / t_ours,
+        "plain_docs_s": len(texts) / t_plain,
+        "ratio": t_plain / t_ours,
+        "min_cosine": float(cos.min()),
+    }
+
+
+def run_direct(cfg: Config) -> float:
+    """Every engine stage called in order in this process, no Prefect, no Dask."""
+    t0 = time.perf_counter()
+    store = Store(f"{cfg.output.path}/store")
+    shards = discover_shards(cfg.corpus)
+    keys = [
+        {
+            "tokens": stages.tokens_key(s, cfg),
+            "quality": stages.quality_key(s, cfg),
+            "embed": stages.embed_key(s, cfg),
+        }
+        for s in shards
+    ]
+    tok = [stages.run_tokens(s, cfg, store, k["tokens"]) for s, k in zip(shards, keys, strict=True)]
+    qual = [
+        stages.run_quality(s, cfg, store, k["quality"]) for s, k in zip(shards, keys, strict=True)
+    ]
+    for s, k in zip(shards, keys, strict=True):
+        stages.run_embed(s, cfg, store, k["embed"])
+    n_docs = sum(r["docs"] for r in tok)
+    target = stages.target_tokens(sum(r["tokens"] for r in tok), cfg)
+    km = stages.kmeans_key([k["embed"] for k in keys], cfg)
+    stages.run_kmeans([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km)
+    for k in keys:
+        k["assign"] = stages.assign_key(k["embed"], km)
+        stages.run_assign(k["tokens"], k["embed"], km, store, k["assign"])
+    cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
+    cl = stages.run_clusters([k["assign"] for k in keys], km, cfg, store, cl_key)
+    q_range = [min(r["min"] for r in qual), max(r["max"] for r in qual)]
+    for k in keys:
+        k["weights"] = stages.weights_key(
+            k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
+        )
+        stages.run_weights(
+            k["tokens"],
+            k["quality"],
+            k["assign"],
+            cl_key,
+            q_range,
+            [cl["d_min"], cl["d_max"]],
+            cfg,
+            store,
+            k["weights"],
+        )
+    b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
+    plan = stages.run_budget([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key)
+    cnt = []
+    for s, k in zip(shards, keys, strict=True):
+        k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
+        cnt.append(
+            stages.run_counts(
+                s,
+                k["tokens"],
+                k["quality"],
+                k["assign"],
+                k["weights"],
+                plan,
+                cfg,
+                store,
+                k["counts"],
+            )
+        )
+    for b in range(plan["buckets"]):
+        stages.run_gather(
+            b,
+            [k["counts"] for k, c in zip(keys, cnt, strict=True) if b in c["buckets"]],
+            store,
+            cfg.output.path,
+        )
+    stages.run_publish(
+        [k["counts"] for k in keys], [k["tokens"] for k in keys], store, cfg.output.path
+    )
+    from samplemix.report import write_report
+
+    write_report(stages.report_inputs(tok, cnt, cl, target, {}), f"{cfg.output.path}/report")
+    return time.perf_counter() - t0
+
+
+class PeakWorkerMemory:
+    """Samples the RSS of this process's children (the Dask workers) every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for child in me.children(recursive=True):
+                try:
+                    if "uvicorn" in " ".join(child.cmdline()):
+                        continue  # the Prefect server is not a worker
+                    rss = child.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakWorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def replicate(src: Path, dst: Path, times: int) -> Path:
+    """``times`` copies of every shard (as extra shards in the same domain folders)."""
+    for shard in sorted(p for p in src.rglob("*") if p.is_file() and "part-" in p.name):
+        (dst / shard.parent.name).mkdir(parents=True, exist_ok=True)
+        for i in range(times):
+            shutil.copy(shard, dst / shard.parent.name / f"r{i}-{shard.name}")
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
+    ap.add_argument("--embed-docs", type=int, default=1000)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "overhead", "memory"])
+    args = ap.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    tmp = Path(tempfile.mkdtemp(prefix="samplemix-bench-"))
+    rows = []
+
+    if "embed" not in args.skip:
+        set_torch_threads(cores)
+        cfg = load_config(None, {"corpus.input": args.corpus})
+        e = bench_embed(cfg, args.embed_docs)
+        rows.append(("embed: samplemix docs/s", f"{e['ours_docs_s']:.1f}"))
+        rows.append(("embed: plain SentenceTransformer.encode docs/s", f"{e['plain_docs_s']:.1f}"))
+        rows.append(("embed: ratio (plain time / ours)", f"{e['ratio']:.2f}"))
+        rows.append(("embed: min cosine ours vs plain", f"{e['min_cosine']:.5f}"))
+        print(rows[-4:], flush=True)
+
+    if "overhead" not in args.skip:
+        cfg = load_config(
+            None,
+            {
+                "corpus.input": args.corpus,
+                "output.path": str(tmp / "flow"),
+                "mixing.budget_ratio": 0.5,
+            },
+        )
+        t0 = time.perf_counter()
+        run_mix(cfg)
+        t_flow = time.perf_counter() - t0
+        set_torch_threads(cores)
+        direct = cfg.model_copy(
+            update={"output": cfg.output.model_copy(update={"path": str(tmp / "direct")})}
+        )
+        t_direct = run_direct(direct)
+        rows.append(("overhead: mix flow wall s (Prefect server start included)", f"{t_flow:.1f}"))
+        rows.append(("overhead: engine stages called directly, s", f"{t_direct:.1f}"))
+        rows.append(("overhead: ratio flow / direct", f"{t_flow / t_direct:.3f}"))
+        print(rows[-3:], flush=True)
+
+    if "memory" not in args.skip:
+        for times in (1, 4):
+            corpus = replicate(ROOT / "examples" / "corpus", tmp / f"x{times}", times)
+            cfg = load_config(
+                None,
+                {
+                    "corpus.input": str(corpus),
+                    "output.path": str(tmp / f"mem{times}"),
+                    "embed.max_length": 64,
+                },
+            )
+            with PeakWorkerMemory() as mem:
+                s = run_mix(cfg)
+            peak = max(mem.peak.values()) / 2**20
+            rows.append(
+                (
+                    f"memory: {times}x data ({s['documents']} docs), peak worker RSS MiB",
+                    f"{peak:.0f}",
+                )
+            )
+            print(rows[-1], flush=True)
+
+    print(f"\n| measure ({cores} cores) | value |\n| --- | ---: |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

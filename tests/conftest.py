@@ -1,0 +1,38 @@
+"""Shared fixtures: one local Prefect server per test session, small corpora."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "corpus"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real Prefect API on 127.0.0.1 for the whole session (flows.mix.prefect_api)."""
+    from flows.mix import prefect_api
+
+    with prefect_api() as url:
+        yield url
+
+
+def write_tiny_corpus(root: Path, docs_per_domain: int = 16, shards_per_domain: int = 2) -> Path:
+    """Copy the first ``docs_per_domain`` documents of three example domains into
+    ``root/{domain}/part-*.parquet``, split into ``shards_per_domain`` shards."""
+    for domain in ("books", "code", "reference"):
+        table = pq.read_table(EXAMPLES / domain / "part-000.parquet").slice(0, docs_per_domain)
+        (root / domain).mkdir(parents=True, exist_ok=True)
+        step = -(-docs_per_domain // shards_per_domain)
+        for i in range(shards_per_domain):
+            pq.write_table(table.slice(i * step, step), root / domain / f"part-{i:03d}.parquet")
+    return root
