@@ -279,6 +279,9 @@ def prefect_api() -> Iterator[str]:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # send queued logs while the server still listens
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 

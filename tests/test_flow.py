@@ -102,3 +102,26 @@ def test_budget_beyond_max_repeats_is_a_clear_error(first_run: dict) -> None:
     )
     with pytest.raises(BudgetError, match="max_repeats"):
         run_mix(cfg)
+
+
+def test_report_published_as_prefect_artifacts(first_run: dict) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        md = client.read_latest_artifacts()  # newest artifact per key
+    by_key = {a.key: a for a in md}
+    assert f"{first_run['summary']['target_tokens']:,}" in by_key["mixture-report"].data
+    assert "books" in str(by_key["mixture-domains"].data)
+
+
+def test_corpus_with_no_usable_rows_is_a_clear_error(first_run: dict) -> None:
+    import pyarrow as pa
+
+    from samplemix.corpus import CorpusError
+
+    corpus = first_run["root"] / "empty-corpus" / "web"
+    corpus.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["", "   ", None]}), corpus / "part-000.parquet")
+    cfg = tiny_config(corpus.parent, first_run["root"] / "out-empty")
+    with pytest.raises(CorpusError, match="no usable documents.*3 rows rejected"):
+        run_mix(cfg)
