@@ -41,9 +41,9 @@ def _overrides(pairs: list[str] | None, **flags: Any) -> dict[str, Any]:
     return out
 
 
-def _load(config: Path | None, overrides: dict[str, Any]) -> Config:
+def _load(config: Path | None, pairs: list[str] | None, **flags: Any) -> Config:
     try:
-        return load_config(config, overrides)
+        return load_config(config, _overrides(pairs, **flags))
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -104,7 +104,7 @@ def config_cmd(
     set_: Set = None,
 ) -> None:
     """Validate a config and print it resolved, with every default."""
-    cfg = _load(config, _overrides(set_, **{"corpus.input": input}))
+    cfg = _load(config, set_, **{"corpus.input": input})
     if show:
         typer.echo(config_to_yaml(cfg), nl=False)
 
