@@ -91,7 +91,7 @@ def budget_scale(
             lo = mid
         else:
             hi = mid
-        if hi - lo <= 1e-3 * hi:
+        if hi - lo <= 1e-15 * hi:
             break
     return hi
 
