@@ -62,21 +62,16 @@ def run(
     set_: Set = None,
 ) -> None:
     """Build a mixture: score, embed, cluster, weight, count and write it."""
-    cfg = _load(
-        config,
-        _overrides(
-            set_,
-            **{
-                "corpus.input": input,
-                "output.path": output,
-                "mixing.budget": budget,
-                "mixing.budget_ratio": budget_ratio,
-                "mixing.alpha": alpha,
-                "mixing.seed": seed,
-                "compute.n_workers": workers,
-            },
-        ),
-    )
+    flags = {
+        "corpus.input": input,
+        "output.path": output,
+        "mixing.budget": budget,
+        "mixing.budget_ratio": budget_ratio,
+        "mixing.alpha": alpha,
+        "mixing.seed": seed,
+        "compute.n_workers": workers,
+    }
+    cfg = _load(config, set_, **flags)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.mix import run_mix
     from samplemix.corpus import CorpusError
