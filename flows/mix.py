@@ -50,13 +50,15 @@ def _collect(futures: list[PrefectFuture], stage: str) -> list[dict]:
     """Results in submission order; a progress artifact counts finished tasks."""
     if not futures:
         return []
-    artifact = create_progress_artifact(0.0, description=f"{stage}: shards done")
+    artifact = create_progress_artifact(0.0, description=f"{stage}: tasks done")
+    log = get_run_logger()
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     results: list[dict | None] = [None] * len(futures)
     for done, fut in enumerate(as_completed(futures), 1):
         results[index[fut.task_run_id]] = fut.result()
         update_progress_artifact(artifact, 100.0 * done / len(futures))
-    get_run_logger().info(
+        log.info("%s: %d/%d done", stage, done, len(futures))
+    log.info(
         "%s: %d computed, %d from the store",
         stage,
         sum(not r["cached"] for r in results),

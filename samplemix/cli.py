@@ -7,6 +7,7 @@ so that ``samplemix config --show`` stays instant.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def run(
     from flows.mix import run_mix
     from samplemix.corpus import CorpusError
     from samplemix.mixing import BudgetError
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter, not progress
 
     try:
         summary = run_mix(cfg)

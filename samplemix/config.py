@@ -94,6 +94,7 @@ class KMeansConfig(_Section):
     k: int | Literal["auto"] = Field("auto", description="'auto' = max(2, round(N / 200))")
     max_points_per_centroid: int = Field(256, gt=0)
     niter: int = Field(20, gt=0)
+    nredo: int = Field(3, gt=0, description="Restarts from random centroids; best fit wins")
     seed: int = 0
 
     @field_validator("k")

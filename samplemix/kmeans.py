@@ -14,8 +14,9 @@ def auto_k(n_docs: int) -> int:
     return max(2, round(n_docs / 200))
 
 
-def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """Fit ``k`` centroids on ``sample`` (n, dim) L2-normalised float32 rows.
+def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
+    """Fit ``k`` centroids on ``sample`` (n, dim) L2-normalised float32 rows, keeping
+    the best of ``nredo`` seeded random initialisations.
 
     Returns float32 (k, dim) unit-norm centroids. Raises ValueError when the sample
     has fewer rows than ``k``.
@@ -26,7 +27,14 @@ def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarr
             f"kmeans.k = {k} clusters but only {n} documents to fit on; lower kmeans.k"
         )
     km = faiss.Kmeans(
-        dim, k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=n, verbose=False
+        dim,
+        k,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        spherical=True,
+        max_points_per_centroid=n,
+        verbose=False,
     )
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     centroids = km.centroids.astype(np.float32)

@@ -15,8 +15,10 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from samplemix import diversity as div
 from samplemix import kmeans, materialise, mixing
@@ -248,7 +250,7 @@ def run_kmeans(
     # Ordered by the ids' uniforms, the sample (and so FAISS's seeded initialisation)
     # is the same however the corpus is sharded.
     sample = np.concatenate(chunks)[np.argsort(np.concatenate(keys), kind="stable")]
-    centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed)
+    centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed, cfg.kmeans.nredo)
     store.put_array("kmeans", key, "centroids.npy", centroids)
     return store.commit("kmeans", key, {"k": k, "sample": int(len(sample))})
 
@@ -480,9 +482,6 @@ def run_gather(bucket: int, counts_keys: list[str], store: Store, out: str) -> d
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
-    import fsspec
-    import pyarrow.parquet as pq
-
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:
