@@ -160,7 +160,8 @@ def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple
     zst = path.lower().endswith(".zst")
     with fs.open(path, "rb", compression=None if zst else "infer") as f:
         data = f.read()
-    lines = (_unzstd(data) if zst else data).split(b"\n")
+    data = _unzstd(data) if zst else data
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a UTF-8 BOM is not text
     records: list[tuple] = []
     keys_seen: set[str] = set()
     for row, raw in enumerate(lines):

@@ -451,3 +451,10 @@ def test_example_shards_read_cleanly(rel: str) -> None:
         ids = [json.loads(line)["id"] for line in gzip.decompress(path.read_bytes()).splitlines()]
     assert sd.docs.column("id").to_pylist() == ids
     assert set(sd.docs.column("domain").to_pylist()) == {shard.domain}
+
+
+def test_jsonl_with_a_utf8_bom_keeps_its_first_row(tmp_path: Path) -> None:
+    data = b"\xef\xbb\xbf" + jsonl_bytes([{"text": "first"}, {"text": "second"}])
+    sd = read_file(write_jsonl(tmp_path / "web" / "a.jsonl", data))
+    assert sd.docs.column("text").to_pylist() == ["first", "second"]
+    assert sd.rejects.num_rows == 0
