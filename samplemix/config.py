@@ -37,6 +37,9 @@ def parse_count(value: int | float | str) -> int:
     return int(value)
 
 
+_BATCH = "Padded tokens per batch; default 4096 on CPU, 65536 on GPU"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -78,14 +81,14 @@ class QualityConfig(_Section):
         "'label:NAME' (probability of NAME), or 'auto'",
     )
     max_length: int = Field(512, gt=1)
-    batch_tokens: int = Field(16_384, gt=0)
+    batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
 
 class EmbedConfig(_Section):
     model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2")
     max_length: int = Field(256, gt=1)
-    batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per batch")
+    batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 

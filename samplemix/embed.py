@@ -9,13 +9,12 @@ import torch
 
 from samplemix.config import EmbedConfig
 from samplemix.models import (
-    encode_batch,
+    length_sorted_batches,
     load_model,
     load_tokenizer,
-    padded_batches,
+    resolve_batch_tokens,
     resolve_device,
     resolve_dtype,
-    token_lengths,
 )
 
 
@@ -36,19 +35,19 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     model = load_model(cfg.model, "encoder", cfg.device)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    batch_tokens = resolve_batch_tokens(cfg.batch_tokens, device)
     dim = model.config.hidden_size
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
         return out
-    lengths = token_lengths(tokenizer, texts, cfg.max_length)
     autocast = (
         torch.autocast(device.type, dtype=dtype)
         if dtype != torch.float32
         else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
-        for idx in padded_batches(lengths, cfg.batch_tokens):
-            enc = encode_batch(tokenizer, [texts[i] for i in idx], cfg.max_length).to(device)
+        for idx, enc in length_sorted_batches(tokenizer, texts, cfg.max_length, batch_tokens):
+            enc = {k: v.to(device) for k, v in enc.items()}
             hidden = model(**enc).last_hidden_state
             pooled = mean_pooled(hidden.float(), enc["attention_mask"])
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()

@@ -69,12 +69,11 @@ import torch.nn.functional as F
 
 from samplemix.config import QualityConfig
 from samplemix.models import (
-    encode_batch,
+    length_sorted_batches,
     load_model,
     load_tokenizer,
-    padded_batches,
+    resolve_batch_tokens,
     resolve_device,
-    token_lengths,
 )
 
 
@@ -232,13 +231,13 @@ class _BatchedModel:
         self.model = load_model(name, kind, cfg.device, gguf_file)
         self.tokenizer = _right_padding(load_tokenizer(name))
         self.max_length = cfg.max_length
-        self.batch_tokens = cfg.batch_tokens
+        self.batch_tokens = resolve_batch_tokens(cfg.batch_tokens, self.device)
 
     def batches(self, texts: list[str]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """Yield (indices into ``texts``, encoded batch on the model's device)."""
-        lengths = token_lengths(self.tokenizer, texts, self.max_length)
-        for idx in padded_batches(lengths, self.batch_tokens):
-            enc = encode_batch(self.tokenizer, [texts[i] for i in idx], self.max_length)
+        for idx, enc in length_sorted_batches(
+            self.tokenizer, texts, self.max_length, self.batch_tokens
+        ):
             yield idx, {k: v.to(self.device) for k, v in enc.items()}
 
     def autocast(self) -> contextlib.AbstractContextManager:
