@@ -214,18 +214,12 @@ def mix(config: Config) -> dict:
 
 
 def _materialise(keys: list[dict], cnt: list[dict], plan: dict, store: Store, out: str) -> list:
-    return _collect(
-        [
-            t.materialise.submit(
-                b,
-                [k["counts"] for k, c in zip(keys, cnt, strict=True) if b in c["buckets"]],
-                store,
-                out,
-            )
-            for b in range(plan["buckets"])
-        ],
-        "materialise",
-    )
+    holders: dict[int, list[str]] = {b: [] for b in range(plan["buckets"])}
+    for k, c in zip(keys, cnt, strict=True):
+        for b in c["buckets"]:
+            holders[b].append(k["counts"])
+    tasks = [t.materialise.submit(b, holders[b], store, out) for b in range(plan["buckets"])]
+    return _collect(tasks, "materialise")
 
 
 def _publish_report(inputs, out: str, cfg: Config) -> None:  # noqa: ANN001

@@ -5,13 +5,17 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+MAX_AUTO_K = 4096
+
 
 def auto_k(n_docs: int) -> int:
-    """Default cluster count: about 200 documents per cluster, at least 2.
+    """Default cluster count: about 200 documents per cluster, between 2 and 4,096.
 
     method.md asks for clusters of a few hundred to a few thousand documents; 200
-    keeps small corpora from collapsing into a handful of all-domain clusters."""
-    return max(2, round(n_docs / 200))
+    keeps small corpora from collapsing into a handful of all-domain clusters, and the
+    cap bounds the fit (at most max_points_per_centroid · 4,096 sampled embeddings)
+    and the K×K separation matrix on large corpora."""
+    return min(MAX_AUTO_K, max(2, round(n_docs / 200)))
 
 
 def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:

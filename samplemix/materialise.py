@@ -59,11 +59,16 @@ def scatter(docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int) -> di
     keys = copy_keys(expanded.column("id").to_pylist(), copy, seed)
     table = expanded.append_column("copy", pa.array(copy)).append_column("key", pa.array(keys))
     table = table.select([*MIXTURE_SCHEMA.names, "key"])
+    # Sorting by bucket and slicing is O(rows log rows), whatever the bucket count.
     bucket = keys % np.uint64(n_buckets)
-    out = {}
-    for b in np.unique(bucket):
-        out[int(b)] = table.filter(pa.array(bucket == b))
-    return out
+    order = np.argsort(bucket, kind="stable")
+    table = table.take(pa.array(order))
+    present, starts = np.unique(bucket[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {
+        int(b): table.slice(int(start), int(end - start))
+        for b, start, end in zip(present, starts, ends, strict=True)
+    }
 
 
 def gather(parts: list[pa.Table]) -> pa.Table:

@@ -25,7 +25,7 @@ from samplemix import kmeans, materialise, mixing
 from samplemix.config import Config
 from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, ShardDocs, read_shard
 from samplemix.embed import embed_texts
-from samplemix.models import model_fingerprint
+from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
 from samplemix.quality import make_scorer
 from samplemix.store import Store, artifact_key
 from samplemix.tokens import token_counts
@@ -53,6 +53,7 @@ def _corpus_part(shard: Shard, cfg: Config) -> dict:
     c = cfg.corpus
     return {
         "shard": shard.shard_id,
+        "folder_domain": shard.domain,
         "fingerprint": shard.fingerprint,
         "columns": [c.text_column, c.id_column, c.domain_column],
         "on_bad_shard": c.on_bad_shard,
@@ -83,6 +84,8 @@ def quality_key(shard: Shard, cfg: Config) -> str:
 
 def embed_key(shard: Shard, cfg: Config) -> str:
     e = cfg.embed.model_dump(exclude={"batch_tokens", "device"})
+    # The precision actually used, so fp32 CPU and bf16 GPU embeddings never share a key.
+    e["dtype"] = str(resolve_dtype(cfg.embed.dtype, resolve_device(cfg.embed.device)))
     return artifact_key(
         "embed",
         VERSIONS["embed"],
@@ -200,6 +203,12 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
 def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     """q(x) for every accepted document. Summary: min, max (None when empty)."""
     q = make_scorer(cfg.quality).score(_texts(shard, cfg)).astype(np.float64)
+    if not np.isfinite(q).all():
+        row = int(np.flatnonzero(~np.isfinite(q))[0])
+        raise ValueError(
+            f"quality scorer {cfg.quality.scorer!r} returned {q[row]} for document {row} "
+            f"(accepted-document order) of shard {shard.path}; scores must be finite"
+        )
     store.put_array("quality", key, "quality.npy", q)
     empty = len(q) == 0
     return store.commit(
@@ -236,6 +245,11 @@ def run_kmeans(
     how the corpus is sharded. Summary: k, sample.
     """
     k = cluster_count(n_docs, cfg)
+    if n_docs < k:
+        raise ValueError(
+            f"{n_docs} documents cannot form kmeans.k = {k} clusters; k-means needs at "
+            "least 2 documents and kmeans.k <= the number of documents"
+        )
     rate = min(1.0, cfg.kmeans.max_points_per_centroid * k / max(n_docs, 1))
     keys, chunks = [], []
     for tok, emb in parts:

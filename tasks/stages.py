@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from samplemix import stages
 from samplemix.config import Config
@@ -18,7 +19,21 @@ from samplemix.corpus import Shard
 from samplemix.models import set_torch_threads
 from samplemix.store import Store
 
-_OPTS = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": [2, 10]}
+
+def _transient(task: object, task_run: object, state: State) -> bool:
+    """Retry I/O failures only: a bad config, corpus or budget fails the same way again."""
+    try:
+        return isinstance(state.result(raise_on_failure=False), OSError)
+    except Exception:  # noqa: BLE001 - an unreadable state: keep the retry policy
+        return True
+
+
+_OPTS = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": _transient,
+}
 
 
 def _from_store(store: Store, stage: str, key: str, compute: Callable[[], dict]) -> dict:

@@ -30,7 +30,7 @@ from samplemix.diversity import (
     overlap_matrix,
     separation,
 )
-from samplemix.kmeans import assign, fit_centroids
+from samplemix.kmeans import assign, auto_k, fit_centroids
 
 S3 = np.sqrt(3) / 2
 CENTROIDS = np.array(
@@ -285,3 +285,7 @@ def test_duplicate_centroids_have_zero_not_negative_separation() -> None:
     sep = separation(np.concatenate([x, x]), np.ones(400, bool), DiversityConfig())
     assert np.all(sep >= 0)
     np.testing.assert_allclose(sep, 0, atol=1e-6)
+
+
+def test_auto_k_targets_200_docs_per_cluster_within_bounds() -> None:
+    assert [auto_k(n) for n in (1, 10, 1_400, 8_400, 10**9)] == [2, 2, 7, 42, 4096]
