@@ -502,10 +502,6 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
         pq.write_table(table, f)
 
 
-def sigma(variance_sum: float) -> float:
-    return math.sqrt(max(variance_sum, 0.0))
-
-
 def run_publish(counts_keys: list[str], tokens_keys: list[str], store: Store, out: str) -> dict:
     """Write the per-document plan (one part per source shard, in shard order) and all
     rejects to ``out``. Summary: plan_parts, rejects."""
@@ -528,17 +524,13 @@ def report_inputs(
     """Combine the stage summaries into the report's inputs."""
     from samplemix.report import ReportInputs
 
-    def add(acc: Counter, d: dict) -> Counter:
-        acc.update(d)
-        return acc
-
     docs_before: Counter = Counter()
     tokens_before: Counter = Counter()
     rejects: Counter = Counter()
     for t in tokens:
-        add(docs_before, t["domain_docs"])
-        add(tokens_before, t["domain_tokens"])
-        add(rejects, t["rejects"])
+        docs_before.update(t["domain_docs"])
+        tokens_before.update(t["domain_tokens"])
+        rejects.update(t["rejects"])
     docs_after: Counter = Counter({d: 0 for d in docs_before})
     tokens_after: Counter = Counter({d: 0 for d in docs_before})
     q: dict[str, list] = {d: [] for d in docs_before}
@@ -556,7 +548,7 @@ def report_inputs(
         source_tokens=sum(t["tokens"] for t in tokens),
         expected_tokens=sum(c["expected_tokens"] for c in counts),
         realised_tokens=sum(c["realised_tokens"] for c in counts),
-        sigma_tokens=sigma(sum(c["variance"] for c in counts)),
+        sigma_tokens=math.sqrt(max(sum(c["variance"] for c in counts), 0.0)),
         docs_before=dict(sorted(docs_before.items())),
         docs_after=dict(sorted(docs_after.items())),
         tokens_before=dict(sorted(tokens_before.items())),

@@ -39,9 +39,6 @@ class Store:
     def _path(self, stage: str, key: str, name: str = "") -> str:
         return "/".join(p for p in (self._base, stage, key, name) if p)
 
-    def url(self, stage: str, key: str, name: str) -> str:
-        return "/".join((self.root, stage, key, name))
-
     def _put(self, path: str, data: bytes) -> None:
         if self._local:
             # rename is atomic on one filesystem; S3 PUTs are atomic already.
