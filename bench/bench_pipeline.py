@@ -32,7 +32,6 @@ from samplemix.config import Config, load_config  # noqa: E402
 from samplemix.corpus import discover_shards  # noqa: E402
 from samplemix.embed import embed_texts  # noqa: E402
 from samplemix.models import resolve_model, set_torch_threads  # noqa: E402
-from samplemix.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +68,8 @@ def bench_embed(cfg: Config, n_docs: int) -> dict:
 def run_direct(cfg: Config) -> float:
     """Every engine stage called in order in this process, no Prefect, no Dask."""
     t0 = time.perf_counter()
-    store = Store(f"{cfg.output.path}/store")
+    store = stages.store_for(cfg)
+    out = stages.output_for(cfg)
     shards = discover_shards(cfg.corpus)
     keys = [
         {
@@ -87,14 +87,14 @@ def run_direct(cfg: Config) -> float:
         stages.run_embed(s, cfg, store, k["embed"])
     n_docs = sum(r["docs"] for r in tok)
     target = stages.target_tokens(sum(r["tokens"] for r in tok), cfg)
-    km = stages.kmeans_key([k["embed"] for k in keys], cfg)
+    km, _ = stages.kmeans_to_use(store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg)
     stages.run_kmeans([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km)
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km)
         stages.run_assign(k["tokens"], k["embed"], km, store, k["assign"])
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
     cl = stages.run_clusters([k["assign"] for k in keys], km, cfg, store, cl_key)
-    q_range = [min(r["min"] for r in qual), max(r["max"] for r in qual)]
+    q_range = stages.quality_range(qual)
     for k in keys:
         k["weights"] = stages.weights_key(
             k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
@@ -133,11 +133,9 @@ def run_direct(cfg: Config) -> float:
             b,
             [k["counts"] for k, c in zip(keys, cnt, strict=True) if b in c["buckets"]],
             store,
-            cfg.output.path,
+            out,
         )
-    stages.run_publish(
-        [k["counts"] for k in keys], [k["tokens"] for k in keys], store, cfg.output.path
-    )
+    stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
     from samplemix.report import write_report
 
     write_report(stages.report_inputs(tok, cnt, cl, target, {}), f"{cfg.output.path}/report")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import time
 from collections.abc import Iterator
 
-import fsspec
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -26,14 +26,8 @@ from prefect_dask import DaskTaskRunner
 from samplemix import stages
 from samplemix.config import Config
 from samplemix.corpus import CorpusError, discover_shards
-from samplemix.store import Store
+from samplemix.store import Key, Store
 from tasks import stages as t
-
-
-def store_for(cfg: Config) -> Store:
-    return Store(
-        cfg.output.store or f"{cfg.output.path.rstrip('/')}/store", cfg.corpus.storage_options
-    )
 
 
 def _run_name() -> str:
@@ -46,25 +40,44 @@ def _run_name() -> str:
     return f"mix-{corpus}-samplemix-a{m.alpha:g}-{budget}"
 
 
-def _collect(futures: list[PrefectFuture], stage: str) -> list[dict]:
+Launched = list[PrefectFuture | dict]
+
+
+def _launch(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> Launched:
+    """Start ``task(*args)`` for each (key, args): on Dask when the artifact is not in
+    the store, else right here, where serving it costs one read (a Cached run)."""
+    done = store.committed({k.stage for k, _ in calls})
+    out: Launched = [
+        None if key.id in done.get(key.stage, ()) else task.submit(*args)  # type: ignore[misc]
+        for key, args in calls
+    ]
+    for i, (_, args) in enumerate(calls):
+        if out[i] is None:
+            out[i] = task(*args, return_state=True).result()
+    return out
+
+
+def _collect(launched: Launched, stage: str) -> list[dict]:
     """Results in submission order; a progress artifact counts finished tasks."""
-    if not futures:
+    if not launched:
         return []
-    artifact = create_progress_artifact(0.0, description=f"{stage}: tasks done")
     log = get_run_logger()
-    index = {f.task_run_id: i for i, f in enumerate(futures)}
-    results: list[dict | None] = [None] * len(futures)
-    for done, fut in enumerate(as_completed(futures), 1):
-        results[index[fut.task_run_id]] = fut.result()
-        update_progress_artifact(artifact, 100.0 * done / len(futures))
-        log.info("%s: %d/%d done", stage, done, len(futures))
+    futures = {id(f): i for i, f in enumerate(launched) if isinstance(f, PrefectFuture)}
+    results: list[dict] = [r if isinstance(r, dict) else {} for r in launched]
+    if futures:
+        artifact = create_progress_artifact(0.0, description=f"{stage}: tasks done")
+        pending = [f for f in launched if isinstance(f, PrefectFuture)]
+        for done, fut in enumerate(as_completed(pending), 1):
+            results[futures[id(fut)]] = fut.result()
+            update_progress_artifact(artifact, 100.0 * done / len(pending))
+            log.info("%s: %d/%d computed", stage, done, len(pending))
     log.info(
         "%s: %d computed, %d from the store",
         stage,
         sum(not r["cached"] for r in results),
         sum(r["cached"] for r in results),
     )
-    return results  # type: ignore[return-value]
+    return results
 
 
 @flow(name="mix", flow_run_name=_run_name)
@@ -73,9 +86,10 @@ def mix(config: Config) -> dict:
     files written, and per stage how many tasks computed vs came from the store)."""
     cfg = config
     log = get_run_logger()
-    store = store_for(cfg)
-    out = cfg.output.path.rstrip("/")
-    shards = discover_shards(cfg.corpus)
+    store = stages.store_for(cfg)
+    store.check()
+    out = stages.output_for(cfg)
+    shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
 
     keys = [
@@ -86,11 +100,13 @@ def mix(config: Config) -> dict:
         }
         for s in shards
     ]
-    tok_f = [t.tokens.submit(s, cfg, store, k["tokens"]) for s, k in zip(shards, keys, strict=True)]
-    emb_f = [t.embed.submit(s, cfg, store, k["embed"]) for s, k in zip(shards, keys, strict=True)]
-    qual_f = [
-        t.quality.submit(s, cfg, store, k["quality"]) for s, k in zip(shards, keys, strict=True)
-    ]
+
+    def per_shard(stage: str, *args: object) -> list[tuple[Key, tuple]]:
+        return [(k[stage], (s, *args, k[stage])) for s, k in zip(shards, keys, strict=True)]
+
+    tok_f = _launch(t.tokens, per_shard("tokens", cfg, store), store)
+    emb_f = _launch(t.embed, per_shard("embed", cfg, store), store)
+    qual_f = _launch(t.quality, per_shard("quality", cfg, store), store)
 
     tok = _collect(tok_f, "tokens")
     n_docs = sum(r["docs"] for r in tok)
@@ -106,27 +122,42 @@ def mix(config: Config) -> dict:
     log.info("%d documents, T_src = %d tokens, T_tgt = %d", n_docs, source_tokens, target)
 
     emb = _collect(emb_f, "embed")
-    km_key = stages.kmeans_key([k["embed"] for k in keys], cfg)
-    km = t.kmeans.submit(
-        [(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key
-    ).result()
+    km_key, why = stages.kmeans_to_use(
+        store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg
+    )
+    assert km_key is not None  # every shard's document count is known by now
+    log.info("kmeans: %s", why)
+    km = _collect(
+        _launch(
+            t.kmeans,
+            [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
+            store,
+        ),
+        "kmeans",
+    )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
     asg = _collect(
-        [
-            t.assign.submit(s, k["tokens"], k["embed"], km_key, store, k["assign"])
-            for s, k in zip(shards, keys, strict=True)
-        ],
+        _launch(
+            t.assign,
+            [
+                (k["assign"], (s, k["tokens"], k["embed"], km_key, store, k["assign"]))
+                for s, k in zip(shards, keys, strict=True)
+            ],
+            store,
+        ),
         "assign",
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl = t.clusters.submit([k["assign"] for k in keys], km_key, cfg, store, cl_key).result()
+    cl = _collect(
+        _launch(
+            t.clusters, [(cl_key, ([k["assign"] for k in keys], km_key, cfg, store, cl_key))], store
+        ),
+        "clusters",
+    )[0]
 
     qual = _collect(qual_f, "quality")
-    q_range = [
-        min(r["min"] for r in qual if r["min"] is not None),
-        max(r["max"] for r in qual if r["max"] is not None),
-    ]
+    q_range = stages.quality_range(qual)
     d_range = [cl["d_min"], cl["d_max"]]
     for k in keys:
         k["clusters"] = cl_key
@@ -134,33 +165,47 @@ def mix(config: Config) -> dict:
             k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
         )
     wts = _collect(
-        [
-            t.weights.submit(s, k, q_range, d_range, cfg, store, k["weights"])
-            for s, k in zip(shards, keys, strict=True)
-        ],
+        _launch(
+            t.weights,
+            [
+                (k["weights"], (s, k, q_range, d_range, cfg, store, k["weights"]))
+                for s, k in zip(shards, keys, strict=True)
+            ],
+            store,
+        ),
         "weights",
     )
 
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = t.budget.submit(
-        [(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key
-    ).result()
+    plan = _collect(
+        _launch(
+            t.budget,
+            [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
+            store,
+        ),
+        "budget",
+    )[0]
     for k in keys:
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
     cnt = _collect(
-        [
-            t.counts.submit(s, k, plan, cfg, store, k["counts"])
-            for s, k in zip(shards, keys, strict=True)
-        ],
+        _launch(
+            t.counts,
+            [
+                (k["counts"], (s, k, plan, cfg, store, k["counts"]))
+                for s, k in zip(shards, keys, strict=True)
+            ],
+            store,
+        ),
         "counts",
     )
 
-    fs, out_path = fsspec.core.url_to_fs(out, **cfg.corpus.storage_options)
-    for folder in ("mixture", "plan"):  # a previous run may have written more parts
-        if fs.exists(f"{out_path}/{folder}"):
-            fs.rm(f"{out_path}/{folder}", recursive=True)
-    mixture = _materialise(keys, cnt, plan, store, out)
-    stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
+    out_key = stages.output_key([k["counts"] for k in keys], b_key)
+    fresh = not out.current(out_key)
+    if fresh:
+        out.clear()
+    mixture = _materialise(keys, cnt, plan, store, out, out_key)
+    if fresh:
+        stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
 
     settings = {
         "method": "samplemix",
@@ -174,14 +219,18 @@ def mix(config: Config) -> dict:
         "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
     }
     inputs = stages.report_inputs(tok, cnt, cl, target, settings)
-    _publish_report(inputs, out, cfg)
+    _publish_report(inputs, out, fresh)
     stage_results = {
         "tokens": tok,
-        "embed": emb,
         "quality": qual,
+        "embed": emb,
+        "kmeans": [km],
         "assign": asg,
+        "clusters": [cl],
         "weights": wts,
+        "budget": [plan],
         "counts": cnt,
+        "materialise": mixture,
     }
     summary = {
         "target_tokens": target,
@@ -194,14 +243,16 @@ def mix(config: Config) -> dict:
         "clusters": km["k"],
         "mixture_rows": sum(r["rows"] for r in mixture),
         "mixture_parts": len(mixture),
-        "output": out,
-        "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()}
-        | {
-            "kmeans": int(not km["cached"]),
-            "clusters": int(not cl["cached"]),
-            "budget": int(not plan["cached"]),
-        },
+        "part_rows": [r["rows"] for r in mixture],
+        "output": out.url,
+        "store": store.root,
+        "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()},
+        "cached": {s: sum(r["cached"] for r in rs) for s, rs in stage_results.items()},
+        "artifacts": sorted(
+            {str(k) for ks in keys for k in ks.values()} | {str(km_key), str(b_key)}
+        ),
     }
+    out.seal(out_key, summary)
     log.info(
         "mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
         summary["mixture_rows"],
@@ -213,19 +264,26 @@ def mix(config: Config) -> dict:
     return summary
 
 
-def _materialise(keys: list[dict], cnt: list[dict], plan: dict, store: Store, out: str) -> list:
-    holders: dict[int, list[str]] = {b: [] for b in range(plan["buckets"])}
+def _materialise(
+    keys: list[dict], cnt: list[dict], plan: dict, store: Store, out: stages.Output, out_key: Key
+) -> list[dict]:
+    holders: dict[int, list[Key]] = {b: [] for b in range(plan["buckets"])}
     for k, c in zip(keys, cnt, strict=True):
         for b in c["buckets"]:
             holders[b].append(k["counts"])
-    tasks = [t.materialise.submit(b, holders[b], store, out) for b in range(plan["buckets"])]
-    return _collect(tasks, "materialise")
+    calls = [(out_key, (b, holders[b], store, out, out_key)) for b in range(plan["buckets"])]
+    if out.current(out_key):  # every part is there: serve them all here, Cached
+        launched: Launched = [t.materialise(*a, return_state=True).result() for _, a in calls]
+    else:
+        launched = [t.materialise.submit(*a) for _, a in calls]
+    return _collect(launched, "materialise")
 
 
-def _publish_report(inputs, out: str, cfg: Config) -> None:  # noqa: ANN001
+def _publish_report(inputs, out: stages.Output, write_files: bool) -> None:  # noqa: ANN001
     from samplemix import report
 
-    report.write_report(inputs, f"{out}/report", cfg.corpus.storage_options)
+    if write_files:
+        report.write_report(inputs, f"{out.url}/report", out.fs.storage_options)
     create_markdown_artifact(
         report.report_markdown(inputs), key="mixture-report", description="SampleMix mixture report"
     )
@@ -291,4 +349,45 @@ def run_mix(cfg: Config) -> dict:
             update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
         )
     with prefect_api():
-        return mix.with_options(task_runner=task_runner(cfg))(cfg)
+        state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)
+        summary = state.result()
+        runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
+        _await_recorded(state.state_details.flow_run_id, runs)
+        return summary
+
+
+def _await_recorded(flow_run_id: object, runs: int, timeout: float = 30.0) -> None:
+    """Wait until the server has recorded the final states of the flow run's ``runs``
+    task runs. The server records them from events, after the flow returns; stopping
+    a temporary server sooner would lose them (and print its cancelled writes)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    final = TaskRunFilter(
+        state=TaskRunFilterState(
+            type=TaskRunFilterStateType(any_=[StateType.COMPLETED, StateType.FAILED])
+        )
+    )
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+
+        def recorded() -> int:
+            n, page = 0, 200
+            while True:
+                got = client.read_task_runs(
+                    flow_run_filter=flow_runs, task_run_filter=final, limit=page, offset=n
+                )
+                n += len(got)
+                if len(got) < page:
+                    return n
+
+        while recorded() < runs and time.monotonic() < deadline:
+            time.sleep(0.2)

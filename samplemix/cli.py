@@ -80,9 +80,11 @@ def run(
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter, not progress
 
+    from samplemix.store import StoreError
+
     try:
         summary = run_mix(cfg)
-    except (CorpusError, BudgetError, ConfigError, ValueError) as e:
+    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
     t, r, s = summary["target_tokens"], summary["realised_tokens"], summary["sigma_tokens"]
@@ -91,6 +93,152 @@ def run(
         f"{summary['output']}/mixture\n"
         f"tokens: target {t:,}, realised {r:,} ({(r - t) / max(s, 1e-9):+.2f} σ, σ = {s:,.0f})\n"
         f"report: {summary['output']}/report/report.md"
+    )
+
+
+def _fail(e: Exception) -> typer.Exit:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def plan(
+    config: ConfigArg = None,
+    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
+    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
+    shards: Annotated[bool, typer.Option("--shards", help="One line per shard")] = False,
+    set_: Set = None,
+) -> None:
+    """Show, before running, which stages and shards are cached and which would be
+    computed, and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from samplemix import stages
+    from samplemix.corpus import CorpusError
+    from samplemix.plan import plan_rows, plan_steps
+    from samplemix.store import StoreError
+
+    cfg = _load(config, set_, **{"corpus.input": input, "output.path": output})
+    try:
+        steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
+    except (CorpusError, StoreError) as e:
+        raise _fail(e) from None
+    table = Table("stage", "shard" if shards else "tasks", "status", "reason", box=None)
+    if shards:
+        for st in steps:
+            status = "cached" if st.cached else "compute"
+            table.add_row(st.stage, st.shard or "-", status, st.reason)
+    else:
+        for stage, n, status, why in plan_rows(steps):
+            table.add_row(stage, str(n), status, why)
+    Console(width=200).print(table)
+    todo = sum(not st.cached for st in steps)
+    typer.echo(f"{todo} of {len(steps)} tasks to compute, {len(steps) - todo} from the store")
+
+
+@app.command()
+def status(
+    output: Annotated[str, typer.Argument(help="A run's output folder or s3:// URL")],
+    config: Annotated[
+        Path | None, typer.Option(help="Config with the storage settings, for s3:// outputs")
+    ] = None,
+) -> None:
+    """Show what the last finished run under OUTPUT computed and reused, and whether
+    its output and store artifacts are all still there."""
+    from samplemix import stages
+    from samplemix.store import Key, Store, StoreError
+
+    cfg = _load(config, None, **{"corpus.input": "-"}) if config else None
+    options = cfg.storage.fsspec_options(output) if cfg else {}
+    out = stages.Output(output, options)
+    done = out.manifest()
+    if done is None:
+        typer.secho(
+            f"no finished run under {output} (no _manifest.json); "
+            "`samplemix plan CONFIG` shows what a run would compute",
+            fg="yellow",
+            err=True,
+        )
+        raise typer.Exit(1)
+    s = done["summary"]
+    typer.echo(
+        f"output {out.url}: {s['mixture_rows']:,} rows in {s['mixture_parts']} parts, "
+        f"{s['realised_tokens']:,} of {s['target_tokens']:,} target tokens, "
+        f"{s['documents']:,} documents read, {s['rejects']:,} rejected"
+    )
+    typer.echo(f"{'stage':<12}{'computed':>10}{'cached':>8}")
+    for stage, n in s["computed"].items():
+        typer.echo(f"{stage:<12}{n:>10}{s['cached'][stage]:>8}")
+    store_options = cfg.storage.fsspec_options(s["store"]) if cfg else {}
+    store = Store(s["store"], store_options)
+    try:
+        committed = store.committed({a.split("/")[0] for a in s["artifacts"]})
+    except StoreError as e:
+        raise _fail(e) from None
+    missing = [
+        a for a in s["artifacts"] if a.split("/")[1] not in committed.get(a.split("/")[0], ())
+    ]
+    intact = out.current(Key("output", done["key"], {}))
+    typer.echo(
+        f"files: {len(done['files'])} listed, {'all present' if intact else 'SOME MISSING'}; "
+        f"store {store.root}: {len(s['artifacts']) - len(missing)} of {len(s['artifacts'])} "
+        "artifacts present" + (f" (missing: {', '.join(missing[:5])})" if missing else "")
+    )
+    if missing or not intact:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    configs: Annotated[list[Path], typer.Argument(help="The configs whose artifacts to keep")],
+    delete: Annotated[bool, typer.Option("--delete", help="Remove them (default: list)")] = False,
+) -> None:
+    """List (or, with --delete, remove) store artifacts that none of CONFIGS uses:
+    earlier scorers, models, settings, and artifacts left incomplete by killed runs."""
+    from samplemix import stages
+    from samplemix.corpus import CorpusError
+    from samplemix.plan import STAGES, plan_steps
+    from samplemix.store import StoreError
+
+    keep: dict[str, set[str]] = {st: set() for st in STAGES}
+    unsure: set[str] = set()
+    store = None
+    for path in configs:
+        cfg = _load(path, None)
+        this = stages.store_for(cfg)
+        if store is not None and this.root != store.root:
+            raise _fail(ValueError(f"{path} uses store {this.root}, not {store.root}"))
+        store = this
+        try:
+            steps = plan_steps(cfg, store, stages.output_for(cfg))
+        except (CorpusError, StoreError) as e:
+            raise _fail(e) from None
+        for st in steps:
+            if st.key is None:
+                unsure.add(st.stage)  # keys that wait on computation: keep the stage whole
+            else:
+                keep[st.stage].add(st.key.id)
+    assert store is not None
+    drop = [
+        (stage, kid, done)
+        for stage, kid, done in store.artifacts()
+        if stage not in unsure and kid not in keep.get(stage, set())
+    ]
+    total = 0
+    for stage, kid, done in drop:
+        size = store.size(stage, kid)
+        total += size
+        state = "unreferenced" if done else "incomplete"
+        typer.echo(f"{'removing' if delete else 'would remove'} {stage}/{kid}  {state}  {size:,} B")
+        if delete:
+            store.remove(stage, kid)
+    if unsure:
+        typer.echo(f"kept every artifact of {', '.join(sorted(unsure))}: their keys wait on a run")
+    verb = "removed" if delete else "would free"
+    typer.echo(
+        f"{len(drop)} artifacts, {total:,} bytes {verb}"
+        + ("" if delete else "; --delete removes them")
     )
 
 

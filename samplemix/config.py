@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 
@@ -54,9 +62,48 @@ class CorpusConfig(_Section):
     on_bad_shard: Literal["error", "skip"] = Field(
         "error", description="An unreadable shard stops the run, or is skipped and reported"
     )
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options, e.g. endpoint_url for S3"
+
+
+class StorageConfig(_Section):
+    """Where s3:// URLs (corpus, store, output) live and how to reach them.
+
+    Credentials left unset come from the standard AWS sources (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_ENDPOINT_URL, ~/.aws, instance roles).
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO)"
     )
+    region: str | None = None
+    profile: str | None = Field(None, description="A profile of ~/.aws/credentials")
+    key: SecretStr | None = Field(None, description="Access key id (prefer the environment)")
+    secret: SecretStr | None = Field(None, description="Secret access key (prefer the environment)")
+    aws_credentials_block: str | None = Field(
+        None, description="Name of a Prefect AwsCredentials block (needs prefect-aws)"
+    )
+    retries: int = Field(
+        5, ge=0, description="Retries of a failed store read/write, with exponential backoff"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Any other fsspec/s3fs option, passed as is"
+    )
+
+    def fsspec_options(self, url: str) -> dict[str, Any]:
+        """The fsspec keyword arguments for ``url``: S3 settings only for s3:// URLs."""
+        if not url.startswith(("s3://", "s3a://")):
+            return dict(self.options)
+        opts: dict[str, Any] = {}
+        if self.key is not None:
+            opts["key"] = self.key.get_secret_value()
+        if self.secret is not None:
+            opts["secret"] = self.secret.get_secret_value()
+        if self.profile:
+            opts["profile"] = self.profile
+        client = {"endpoint_url": self.endpoint_url, "region_name": self.region}
+        client = {k: v for k, v in client.items() if v}
+        if client:
+            opts["client_kwargs"] = client
+        return opts | self.options
 
 
 class OutputConfig(_Section):
@@ -99,6 +146,14 @@ class KMeansConfig(_Section):
     niter: int = Field(20, gt=0)
     nredo: int = Field(3, gt=0, description="Restarts from random centroids; best fit wins")
     seed: int = 0
+    refit: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="When shards are added: 'auto' keeps the centroids of the last fit over "
+        "a subset of the corpus unless the new documents exceed refit_new_share",
+    )
+    refit_new_share: float = Field(
+        0.2, ge=0, le=1, description="'auto' refits when new documents / all documents > this"
+    )
 
     @field_validator("k")
     @classmethod
@@ -143,6 +198,7 @@ class ComputeConfig(_Section):
 
 class Config(_Section):
     corpus: CorpusConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)

@@ -12,6 +12,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -60,12 +61,13 @@ def _fingerprint(info: dict) -> str:
     return f"{info.get('size')}:{stamp}"
 
 
-def discover_shards(cfg: CorpusConfig) -> list[Shard]:
+def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) -> list[Shard]:
     """All shard files under ``cfg.input`` (a folder, a glob, or one file), sorted.
+    ``options`` are fsspec's (``StorageConfig.fsspec_options``).
 
     Raises CorpusError when nothing matches.
     """
-    fs, root = fsspec.core.url_to_fs(cfg.input, **cfg.storage_options)
+    fs, root = fsspec.core.url_to_fs(cfg.input, **(options or {}))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if any(c in root for c in "*?["):
         paths = fs.glob(root)
@@ -92,14 +94,14 @@ def discover_shards(cfg: CorpusConfig) -> list[Shard]:
     return shards
 
 
-def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardDocs:
+def read_shard(shard: Shard, cfg: CorpusConfig, options: dict[str, Any] | None = None) -> ShardDocs:
     """Read one shard into accepted documents and counted rejects.
 
     Raises CorpusError if the file as a whole cannot be read (corrupt, missing text
     column); row-level problems become rejects with reasons ``missing_text``,
     ``empty_text``, ``not_text``, ``non_utf8``, ``invalid_json``, ``not_object``.
     """
-    fs, path = fsspec.core.url_to_fs(shard.path, **cfg.storage_options)
+    fs, path = fsspec.core.url_to_fs(shard.path, **(options or {}))
     try:
         if shard.path.lower().endswith(PARQUET):
             records = _parquet_records(fs, path, shard, cfg)

@@ -11,6 +11,7 @@ Artifacts per shard are aligned with the shard's accepted documents in file orde
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from samplemix import diversity as div
 from samplemix import kmeans, materialise, mixing
@@ -27,7 +27,7 @@ from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, Sh
 from samplemix.embed import embed_texts
 from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
 from samplemix.quality import make_scorer
-from samplemix.store import Store, artifact_key
+from samplemix.store import Key, Store, artifact_key, parquet_bytes, put_bytes
 from samplemix.tokens import token_counts
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
@@ -41,6 +41,7 @@ VERSIONS = {
     "weights": "1",
     "budget": "1",
     "counts": "1",
+    "output": "1",
 }
 REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the report's plots
 
@@ -63,86 +64,161 @@ def _corpus_part(shard: Shard, cfg: Config) -> dict:
 # ---- keys -------------------------------------------------------------------------------
 
 
-def tokens_key(shard: Shard, cfg: Config) -> str:
+def tokens_key(shard: Shard, cfg: Config) -> Key:
     name = tokenizer_name(cfg)
     return artifact_key(
         "tokens",
         VERSIONS["tokens"],
+        shard.shard_id,
         corpus=_corpus_part(shard, cfg),
-        tokenizer=name,
+        tokens={"tokenizer": name},
         weights=model_fingerprint(name),
     )
 
 
-def quality_key(shard: Shard, cfg: Config) -> str:
+def quality_key(shard: Shard, cfg: Config) -> Key:
     q = cfg.quality.model_dump(exclude={"batch_tokens", "device"})
     fp = model_fingerprint(q["model"]) if q["model"] else None
     return artifact_key(
-        "quality", VERSIONS["quality"], corpus=_corpus_part(shard, cfg), quality=q, weights=fp
+        "quality",
+        VERSIONS["quality"],
+        shard.shard_id,
+        corpus=_corpus_part(shard, cfg),
+        quality=q,
+        weights=fp,
     )
 
 
-def embed_key(shard: Shard, cfg: Config) -> str:
+def embed_key(shard: Shard, cfg: Config) -> Key:
     e = cfg.embed.model_dump(exclude={"batch_tokens", "device"})
     # The precision actually used, so fp32 CPU and bf16 GPU embeddings never share a key.
     e["dtype"] = str(resolve_dtype(cfg.embed.dtype, resolve_device(cfg.embed.device)))
     return artifact_key(
         "embed",
         VERSIONS["embed"],
+        shard.shard_id,
         corpus=_corpus_part(shard, cfg),
         embed=e,
         weights=model_fingerprint(cfg.embed.model),
     )
 
 
-def kmeans_key(embed_keys: list[str], cfg: Config) -> str:
+def _kmeans_part(cfg: Config) -> dict:
+    # The refit policy decides *whether* to fit, not what a fit computes.
+    return cfg.kmeans.model_dump(exclude={"refit", "refit_new_share"})
+
+
+def kmeans_key(embed: list[Key], cfg: Config) -> Key:
+    """The key of a fresh fit over every shard's embeddings."""
     return artifact_key(
-        "kmeans", VERSIONS["kmeans"], embed=embed_keys, kmeans=cfg.kmeans.model_dump()
+        "kmeans", VERSIONS["kmeans"], embed=[k.id for k in embed], kmeans=_kmeans_part(cfg)
     )
 
 
-def assign_key(embed: str, kmeans_: str) -> str:
-    return artifact_key("assign", VERSIONS["assign"], embed=embed, kmeans=kmeans_)
+def kmeans_to_use(
+    store: Store, embed: list[Key], docs: list[int | None], cfg: Config
+) -> tuple[Key | None, str]:
+    """The centroids this run assigns with, and why: a fresh fit (``kmeans_key``), or an
+    earlier fit over a subset of these shards, kept when the documents it has not seen
+    are at most ``kmeans.refit_new_share`` of all (``refit: auto``) or always
+    (``refit: never``). ``docs`` are the shards' document counts (None: not read yet);
+    returns (None, why) when the choice needs a count that is not known yet.
+    """
+    fresh = kmeans_key(embed, cfg)
+    if cfg.kmeans.refit == "always" or store.manifest(fresh) is not None:
+        return fresh, "fit over all shards"
+    ids = {k.id: d for k, d in zip(embed, docs, strict=True)}
+    best: Key | None = None
+    for kid, done in store.manifests("kmeans"):
+        p = done["parts"]
+        if p.get("version") != fresh.parts["version"] or p.get("kmeans") != fresh.parts["kmeans"]:
+            continue
+        if set(p["embed"]) <= ids.keys() and (
+            best is None or len(p["embed"]) > len(best.parts["embed"])
+        ):
+            best = Key("kmeans", kid, p)
+    if best is None:
+        return fresh, "fit over all shards"
+    seen = set(best.parts["embed"])
+    unseen = [d for kid, d in ids.items() if kid not in seen]
+    if None in unseen:
+        return None, "reuse or refit: decided once the new shards are read"
+    total = sum(d or 0 for d in ids.values())
+    share = sum(unseen) / max(total, 1)  # type: ignore[arg-type]
+    if cfg.kmeans.refit == "never" or share <= cfg.kmeans.refit_new_share:
+        return best, (
+            f"kept the fit over {len(seen)} of {len(embed)} shards "
+            f"({share:.1%} new documents <= refit_new_share {cfg.kmeans.refit_new_share:g})"
+        )
+    return fresh, (
+        f"refit: {share:.1%} new documents > refit_new_share {cfg.kmeans.refit_new_share:g}"
+    )
 
 
-def clusters_key(assign_keys: list[str], cfg: Config) -> str:
+def assign_key(embed: Key, km: Key) -> Key:
+    return artifact_key("assign", VERSIONS["assign"], embed.shard, embed=embed.id, kmeans=km.id)
+
+
+def clusters_key(assign: list[Key], cfg: Config) -> Key:
     return artifact_key(
-        "clusters", VERSIONS["clusters"], assign=assign_keys, diversity=cfg.diversity.model_dump()
+        "clusters",
+        VERSIONS["clusters"],
+        assign=[k.id for k in assign],
+        diversity=cfg.diversity.model_dump(),
     )
 
 
 def weights_key(
-    tokens: str, quality: str, assign: str, clusters: str, q_range: list[float], cfg: Config
-) -> str:
+    tokens: Key, quality: Key, assign: Key, clusters: Key, q_range: list[float], cfg: Config
+) -> Key:
     m = cfg.mixing
     return artifact_key(
         "weights",
         VERSIONS["weights"],
-        tokens=tokens,
-        quality=quality,
-        assign=assign,
-        clusters=clusters,
-        q_range=q_range,
-        alpha=m.alpha,
-        epsilon=m.epsilon,
+        tokens.shard,
+        tokens=tokens.id,
+        quality=quality.id,
+        assign=assign.id,
+        clusters=clusters.id,
+        quality_range=q_range,
+        mixing={"alpha": m.alpha, "epsilon": m.epsilon},
     )
 
 
-def budget_key(weights_keys: list[str], target: int, cfg: Config) -> str:
+def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
     return artifact_key(
         "budget",
         VERSIONS["budget"],
-        weights=weights_keys,
-        target=target,
-        max_repeats=cfg.mixing.max_repeats,
-        rows_per_shard=cfg.output.rows_per_shard,
+        weights=[k.id for k in weights],
+        mixing={"target_tokens": target, "max_repeats": cfg.mixing.max_repeats},
+        output={"rows_per_shard": cfg.output.rows_per_shard},
     )
 
 
-def counts_key(weights: str, budget: str, cfg: Config) -> str:
+def counts_key(weights: Key, budget: Key, cfg: Config) -> Key:
     return artifact_key(
-        "counts", VERSIONS["counts"], weights=weights, budget=budget, seed=cfg.mixing.seed
+        "counts",
+        VERSIONS["counts"],
+        weights.shard,
+        weights=weights.id,
+        budget=budget.id,
+        mixing={"seed": cfg.mixing.seed},
     )
+
+
+def output_key(counts: list[Key], budget: Key) -> Key:
+    """What the files under ``output.path`` were written from."""
+    return artifact_key(
+        "output", VERSIONS["output"], counts=[k.id for k in counts], budget=budget.id
+    )
+
+
+def quality_range(quality: list[dict]) -> list[float]:
+    """[min, max] of q over all shards' quality summaries (empty shards have None)."""
+    return [
+        min(r["min"] for r in quality if r["min"] is not None),
+        max(r["max"] for r in quality if r["max"] is not None),
+    ]
 
 
 # ---- per-shard map stages ---------------------------------------------------------------
@@ -152,7 +228,7 @@ def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
     """The shard's documents; an unreadable shard under ``on_bad_shard: skip`` reads as
     no documents and one reject row (row −1, reason ``unreadable_shard``)."""
     try:
-        return read_shard(shard, cfg.corpus)
+        return read_shard(shard, cfg.corpus, cfg.storage.fsspec_options(shard.path))
     except CorpusError as e:
         if cfg.corpus.on_bad_shard == "error":
             raise
@@ -172,7 +248,7 @@ def _texts(shard: Shard, cfg: Config) -> list[str]:
     return read_docs(shard, cfg).docs.column("text").to_pylist()
 
 
-def run_tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
+def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """Index the shard (row, id, domain, tokens) and record its rejects.
 
     Summary: docs, tokens, rejects {reason: count}, domain_docs, domain_tokens.
@@ -181,14 +257,13 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     texts = sd.docs.column("text").to_pylist()
     n_tok = token_counts(texts, tokenizer_name(cfg))
     index = sd.docs.drop_columns(["text"]).append_column("tokens", pa.array(n_tok))
-    store.put_table("tokens", key, "index.parquet", index)
-    store.put_table("tokens", key, "rejects.parquet", sd.rejects)
+    store.put_table(key, "index.parquet", index)
+    store.put_table(key, "rejects.parquet", sd.rejects)
     domains = index.column("domain").to_pylist()
     domain_tokens: Counter[str] = Counter()
     for d, t in zip(domains, n_tok.tolist(), strict=True):
         domain_tokens[d] += t
     return store.commit(
-        "tokens",
         key,
         {
             "docs": len(texts),
@@ -200,7 +275,7 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     )
 
 
-def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
+def run_quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """q(x) for every accepted document. Summary: min, max (None when empty)."""
     q = make_scorer(cfg.quality).score(_texts(shard, cfg)).astype(np.float64)
     if not np.isfinite(q).all():
@@ -209,10 +284,9 @@ def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
             f"quality scorer {cfg.quality.scorer!r} returned {q[row]} for document {row} "
             f"(accepted-document order) of shard {shard.path}; scores must be finite"
         )
-    store.put_array("quality", key, "quality.npy", q)
+    store.put_array(key, "quality.npy", q)
     empty = len(q) == 0
     return store.commit(
-        "quality",
         key,
         {
             "min": None if empty else float(q.min()),
@@ -221,11 +295,11 @@ def run_quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
     )
 
 
-def run_embed(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
+def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """L2-normalised embeddings, float32 (n, dim). Summary: docs, dim."""
     e = embed_texts(_texts(shard, cfg), cfg.embed)
-    store.put_array("embed", key, "embeddings.npy", e)
-    return store.commit("embed", key, {"docs": int(e.shape[0]), "dim": int(e.shape[1])})
+    store.put_array(key, "embeddings.npy", e)
+    return store.commit(key, {"docs": int(e.shape[0]), "dim": int(e.shape[1])})
 
 
 # ---- k-means and diversity -------------------------------------------------------------
@@ -236,7 +310,7 @@ def cluster_count(n_docs: int, cfg: Config) -> int:
 
 
 def run_kmeans(
-    parts: list[tuple[str, str]], n_docs: int, cfg: Config, store: Store, key: str
+    parts: list[tuple[Key, Key]], n_docs: int, cfg: Config, store: Store, key: Key
 ) -> dict:
     """Fit centroids on a sample of at most max_points_per_centroid·K embeddings.
 
@@ -253,35 +327,32 @@ def run_kmeans(
     rate = min(1.0, cfg.kmeans.max_points_per_centroid * k / max(n_docs, 1))
     keys, chunks = [], []
     for tok, emb in parts:
-        ids = store.get_table("tokens", tok, "index.parquet", columns=["id"]).column("id")
+        ids = store.get_table(tok, "index.parquet", columns=["id"]).column("id")
         u = mixing.doc_uniforms(ids.to_pylist(), cfg.kmeans.seed, "kmeans")
         take = u < rate
         if take.any():
             keys.append(u[take])
-            chunks.append(np.asarray(store.get_array("embed", emb, "embeddings.npy")[take]))
+            chunks.append(np.asarray(store.get_array(emb, "embeddings.npy")[take]))
     if not chunks:
         raise ValueError("no embeddings to fit k-means on")
     # Ordered by the ids' uniforms, the sample (and so FAISS's seeded initialisation)
     # is the same however the corpus is sharded.
     sample = np.concatenate(chunks)[np.argsort(np.concatenate(keys), kind="stable")]
     centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed, cfg.kmeans.nredo)
-    store.put_array("kmeans", key, "centroids.npy", centroids)
-    return store.commit("kmeans", key, {"k": k, "sample": int(len(sample))})
+    store.put_array(key, "centroids.npy", centroids)
+    return store.commit(key, {"k": k, "sample": int(len(sample))})
 
 
-def run_assign(tok: str, emb: str, km: str, store: Store, key: str) -> dict:
+def run_assign(tok: Key, emb: Key, km: Key, store: Store, key: Key) -> dict:
     """Nearest centroid and cosine distance per document; per-cluster partial sums."""
-    centroids = store.get_array("kmeans", km, "centroids.npy")
-    cluster, dist = kmeans.assign(store.get_array("embed", emb, "embeddings.npy"), centroids)
-    domains = store.get_table("tokens", tok, "index.parquet", columns=["domain"])
+    centroids = store.get_array(km, "centroids.npy")
+    cluster, dist = kmeans.assign(store.get_array(emb, "embeddings.npy"), centroids)
+    domains = store.get_table(tok, "index.parquet", columns=["domain"])
     p = div.cluster_partials(
         cluster, dist, domains.column("domain").to_numpy(zero_copy_only=False), len(centroids)
     )
-    store.put_table(
-        "assign", key, "assign.parquet", pa.table({"cluster": cluster, "distance": dist})
-    )
+    store.put_table(key, "assign.parquet", pa.table({"cluster": cluster, "distance": dist}))
     store.put_arrays(
-        "assign",
         key,
         "partials.npz",
         count=p.count,
@@ -290,25 +361,24 @@ def run_assign(tok: str, emb: str, km: str, store: Store, key: str) -> dict:
         dist_max=p.dist_max,
         **{f"domain:{d}": c for d, c in p.by_domain.items()},
     )
-    return store.commit("assign", key, {"docs": int(len(cluster))})
+    return store.commit(key, {"docs": int(len(cluster))})
 
 
-def load_partials(store: Store, assign: str) -> div.ClusterPartials:
-    a = store.get_arrays("assign", assign, "partials.npz")
+def load_partials(store: Store, assign: Key) -> div.ClusterPartials:
+    a = store.get_arrays(assign, "partials.npz")
     by_domain = {k.split(":", 1)[1]: v for k, v in a.items() if k.startswith("domain:")}
     return div.ClusterPartials(a["count"], a["dist_sum"], a["dist_min"], a["dist_max"], by_domain)
 
 
-def run_clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key: str) -> dict:
+def run_clusters(assign_keys: list[Key], km: Key, cfg: Config, store: Store, key: Key) -> dict:
     """Compactness, separation and the cross-domain overlap from all shards' partials.
 
     Summary: d_min, d_max, k, nonempty, overlap_domains, overlap (D×D list).
     """
     p = div.merge_partials([load_partials(store, a) for a in assign_keys])
-    stats = div.cluster_stats(p, store.get_array("kmeans", km, "centroids.npy"), cfg.diversity)
+    stats = div.cluster_stats(p, store.get_array(km, "centroids.npy"), cfg.diversity)
     domains, overlap = div.overlap_matrix(p.by_domain)
     store.put_arrays(
-        "clusters",
         key,
         "stats.npz",
         count=stats.count,
@@ -316,7 +386,6 @@ def run_clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key
         separation=stats.separation,
     )
     return store.commit(
-        "clusters",
         key,
         {
             "d_min": stats.d_min,
@@ -334,19 +403,19 @@ def run_clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key
 
 
 def run_weights(
-    tok: str,
-    qual: str,
-    assign: str,
-    clusters: str,
+    tok: Key,
+    qual: Key,
+    assign: Key,
+    clusters: Key,
     q_range: list[float],
     d_range: list[float],
     cfg: Config,
     store: Store,
-    key: str,
+    key: Key,
 ) -> dict:
     """d(x) and w(x) per document. Summary: wl = Σ w·len, w_sum = Σ w."""
-    stats = store.get_arrays("clusters", clusters, "stats.npz")
-    a = store.get_table("assign", assign, "assign.parquet")
+    stats = store.get_arrays(clusters, "stats.npz")
+    a = store.get_table(assign, "assign.parquet")
     d = div.diversity_values(
         a.column("cluster").to_numpy(),
         a.column("distance").to_numpy(),
@@ -354,15 +423,14 @@ def run_weights(
         stats["separation"],
         cfg.diversity,
     )
-    q = store.get_array("quality", qual, "quality.npy")
+    q = store.get_array(qual, "quality.npy")
     w = mixing.sample_weights(
         q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
     )
-    n_tok = store.get_table("tokens", tok, "index.parquet", columns=["tokens"])
+    n_tok = store.get_table(tok, "index.parquet", columns=["tokens"])
     n_tok = n_tok.column("tokens").to_numpy()
-    store.put_arrays("weights", key, "weights.npz", diversity=d, weight=w)
+    store.put_arrays(key, "weights.npz", diversity=d, weight=w)
     return store.commit(
-        "weights",
         key,
         {
             "wl": float(np.dot(w, n_tok)),
@@ -379,7 +447,7 @@ def target_tokens(source_tokens: int, cfg: Config) -> int:
 
 
 def run_budget(
-    parts: list[tuple[str, str]], target: int, cfg: Config, store: Store, key: str
+    parts: list[tuple[Key, Key]], target: int, cfg: Config, store: Store, key: Key
 ) -> dict:
     """The scale s that fills ``target`` tokens, from (tokens key, weights key) per shard.
 
@@ -388,8 +456,8 @@ def run_budget(
 
     def wl() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for tok, wk in parts:
-            w = store.get_arrays("weights", wk, "weights.npz")["weight"]
-            n = store.get_table("tokens", tok, "index.parquet", columns=["tokens"])
+            w = store.get_arrays(wk, "weights.npz")["weight"]
+            n = store.get_table(tok, "index.parquet", columns=["tokens"])
             yield w, n.column("tokens").to_numpy()
 
     scale = mixing.budget_scale(wl, target, cfg.mixing.max_repeats)
@@ -397,19 +465,19 @@ def run_budget(
         float(mixing.expected_counts(w, scale, cfg.mixing.max_repeats).sum()) for w, _ in wl()
     )
     buckets = materialise.bucket_count(rows, cfg.output.rows_per_shard)
-    return store.commit("budget", key, {"scale": scale, "expected_rows": rows, "buckets": buckets})
+    return store.commit(key, {"scale": scale, "expected_rows": rows, "buckets": buckets})
 
 
 def run_counts(
     shard: Shard,
-    tok: str,
-    qual: str,
-    assign: str,
-    weights: str,
+    tok: Key,
+    qual: Key,
+    assign: Key,
+    weights: Key,
     budget: dict,
     cfg: Config,
     store: Store,
-    key: str,
+    key: Key,
 ) -> dict:
     """c(x) and n(x); the shard's plan and its copies scattered into output buckets.
 
@@ -417,14 +485,14 @@ def run_counts(
     copies and tokens selected, the histogram of n, and a bounded sample of raw q and
     d per domain for the report.
     """
-    index = store.get_table("tokens", tok, "index.parquet")
+    index = store.get_table(tok, "index.parquet")
     ids = index.column("id").to_pylist()
     n_tok = index.column("tokens").to_numpy()
-    wz = store.get_arrays("weights", weights, "weights.npz")
-    q = store.get_array("quality", qual, "quality.npy")
+    wz = store.get_arrays(weights, "weights.npz")
+    q = store.get_array(qual, "quality.npy")
     c = mixing.expected_counts(wz["weight"], budget["scale"], cfg.mixing.max_repeats)
     n = mixing.realised_counts(c, ids, cfg.mixing.seed)
-    cluster = store.get_table("assign", assign, "assign.parquet", columns=["cluster"])
+    cluster = store.get_table(assign, "assign.parquet", columns=["cluster"])
     plan = pa.table(
         {
             "id": index.column("id"),
@@ -440,7 +508,7 @@ def run_counts(
             "row": index.column("row"),
         }
     )
-    store.put_table("counts", key, "plan.parquet", plan)
+    store.put_table(key, "plan.parquet", plan)
     buckets: list[int] = []
     if n.any():
         docs = read_docs(shard, cfg).docs
@@ -455,9 +523,9 @@ def run_counts(
             }
         )
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
-            store.put_table("counts", key, f"bucket-{b:05d}.parquet", part)
+            store.put_table(key, f"bucket-{b:05d}.parquet", part)
             buckets.append(b)
-    return store.commit("counts", key, {**_counts_summary(plan, ids, cfg), "buckets": buckets})
+    return store.commit(key, {**_counts_summary(plan, ids, cfg), "buckets": buckets})
 
 
 def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
@@ -486,36 +554,87 @@ def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
     }
 
 
-def run_gather(bucket: int, counts_keys: list[str], store: Store, out: str) -> dict:
-    """Write mixture shard ``bucket`` to ``out`` (a path or URL) from the counts
-    artifacts that hold copies in that bucket. Summary: rows."""
+def run_gather(bucket: int, counts_keys: list[Key], store: Store, out: Output) -> dict:
+    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it.
+    Summary: rows."""
     name = f"bucket-{bucket:05d}.parquet"
-    table = materialise.gather([store.get_table("counts", ck, name) for ck in counts_keys])
-    write_parquet(table, f"{out}/mixture/part-{bucket:05d}.parquet", store.storage_options)
+    table = materialise.gather([store.get_table(ck, name) for ck in counts_keys])
+    out.put_table(f"mixture/part-{bucket:05d}.parquet", table)
     return {"rows": table.num_rows}
 
 
-def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
-
-
-def run_publish(counts_keys: list[str], tokens_keys: list[str], store: Store, out: str) -> dict:
+def run_publish(counts_keys: list[Key], tokens_keys: list[Key], store: Store, out: Output) -> dict:
     """Write the per-document plan (one part per source shard, in shard order) and all
-    rejects to ``out``. Summary: plan_parts, rejects."""
+    rejects. Summary: plan_parts, rejects."""
     for i, ck in enumerate(counts_keys):
-        write_parquet(
-            store.get_table("counts", ck, "plan.parquet"),
-            f"{out}/plan/part-{i:05d}.parquet",
-            store.storage_options,
-        )
-    rejects = pa.concat_tables(
-        [store.get_table("tokens", tk, "rejects.parquet") for tk in tokens_keys]
-    ).cast(REJECTS_SCHEMA)
-    write_parquet(rejects, f"{out}/rejects/rejects.parquet", store.storage_options)
+        out.put_table(f"plan/part-{i:05d}.parquet", store.get_table(ck, "plan.parquet"))
+    rejects = pa.concat_tables([store.get_table(tk, "rejects.parquet") for tk in tokens_keys]).cast(
+        REJECTS_SCHEMA
+    )
+    out.put_table("rejects/rejects.parquet", rejects)
     return {"plan_parts": len(counts_keys), "rejects": rejects.num_rows}
+
+
+def store_for(cfg: Config) -> Store:
+    """The artifact store: ``output.store``, else OUT/store."""
+    root = cfg.output.store or f"{cfg.output.path.rstrip('/')}/store"
+    return Store(root, cfg.storage.fsspec_options(root), cfg.storage.retries)
+
+
+def output_for(cfg: Config) -> Output:
+    return Output(cfg.output.path, cfg.storage.fsspec_options(cfg.output.path))
+
+
+class Output:
+    """The folder (or s3:// prefix) a run publishes to: mixture/, plan/, rejects/,
+    report/ and ``_manifest.json``, written last, naming the ``output_key`` the files
+    came from and their sizes. ``current(key)`` says whether they are all still there."""
+
+    MANIFEST = "_manifest.json"
+    FOLDERS = ("mixture", "plan", "rejects", "report")
+
+    def __init__(self, url: str, options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url, **(options or {}))
+
+    def put_table(self, name: str, table: pa.Table) -> None:
+        put_bytes(self.fs, f"{self.path}/{name}", parquet_bytes(table))
+
+    def manifest(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.path}/{self.MANIFEST}"))
+        except FileNotFoundError:
+            return None
+
+    def current(self, key: Key) -> bool:
+        """True when the files were written from ``key`` and none is missing or resized."""
+        m = self.manifest()
+        if m is None or m.get("key") != key.id:
+            return False
+        try:
+            return all(self.fs.size(f"{self.path}/{f}") == n for f, n in m["files"].items())
+        except FileNotFoundError:
+            return False
+
+    def clear(self) -> None:
+        """Remove the manifest, then what an earlier run published (it may have had more
+        parts), so that no stale file is taken for part of this run's output."""
+        for name in (self.MANIFEST, *self.FOLDERS):
+            if self.fs.exists(f"{self.path}/{name}"):
+                self.fs.rm(f"{self.path}/{name}", recursive=True)
+
+    def seal(self, key: Key, summary: dict) -> None:
+        """Write the manifest: the published files with their sizes, and the run summary.
+        Written last, so a run killed before it leaves no manifest."""
+        files = {}
+        for folder in self.FOLDERS:
+            if not self.fs.exists(f"{self.path}/{folder}"):
+                continue
+            for p, info in self.fs.find(f"{self.path}/{folder}", detail=True).items():
+                if ".tmp-" not in p:
+                    files[p[len(self.path.rstrip("/")) + 1 :]] = int(info["size"])
+        doc = {"key": key.id, "files": dict(sorted(files.items())), "summary": summary}
+        put_bytes(self.fs, f"{self.path}/{self.MANIFEST}", json.dumps(doc, indent=1).encode())
 
 
 def report_inputs(

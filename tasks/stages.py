@@ -1,8 +1,9 @@
 """Prefect tasks around the engine's stages.
 
 Each task names its run ``stage/shard``, serves a committed artifact from the store
-instead of recomputing it, retries I/O failures, and returns the stage's summary
-with ``cached`` set to say which of the two happened. No maths here.
+instead of recomputing it (the run then ends in a ``Cached`` state, as the UI shows
+it), retries I/O failures, and returns the stage's summary with ``key`` and
+``cached`` added. No maths here.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from collections.abc import Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
+from prefect.states import Completed, State
 
 from samplemix import stages
 from samplemix.config import Config
 from samplemix.corpus import Shard
 from samplemix.models import set_torch_threads
-from samplemix.store import Store
+from samplemix.store import Key, Store
 
 
 def _transient(task: object, task_run: object, state: State) -> bool:
@@ -36,62 +37,59 @@ _OPTS = {
 }
 
 
-def _from_store(store: Store, stage: str, key: str, compute: Callable[[], dict]) -> dict:
-    hit = store.summary(stage, key)
+def _from_store(store: Store, key: Key, compute: Callable[[], dict]) -> dict | State:
+    hit = store.summary(key)
     if hit is not None:
-        return {**hit, "key": key, "cached": True}
+        return Completed(data={**hit, "key": key, "cached": True}, name="Cached")
     return {**compute(), "key": key, "cached": False}
 
 
 @task(name="tokens", task_run_name="tokens/{shard.shard_id}", **_OPTS)
-def tokens(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
-    return _from_store(store, "tokens", key, lambda: stages.run_tokens(shard, cfg, store, key))
+def tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_tokens(shard, cfg, store, key))
 
 
 @task(name="quality", task_run_name="quality/{shard.shard_id}", **_OPTS)
-def quality(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
+def quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
     set_torch_threads(cfg.compute.torch_threads)
-    return _from_store(store, "quality", key, lambda: stages.run_quality(shard, cfg, store, key))
+    return _from_store(store, key, lambda: stages.run_quality(shard, cfg, store, key))
 
 
 @task(name="embed", task_run_name="embed/{shard.shard_id}", **_OPTS)
-def embed(shard: Shard, cfg: Config, store: Store, key: str) -> dict:
+def embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
     set_torch_threads(cfg.compute.torch_threads)
-    return _from_store(store, "embed", key, lambda: stages.run_embed(shard, cfg, store, key))
+    return _from_store(store, key, lambda: stages.run_embed(shard, cfg, store, key))
 
 
 @task(name="kmeans", task_run_name="kmeans/fit", **_OPTS)
-def kmeans(parts: list[tuple[str, str]], n_docs: int, cfg: Config, store: Store, key: str) -> dict:
-    return _from_store(
-        store, "kmeans", key, lambda: stages.run_kmeans(parts, n_docs, cfg, store, key)
-    )
+def kmeans(
+    parts: list[tuple[Key, Key]], n_docs: int, cfg: Config, store: Store, key: Key
+) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_kmeans(parts, n_docs, cfg, store, key))
 
 
 @task(name="assign", task_run_name="assign/{shard.shard_id}", **_OPTS)
-def assign(shard: Shard, tok: str, emb: str, km: str, store: Store, key: str) -> dict:
-    return _from_store(store, "assign", key, lambda: stages.run_assign(tok, emb, km, store, key))
+def assign(shard: Shard, tok: Key, emb: Key, km: Key, store: Store, key: Key) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_assign(tok, emb, km, store, key))
 
 
 @task(name="clusters", task_run_name="clusters/stats", **_OPTS)
-def clusters(assign_keys: list[str], km: str, cfg: Config, store: Store, key: str) -> dict:
-    return _from_store(
-        store, "clusters", key, lambda: stages.run_clusters(assign_keys, km, cfg, store, key)
-    )
+def clusters(assign_keys: list[Key], km: Key, cfg: Config, store: Store, key: Key) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_clusters(assign_keys, km, cfg, store, key))
 
 
 @task(name="weights", task_run_name="weights/{shard.shard_id}", **_OPTS)
 def weights(
     shard: Shard,
-    keys: dict[str, str],
+    keys: dict[str, Key],
     q_range: list[float],
     d_range: list[float],
     cfg: Config,
     store: Store,
-    key: str,
-) -> dict:
+    key: Key,
+) -> dict | State:
     return _from_store(
         store,
-        "weights",
         key,
         lambda: stages.run_weights(
             keys["tokens"],
@@ -108,19 +106,18 @@ def weights(
 
 
 @task(name="budget", task_run_name="budget/scale", **_OPTS)
-def budget(parts: list[tuple[str, str]], target: int, cfg: Config, store: Store, key: str) -> dict:
-    return _from_store(
-        store, "budget", key, lambda: stages.run_budget(parts, target, cfg, store, key)
-    )
+def budget(
+    parts: list[tuple[Key, Key]], target: int, cfg: Config, store: Store, key: Key
+) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_budget(parts, target, cfg, store, key))
 
 
 @task(name="counts", task_run_name="counts/{shard.shard_id}", **_OPTS)
 def counts(
-    shard: Shard, keys: dict[str, str], plan: dict, cfg: Config, store: Store, key: str
-) -> dict:
+    shard: Shard, keys: dict[str, Key], plan: dict, cfg: Config, store: Store, key: Key
+) -> dict | State:
     return _from_store(
         store,
-        "counts",
         key,
         lambda: stages.run_counts(
             shard,
@@ -137,5 +134,11 @@ def counts(
 
 
 @task(name="materialise", task_run_name="materialise/part-{bucket:05d}", **_OPTS)
-def materialise(bucket: int, counts_keys: list[str], store: Store, out: str) -> dict:
+def materialise(
+    bucket: int, counts_keys: list[Key], store: Store, out: stages.Output, output: Key
+) -> dict | State:
+    """Write mixture part ``bucket``; Cached when ``out`` holds it from the same counts."""
+    if out.current(output):
+        rows = out.manifest()["summary"]["part_rows"][bucket]  # type: ignore[index]
+        return Completed(data={"rows": rows, "cached": True}, name="Cached")
     return {**stages.run_gather(bucket, counts_keys, store, out), "cached": False}

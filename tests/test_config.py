@@ -59,9 +59,9 @@ quality:
 
 
 def test_overrides_alone_need_no_file() -> None:
-    cfg = load_config(None, {"corpus.input": "x", "corpus.storage_options.anon": True})
+    cfg = load_config(None, {"corpus.input": "x", "storage.options.anon": True})
     assert cfg.corpus.input == "x"
-    assert cfg.corpus.storage_options == {"anon": True}
+    assert cfg.storage.options == {"anon": True}
 
 
 def test_empty_file_and_empty_sections_mean_defaults(tmp_path: Path) -> None:
@@ -228,7 +228,8 @@ def test_config_to_yaml_round_trips(tmp_path: Path) -> None:
         {
             "corpus.input": "s3://bucket/data/*.parquet",
             "corpus.id_column": None,
-            "corpus.storage_options": {"endpoint_url": "http://localhost:9000", "anon": True},
+            "storage.endpoint_url": "http://localhost:9000",
+            "storage.options": {"anon": True},
             "corpus.on_bad_shard": "skip",
             "mixing.budget": "2M",
             "mixing.alpha": 0.25,

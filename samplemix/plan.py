@@ -1,0 +1,186 @@
+"""What a run of a config would compute, and why, read from the store without running.
+
+``plan_steps`` walks the stage graph in the flow's order with the same key functions
+(stages.py). A key is known when everything it hashes is known: per-shard keys from
+the config and the shard files, downstream keys from the summaries of committed
+upstream artifacts. When an upstream artifact must be computed first, the
+downstream keys cannot be known yet; those steps are "compute" with the reason
+"after <stage>". A step's reason compares its key's parts with those of the newest
+artifact committed for the same shard and stage (the store's ``_latest`` pointers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from samplemix import stages
+from samplemix.config import Config
+from samplemix.corpus import discover_shards
+from samplemix.store import Key, Store
+
+STAGES = (
+    "tokens",
+    "quality",
+    "embed",
+    "kmeans",
+    "assign",
+    "clusters",
+    "weights",
+    "budget",
+    "counts",
+    "materialise",
+)
+UPSTREAM = {"tokens", "quality", "embed", "kmeans", "assign", "clusters", "weights", "budget"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One task of a run: ``shard`` is None for a reduce (and for materialise)."""
+
+    stage: str
+    shard: str | None
+    cached: bool
+    reason: str
+    key: Key | None = None
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths at which two JSON-like values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(old.keys() | new.keys(), key=str):
+            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [path]
+
+
+def change_reason(store: Store, key: Key) -> str:
+    """Why ``key`` is not in the store, in the words of ``samplemix plan``."""
+    if store.has_files(key):
+        return "incomplete artifact (interrupted run): recompute"
+    prev = store.latest(key.stage, key.shard)
+    if prev is None:
+        return "new shard" if key.shard is not None else "no earlier result"
+    old = prev["parts"]
+    new = json.loads(json.dumps(key.parts, default=str))
+    paths = _diff(old, new)
+    if not paths:
+        return "artifact removed (gc): recompute"
+    reasons = []
+    for top in dict.fromkeys(p.split(".")[0] for p in paths):
+        if top == "version":
+            reasons.append(
+                f"stage logic changed (version {old.get('version')} -> {new['version']})"
+            )
+        elif top == "corpus" and "corpus.fingerprint" in paths:
+            reasons.append("shard file changed")
+        elif top in UPSTREAM and not isinstance(new.get(top), dict):  # ids, not a section
+            o, n = old.get(top), new.get(top)
+            if isinstance(n, list) and isinstance(o, list):
+                moved = len(set(n) - set(o))
+                reasons.append(f"upstream changed: {top} ({moved} of {len(n)} shards)")
+            else:
+                reasons.append(f"upstream changed: {top}")
+        else:
+            fields = [p for p in paths if p.split(".")[0] == top]
+            reasons.append("config changed: " + ", ".join(fields))
+    return "; ".join(reasons)
+
+
+class _Walker:
+    """Collects the steps; remembers the summaries of cached artifacts."""
+
+    def __init__(self, store: Store, stage_names: set[str]) -> None:
+        self.store = store
+        self.done = store.committed(stage_names)
+        self.steps: list[Step] = []
+
+    def step(self, key: Key) -> dict | None:
+        """Record the step of ``key``; return its summary when it is cached."""
+        summary = self.store.summary(key) if key.id in self.done.get(key.stage, ()) else None
+        reason = "unchanged" if summary is not None else change_reason(self.store, key)
+        self.steps.append(Step(key.stage, key.shard, summary is not None, reason, key))
+        return summary
+
+    def unknown(self, stage: str, shards: list[str | None], after: str) -> None:
+        self.steps += [Step(stage, s, False, f"after {after}") for s in shards]
+
+
+def plan_steps(cfg: Config, store: Store, out: stages.Output) -> list[Step]:
+    """Every task a run of ``cfg`` would start, cached or to compute, with the reason."""
+    shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
+    ids: list[str | None] = [s.shard_id for s in shards]
+    w = _Walker(store, set(STAGES) - {"materialise"})
+    tok_keys = [stages.tokens_key(s, cfg) for s in shards]
+    qual_keys = [stages.quality_key(s, cfg) for s in shards]
+    embed = [stages.embed_key(s, cfg) for s in shards]
+    tok = [w.step(k) for k in tok_keys]
+    qual = [w.step(k) for k in qual_keys]
+    for k in embed:
+        w.step(k)
+
+    km, why = stages.kmeans_to_use(store, embed, [t and t["docs"] for t in tok], cfg)
+    if km is None:
+        w.steps.append(Step("kmeans", None, False, why))
+        for stage in ("assign", "clusters", "weights", "budget", "counts", "materialise"):
+            per_shard = stage in ("assign", "weights", "counts")
+            w.unknown(stage, ids if per_shard else [None], "kmeans")
+        return w.steps
+    w.step(km)
+    if why != "fit over all shards":
+        last = w.steps[-1]
+        w.steps[-1] = Step("kmeans", None, last.cached, f"{last.reason}; {why}", km)
+    assign = [stages.assign_key(e, km) for e in embed]
+    for k in assign:
+        w.step(k)
+    cl = stages.clusters_key(assign, cfg)
+    w.step(cl)
+
+    if any(q is None for q in qual):
+        w.unknown("weights", ids, "quality")
+        for stage in ("budget", "counts", "materialise"):
+            w.unknown(stage, ids if stage == "counts" else [None], "quality")
+        return w.steps
+    q_range = stages.quality_range(qual)  # type: ignore[arg-type]
+    weights = [
+        stages.weights_key(t, q, a, cl, q_range, cfg)
+        for t, q, a in zip(tok_keys, qual_keys, assign, strict=True)
+    ]
+    for k in weights:
+        w.step(k)
+    if any(t is None for t in tok):
+        w.unknown("budget", [None], "tokens")
+        w.unknown("counts", ids, "tokens")
+        w.unknown("materialise", [None], "tokens")
+        return w.steps
+    target = stages.target_tokens(sum(t["tokens"] for t in tok), cfg)  # type: ignore[index]
+    budget = stages.budget_key(weights, target, cfg)
+    w.step(budget)
+    counts = [stages.counts_key(k, budget, cfg) for k in weights]
+    for k in counts:
+        w.step(k)
+    output = stages.output_key(counts, budget)
+    current = out.current(output)
+    w.steps.append(
+        Step(
+            "materialise",
+            None,
+            current,
+            "unchanged" if current else f"output at {out.url} is from another run or incomplete",
+            output,
+        )
+    )
+    return w.steps
+
+
+def plan_rows(steps: list[Step]) -> list[tuple[str, int, str, str]]:
+    """Steps grouped as (stage, tasks, "cached" | "compute", reason), in stage order."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for s in steps:
+        k = (s.stage, "cached" if s.cached else "compute", s.reason)
+        groups[k] = groups.get(k, 0) + 1
+    order = {name: i for i, name in enumerate(STAGES)}
+    rows = [(st, n, status, why) for (st, status, why), n in groups.items()]
+    return sorted(rows, key=lambda r: (order[r[0]], r[2] != "compute", r[3]))
