@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from samplemix.config import Config, load_config  # noqa: E402
 from samplemix.corpus import discover_shards  # noqa: E402
 from samplemix.embed import embed_texts  # noqa: E402
 from samplemix.models import resolve_model, set_torch_threads  # noqa: E402
+from samplemix.store import Key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +68,20 @@ def bench_embed(cfg: Config, n_docs: int) -> dict:
 
 
 def run_direct(cfg: Config) -> float:
-    """Every engine stage called in order in this process, no Prefect, no Dask."""
+    """Every engine stage in order in this process, no Prefect, no Dask; an artifact
+    already committed in the store is read, not recomputed, as the flow does.
+    Returns the wall time in seconds."""
+    from samplemix.report import write_report
+
     t0 = time.perf_counter()
     store = stages.store_for(cfg)
     out = stages.output_for(cfg)
     shards = discover_shards(cfg.corpus)
+
+    def once(key: Key, compute: Callable[[], dict]) -> dict:
+        hit = store.summary(key)
+        return hit if hit is not None else compute()
+
     keys = [
         {
             "tokens": stages.tokens_key(s, cfg),
@@ -79,55 +90,72 @@ def run_direct(cfg: Config) -> float:
         }
         for s in shards
     ]
-    tok = [stages.run_tokens(s, cfg, store, k["tokens"]) for s, k in zip(shards, keys, strict=True)]
-    qual = [
-        stages.run_quality(s, cfg, store, k["quality"]) for s, k in zip(shards, keys, strict=True)
-    ]
+    tok, qual = [], []
     for s, k in zip(shards, keys, strict=True):
-        stages.run_embed(s, cfg, store, k["embed"])
+        tok.append(
+            once(k["tokens"], lambda s=s, k=k: stages.run_tokens(s, cfg, store, k["tokens"]))
+        )
+        qual.append(
+            once(k["quality"], lambda s=s, k=k: stages.run_quality(s, cfg, store, k["quality"]))
+        )
+        once(k["embed"], lambda s=s, k=k: stages.run_embed(s, cfg, store, k["embed"]))
     n_docs = sum(r["docs"] for r in tok)
     target = stages.target_tokens(sum(r["tokens"] for r in tok), cfg)
     km, _ = stages.kmeans_to_use(store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg)
-    stages.run_kmeans([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km)
+    parts = [(k["tokens"], k["embed"]) for k in keys]
+    once(km, lambda: stages.run_kmeans(parts, n_docs, cfg, store, km))
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km)
-        stages.run_assign(k["tokens"], k["embed"], km, store, k["assign"])
+        once(
+            k["assign"],
+            lambda k=k: stages.run_assign(k["tokens"], k["embed"], km, store, k["assign"]),
+        )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl = stages.run_clusters([k["assign"] for k in keys], km, cfg, store, cl_key)
+    cl = once(
+        cl_key, lambda: stages.run_clusters([k["assign"] for k in keys], km, cfg, store, cl_key)
+    )
     q_range = stages.quality_range(qual)
     for k in keys:
         k["weights"] = stages.weights_key(
             k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
         )
-        stages.run_weights(
-            k["tokens"],
-            k["quality"],
-            k["assign"],
-            cl_key,
-            q_range,
-            [cl["d_min"], cl["d_max"]],
-            cfg,
-            store,
+        once(
             k["weights"],
+            lambda k=k: stages.run_weights(
+                k["tokens"],
+                k["quality"],
+                k["assign"],
+                cl_key,
+                q_range,
+                [cl["d_min"], cl["d_max"]],
+                cfg,
+                store,
+                k["weights"],
+            ),
         )
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = stages.run_budget([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key)
+    weights = [(k["tokens"], k["weights"]) for k in keys]
+    plan = once(b_key, lambda: stages.run_budget(weights, target, cfg, store, b_key))
     cnt = []
     for s, k in zip(shards, keys, strict=True):
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
         cnt.append(
-            stages.run_counts(
-                s,
-                k["tokens"],
-                k["quality"],
-                k["assign"],
-                k["weights"],
-                plan,
-                cfg,
-                store,
+            once(
                 k["counts"],
+                lambda s=s, k=k: stages.run_counts(
+                    s,
+                    k["tokens"],
+                    k["quality"],
+                    k["assign"],
+                    k["weights"],
+                    plan,
+                    cfg,
+                    store,
+                    k["counts"],
+                ),
             )
         )
+    out.clear()
     for b in range(plan["buckets"]):
         stages.run_gather(
             b,
@@ -136,8 +164,6 @@ def run_direct(cfg: Config) -> float:
             out,
         )
     stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
-    from samplemix.report import write_report
-
     write_report(stages.report_inputs(tok, cnt, cl, target, {}), f"{cfg.output.path}/report")
     return time.perf_counter() - t0
 

@@ -92,7 +92,9 @@ class StorageConfig(_Section):
         """The fsspec keyword arguments for ``url``: S3 settings only for s3:// URLs."""
         if not url.startswith(("s3://", "s3a://")):
             return dict(self.options)
-        opts: dict[str, Any] = {}
+        # Listings must be fresh: a long-lived process (a scheduled worker, the flow)
+        # would otherwise miss shards and artifacts added since it first looked.
+        opts: dict[str, Any] = {"use_listings_cache": False}
         if self.key is not None:
             opts["key"] = self.key.get_secret_value()
         if self.secret is not None:

@@ -68,24 +68,27 @@ def change_reason(store: Store, key: Key) -> str:
     paths = _diff(old, new)
     if not paths:
         return "artifact removed (gc): recompute"
-    reasons = []
+    version, shard, upstream, fields, weights = None, False, [], [], False
     for top in dict.fromkeys(p.split(".")[0] for p in paths):
+        o, n = old.get(top), new.get(top)
         if top == "version":
-            reasons.append(
-                f"stage logic changed (version {old.get('version')} -> {new['version']})"
-            )
+            version = f"stage logic changed (version {o} -> {n})"
         elif top == "corpus" and "corpus.fingerprint" in paths:
-            reasons.append("shard file changed")
-        elif top in UPSTREAM and not isinstance(new.get(top), dict):  # ids, not a section
-            o, n = old.get(top), new.get(top)
+            shard = True
+        elif top == "model_weights":
+            weights = True
+        elif top in UPSTREAM and not isinstance(n, dict):  # upstream ids, not a config section
             if isinstance(n, list) and isinstance(o, list):
-                moved = len(set(n) - set(o))
-                reasons.append(f"upstream changed: {top} ({moved} of {len(n)} shards)")
+                upstream.append(f"{top} ({len(set(n) - set(o))} of {len(n)} shards)")
             else:
-                reasons.append(f"upstream changed: {top}")
+                upstream.append(top)
         else:
-            fields = [p for p in paths if p.split(".")[0] == top]
-            reasons.append("config changed: " + ", ".join(fields))
+            fields += [p for p in paths if p.split(".")[0] == top]
+    reasons = [version] if version else []
+    reasons += ["shard file changed"] if shard else []
+    reasons += ["config changed: " + ", ".join(fields)] if fields else []
+    reasons += ["model weights changed"] if weights and not fields else []
+    reasons += ["upstream changed: " + ", ".join(upstream)] if upstream else []
     return "; ".join(reasons)
 
 

@@ -72,7 +72,7 @@ def tokens_key(shard: Shard, cfg: Config) -> Key:
         shard.shard_id,
         corpus=_corpus_part(shard, cfg),
         tokens={"tokenizer": name},
-        weights=model_fingerprint(name),
+        model_weights=model_fingerprint(name),
     )
 
 
@@ -85,7 +85,7 @@ def quality_key(shard: Shard, cfg: Config) -> Key:
         shard.shard_id,
         corpus=_corpus_part(shard, cfg),
         quality=q,
-        weights=fp,
+        model_weights=fp,
     )
 
 
@@ -99,7 +99,7 @@ def embed_key(shard: Shard, cfg: Config) -> Key:
         shard.shard_id,
         corpus=_corpus_part(shard, cfg),
         embed=e,
-        weights=model_fingerprint(cfg.embed.model),
+        model_weights=model_fingerprint(cfg.embed.model),
     )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +32,9 @@ import pyarrow.parquet as pq
 
 DONE = "_done.json"
 LATEST = "_latest"
+# Fault injection (tests, drills): a process about to commit an artifact of this stage
+# kills itself with SIGKILL, as a lost worker would, after the files and before the marker.
+KILL_BEFORE_COMMIT = "SAMPLEMIX_FAULT_KILL_BEFORE_COMMIT"
 T = TypeVar("T")
 
 
@@ -184,6 +189,8 @@ class Store:
     def commit(self, key: Key, summary: dict[str, Any]) -> dict[str, Any]:
         """Mark the artifact complete (``summary``, JSON-able, is what a cache hit
         returns), then point its shard's ``_latest`` entry at it."""
+        if os.environ.get(KILL_BEFORE_COMMIT) == key.stage:
+            os.kill(os.getpid(), signal.SIGKILL)
         done = {
             "stage": key.stage,
             "shard": key.shard,

@@ -36,3 +36,29 @@ def write_tiny_corpus(root: Path, docs_per_domain: int = 16, shards_per_domain: 
         for i in range(shards_per_domain):
             pq.write_table(table.slice(i * step, step), root / domain / f"part-{i:03d}.parquet")
     return root
+
+
+def save_tiny_classifier(path: Path, num_labels: int, id2label: dict[int, str] | None = None):  # noqa: ANN201
+    """A 2-layer BERT classifier (random weights, MiniLM's tokenizer) saved to ``path``;
+    returns the model (transformers BertForSequenceClassification)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from samplemix.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+        initializer_range=0.5,  # large weights so texts get clearly different logits
+        **({"id2label": id2label} if id2label else {}),
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

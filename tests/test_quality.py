@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny_classifier
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -133,25 +132,6 @@ def test_many_short_documents_are_fast() -> None:
 # ---------------------------------------------------------------- hf-classifier
 
 
-def _save_classifier(path: Path, num_labels: int, id2label: dict[int, str] | None = None):
-    tokenizer = load_tokenizer("minilm")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-        initializer_range=0.5,  # large weights so texts get clearly different logits
-        **({"id2label": id2label} if id2label else {}),
-    )
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
-
-
 def _reference_logits(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:  # noqa: ANN001
     """Logits of each text alone: no batching, no padding."""
     rows = []
@@ -180,7 +160,7 @@ def _classifier_cfg(path: Path, readout: str = "auto") -> QualityConfig:
 
 
 def test_regression_readout_matches_unbatched_forward(tmp_path: Path) -> None:
-    model = _save_classifier(tmp_path, num_labels=1)
+    model = save_tiny_classifier(tmp_path, num_labels=1)
     ref = _reference_logits(model, load_tokenizer("minilm"), TEXTS, 32)[:, 0]
     assert np.min(np.diff(np.sort(ref))) > 1e-3  # distinct, so a permutation would fail
 
@@ -193,7 +173,7 @@ def test_regression_readout_matches_unbatched_forward(tmp_path: Path) -> None:
 
 
 def test_probability_readouts_match_softmax_by_hand(tmp_path: Path) -> None:
-    model = _save_classifier(tmp_path, 3, id2label={0: "low", 1: "mid", 2: "high"})
+    model = save_tiny_classifier(tmp_path, 3, id2label={0: "low", 1: "mid", 2: "high"})
     probs = _softmax(_reference_logits(model, load_tokenizer("minilm"), TEXTS, 32))
     expected = probs @ np.array([0.0, 1.0, 2.0])
     assert np.min(np.diff(np.sort(expected))) > 1e-3
@@ -209,7 +189,7 @@ def test_probability_readouts_match_softmax_by_hand(tmp_path: Path) -> None:
 
 
 def test_unknown_label_names_field_and_labels(tmp_path: Path) -> None:
-    _save_classifier(tmp_path, 3, id2label={0: "low", 1: "mid", 2: "high"})
+    save_tiny_classifier(tmp_path, 3, id2label={0: "low", 1: "mid", 2: "high"})
     with pytest.raises(ValueError, match=r"quality\.readout.*'high', 'low', 'mid'"):
         make_scorer(_classifier_cfg(tmp_path, "label:excellent"))
     with pytest.raises(ValueError, match=r"quality\.readout"):
@@ -217,7 +197,7 @@ def test_unknown_label_names_field_and_labels(tmp_path: Path) -> None:
 
 
 def test_probability_readout_on_single_output_model_is_rejected(tmp_path: Path) -> None:
-    _save_classifier(tmp_path, num_labels=1)
+    save_tiny_classifier(tmp_path, num_labels=1)
     with pytest.raises(ValueError, match=r"quality\.readout.*regression"):
         make_scorer(_classifier_cfg(tmp_path, "expected"))
 

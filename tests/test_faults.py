@@ -1,0 +1,165 @@
+"""Faults: a worker killed mid-stage, an object store that is missing, refuses us, is
+unreachable, or drops out for a few seconds. Real servers throughout: moto's
+standalone S3 server, a TCP proxy in front of it that can be cut, a real Prefect
+server and a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from conftest import write_tiny_corpus
+from distributed.scheduler import KilledWorker
+from s3 import KEY, REGION, SECRET, FlakyProxy, MotoServer, free_port, s3_storage_options
+
+from flows.mix import run_mix
+from samplemix import stages
+from samplemix.config import Config, load_config
+from samplemix.plan import plan_steps
+from samplemix.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key
+
+
+def local_config(corpus: Path, out: Path) -> Config:
+    return load_config(
+        None,
+        {
+            "corpus.input": str(corpus),
+            "output.path": str(out),
+            "embed.max_length": 32,
+            "kmeans.k": 3,
+            "mixing.budget_ratio": 0.8,
+            "compute.n_workers": 2,
+        },
+    )
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.parquet"))}
+
+
+@pytest.mark.slow
+def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
+    tmp_path: Path, prefect_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    clean = local_config(corpus, tmp_path / "clean")
+    run_mix(clean)
+
+    cfg = local_config(corpus, tmp_path / "killed")
+    # Every worker that reaches an embed commit dies by SIGKILL after writing the
+    # embeddings and before the completion marker; Dask gives up at the first loss.
+    monkeypatch.setenv(KILL_BEFORE_COMMIT, "embed")
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        pytest.raises(KilledWorker),
+    ):
+        run_mix(cfg)
+    monkeypatch.delenv(KILL_BEFORE_COMMIT)
+
+    store = stages.store_for(cfg)
+    embed = [(kid, done) for stage, kid, done in store.artifacts() if stage == "embed"]
+    assert embed and not any(done for _, done in embed)  # files written, none committed
+    assert all((Path(store.root) / "embed" / kid / "embeddings.npy").exists() for kid, _ in embed)
+    reasons = {
+        s.reason for s in plan_steps(cfg, store, stages.output_for(cfg)) if s.stage == "embed"
+    }
+    assert "incomplete artifact (interrupted run): recompute" in reasons
+    assert not (tmp_path / "killed" / "_manifest.json").exists()
+
+    summary = run_mix(cfg)
+    assert summary["computed"]["embed"] == 6  # the partial files were not trusted
+    assert file_bytes(tmp_path / "killed" / "mixture") == file_bytes(tmp_path / "clean" / "mixture")
+    assert file_bytes(tmp_path / "killed" / "plan") == file_bytes(tmp_path / "clean" / "plan")
+
+
+# ---- the object store -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        server.create_bucket("mix")
+        yield server
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[FlakyProxy]:
+    with FlakyProxy(moto.host, moto.port) as p:
+        yield p
+
+
+def test_missing_bucket_is_named_with_the_fix(moto: MotoServer) -> None:
+    store = Store("s3://no-such-bucket/store", s3_storage_options(moto.endpoint), retries=0)
+    with pytest.raises(StoreError, match=r"s3://no-such-bucket/store.*create it.*aws s3 mb"):
+        store.check()
+
+
+def test_unreachable_endpoint_is_named_with_the_fix() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = Store("s3://mix/store", s3_storage_options(endpoint), retries=1)
+    with pytest.raises(StoreError) as e:
+        store.check()
+    msg = str(e.value)
+    assert "cannot reach the store at s3://mix/store" in msg and endpoint in msg
+    assert "after 2 tries" in msg and "storage.endpoint_url" in msg
+
+
+def test_outage_is_retried_with_backoff(proxy: FlakyProxy) -> None:
+    store = Store("s3://mix/flaky", s3_storage_options(proxy.endpoint), retries=6)
+    key = artifact_key("embed", "1", "a.parquet", x=1)
+    proxy.down_for(2.0)
+    store.put_array(key, "embeddings.npy", np.arange(6.0))
+    store.commit(key, {"docs": 6})
+    assert store.summary(key) == {"docs": 6}
+    np.testing.assert_array_equal(store.get_array(key, "embeddings.npy"), np.arange(6.0))
+
+
+def test_outage_longer_than_the_retries_is_a_clear_error(proxy: FlakyProxy) -> None:
+    store = Store("s3://mix/flaky", s3_storage_options(proxy.endpoint), retries=0)
+    proxy.down()
+    with pytest.raises(StoreError, match="cannot reach the store at s3://mix/flaky"):
+        store.put_array(artifact_key("embed", "1", x=2), "embeddings.npy", np.zeros(2))
+
+
+@pytest.mark.slow
+def test_run_survives_store_outages(
+    tmp_path: Path, moto: MotoServer, proxy: FlakyProxy, prefect_server: str
+) -> None:
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    cfg = local_config(corpus, tmp_path / "out")
+    cfg.output.store = "s3://mix/outage-store"
+    cfg.storage.endpoint_url = proxy.endpoint
+    cfg.storage.region = REGION
+    cfg.storage.key = KEY  # type: ignore[assignment]  # validated into a SecretStr
+    cfg.storage.secret = SECRET  # type: ignore[assignment]
+    # Three-second outages, two seconds apart, for the first half minute of the run.
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.wait(2.0):
+            proxy.down()
+            if stop.wait(3.0):
+                break
+            proxy.up()
+        proxy.up()
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    threading.Timer(30.0, stop.set).start()
+    try:
+        summary = run_mix(cfg)
+    finally:
+        stop.set()
+        flapper.join()
+    reference = run_mix(local_config(corpus, tmp_path / "reference"))
+    assert summary["realised_tokens"] == reference["realised_tokens"]
+    assert file_bytes(tmp_path / "out" / "mixture") == file_bytes(
+        tmp_path / "reference" / "mixture"
+    )
+    store = stages.store_for(cfg)
+    assert store.root.startswith("s3://")
+    assert store.artifacts() and all(done for _, _, done in store.artifacts())

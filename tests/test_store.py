@@ -1,0 +1,166 @@
+"""The artifact store on a local folder: keys, commits, pointers, listing, outputs, and
+the reasons and k-means reuse rules that ``samplemix plan`` and the flow share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from samplemix import stages
+from samplemix.config import load_config
+from samplemix.plan import change_reason
+from samplemix.store import Key, Store, _transient, artifact_key
+
+
+def test_key_hashes_exactly_its_parts() -> None:
+    a = artifact_key("quality", "1", "web/p.parquet", quality={"scorer": "heuristic"})
+    assert a == artifact_key("quality", "1", "web/p.parquet", quality={"scorer": "heuristic"})
+    assert a.id != artifact_key("quality", "2", "web/p.parquet", quality={"scorer": "heuristic"}).id
+    assert a.id != artifact_key("quality", "1", "web/p.parquet", quality={"scorer": "x"}).id
+    assert a.id != artifact_key("embed", "1", "web/p.parquet", quality={"scorer": "heuristic"}).id
+    assert a.parts == {"version": "1", "quality": {"scorer": "heuristic"}}
+    assert len(a.id) == 16 and str(a) == f"quality/{a.id}"
+
+
+def test_only_committed_artifacts_are_trusted(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    key = artifact_key("embed", "1", "a.parquet", x=1)
+    store.put_array(key, "embeddings.npy", np.ones((2, 3), np.float32))
+    assert store.summary(key) is None and store.has_files(key)
+    assert store.artifacts() == [("embed", key.id, False)]
+    assert store.committed({"embed"}) == {"embed": set()}
+    store.commit(key, {"docs": 2})
+    assert store.summary(key) == {"docs": 2}
+    assert store.manifest(key)["parts"] == {"version": "1", "x": 1}
+    assert store.artifacts() == [("embed", key.id, True)]
+    assert store.committed({"embed"}) == {"embed": {key.id}}
+    np.testing.assert_array_equal(store.get_array(key, "embeddings.npy"), np.ones((2, 3)))
+    # Writes go through a temporary name and a rename: nothing else is left behind.
+    names = sorted(p.name for p in (tmp_path / "store" / "embed" / key.id).iterdir())
+    assert names == ["_done.json", "embeddings.npy"]
+
+
+def test_latest_points_at_the_newest_commit_per_shard(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    old = artifact_key("quality", "1", "a.parquet", quality={"scorer": "heuristic"})
+    new = artifact_key("quality", "1", "a.parquet", quality={"scorer": "hf-classifier"})
+    other = artifact_key("quality", "1", "b.parquet", quality={"scorer": "heuristic"})
+    for k in (old, other, new):
+        store.commit(k, {})
+    assert store.latest("quality", "a.parquet")["parts"] == new.parts
+    assert store.latest("quality", "b.parquet")["parts"] == other.parts
+    assert store.latest("quality", "c.parquet") is None
+    store.remove("quality", new.id)  # as gc does: the pointer dangles, latest says None
+    assert store.latest("quality", "a.parquet") is None
+
+
+def test_transient_errors_are_told_from_permanent_ones() -> None:
+    assert _transient(ConnectionResetError()) and _transient(TimeoutError())
+    assert _transient(OSError(5, "Input/output error"))
+    assert not _transient(FileNotFoundError()) and not _transient(PermissionError())
+    assert not _transient(ValueError("bad config"))
+
+
+def test_missing_files_raise_file_not_found(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        store.get_table(artifact_key("tokens", "1", x=1), "index.parquet")
+
+
+def test_change_reasons_name_what_changed(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    base = {"corpus": {"fingerprint": "10:1"}, "quality": {"scorer": "heuristic", "max": 5}}
+    old = artifact_key("quality", "1", "a.parquet", **base)
+    assert change_reason(store, old) == "new shard"
+    assert change_reason(store, artifact_key("kmeans", "1", embed=["x"])) == "no earlier result"
+    store.commit(old, {})
+    scorer = {**base, "quality": {"scorer": "hf-classifier", "max": 5}}
+    assert (
+        change_reason(store, artifact_key("quality", "1", "a.parquet", **scorer))
+        == "config changed: quality.scorer"
+    )
+    edited = {**base, "corpus": {"fingerprint": "11:2"}}
+    assert (
+        change_reason(store, artifact_key("quality", "1", "a.parquet", **edited))
+        == "shard file changed"
+    )
+    assert change_reason(store, artifact_key("quality", "2", "a.parquet", **base)).startswith(
+        "stage logic changed (version 1 -> 2)"
+    )
+    partial = artifact_key("quality", "1", "a.parquet", **scorer)
+    store.put_array(partial, "quality.npy", np.zeros(3))
+    assert change_reason(store, partial).startswith("incomplete artifact")
+
+    km = artifact_key("clusters", "1", assign=["a", "b", "c"], diversity={"form": "product"})
+    store.commit(km, {})
+    moved = artifact_key("clusters", "1", assign=["a", "b", "d"], diversity={"form": "product"})
+    assert change_reason(store, moved) == "upstream changed: assign (1 of 3 shards)"
+
+
+def _embed_keys(n: int) -> list[Key]:
+    return [artifact_key("embed", "1", f"s{i}", i=i) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("refit", "share", "docs_new", "reused"),
+    [
+        ("auto", 0.2, 20, True),  # 20 / 100 new: at the threshold, keep
+        ("auto", 0.2, 30, False),  # 30 / 110: refit
+        ("always", 0.2, 1, False),
+        ("never", 0.0, 500, True),
+    ],
+)
+def test_kmeans_reuse_policy(
+    tmp_path: Path, refit: str, share: float, docs_new: int, reused: bool
+) -> None:
+    cfg = load_config(
+        None,
+        {"corpus.input": "x", "kmeans.refit": refit, "kmeans.refit_new_share": share},
+    )
+    store = Store(str(tmp_path))
+    embed = _embed_keys(5)
+    old = stages.kmeans_key(embed[:4], cfg)  # fitted before shard s4 was added
+    store.commit(old, {"k": 3})
+    docs = [20, 20, 20, 20, docs_new]
+    km, why = stages.kmeans_to_use(store, embed, docs, cfg)
+    assert (km == old) is reused
+    assert (km == stages.kmeans_key(embed, cfg)) is not reused
+    assert ("kept the fit over 4 of 5 shards" in why) is reused
+    # A fit with other k-means settings, or one that saw a shard not in the corpus, never counts.
+    other = load_config(None, {"corpus.input": "x", "kmeans.niter": 3, "kmeans.refit": refit})
+    assert stages.kmeans_to_use(store, embed, docs, other)[0] == stages.kmeans_key(embed, other)
+    gone = stages.kmeans_to_use(store, embed[1:], docs[1:], cfg)[0]
+    assert gone == stages.kmeans_key(embed[1:], cfg)
+
+
+def test_kmeans_reuse_waits_for_unread_shards(tmp_path: Path) -> None:
+    cfg = load_config(None, {"corpus.input": "x"})
+    store = Store(str(tmp_path))
+    embed = _embed_keys(3)
+    store.commit(stages.kmeans_key(embed[:2], cfg), {"k": 2})
+    km, why = stages.kmeans_to_use(store, embed, [10, 10, None], cfg)
+    assert km is None and "decided once the new shards are read" in why
+
+
+def test_output_manifest_detects_missing_and_changed_files(tmp_path: Path) -> None:
+    out = stages.Output(str(tmp_path / "out"))
+    key = artifact_key("output", "1", counts=["a"])
+    assert not out.current(key)
+    out.put_table("mixture/part-00000.parquet", pa.table({"x": [1, 2, 3]}))
+    out.put_table("plan/part-00000.parquet", pa.table({"x": [1]}))
+    out.seal(key, {"rows": 3})
+    assert out.current(key)
+    assert sorted(out.manifest()["files"]) == [
+        "mixture/part-00000.parquet",
+        "plan/part-00000.parquet",
+    ]
+    assert not out.current(artifact_key("output", "1", counts=["b"]))
+    out.put_table("mixture/part-00000.parquet", pa.table({"x": list(range(1000))}))
+    assert not out.current(key)  # resized
+    (tmp_path / "out" / "plan" / "part-00000.parquet").unlink()
+    assert not out.current(key)
+    out.clear()
+    assert out.manifest() is None and not (tmp_path / "out" / "mixture").exists()
