@@ -22,9 +22,10 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect_dask import DaskTaskRunner
+from pydantic import SecretStr
 
 from samplemix import stages
-from samplemix.config import Config
+from samplemix.config import Config, ConfigError
 from samplemix.corpus import CorpusError, discover_shards
 from samplemix.store import Key, Store
 from tasks import stages as t
@@ -349,11 +350,44 @@ def run_mix(cfg: Config) -> dict:
             update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
         )
     with prefect_api():
+        cfg = with_block_credentials(cfg)
         state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)
         summary = state.result()
         runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
         _await_recorded(state.state_details.flow_run_id, runs)
         return summary
+
+
+def with_block_credentials(cfg: Config) -> Config:
+    """``cfg`` with the key, secret, profile, region and endpoint of the Prefect
+    AwsCredentials block ``storage.aws_credentials_block`` filled in where the config
+    leaves them unset. Needs a Prefect API (``prefect_api``)."""
+    name = cfg.storage.aws_credentials_block
+    if not name:
+        return cfg
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError:
+        raise ConfigError(
+            "storage.aws_credentials_block needs prefect-aws: pip install 'samplemix[aws]'"
+        ) from None
+    try:
+        block = AwsCredentials.load(name)
+    except ValueError as e:
+        raise ConfigError(
+            f"storage.aws_credentials_block {name!r} cannot be loaded ({e}); create it in the "
+            f"Prefect UI (Blocks > AWS Credentials) or with AwsCredentials(...).save({name!r})"
+        ) from None
+    st = cfg.storage
+    key = SecretStr(block.aws_access_key_id) if block.aws_access_key_id else None
+    update = {
+        "key": st.key or key,
+        "secret": st.secret or block.aws_secret_access_key,
+        "profile": st.profile or block.profile_name,
+        "region": st.region or block.region_name,
+        "endpoint_url": st.endpoint_url or block.aws_client_parameters.endpoint_url,
+    }
+    return cfg.model_copy(update={"storage": st.model_copy(update=update)})
 
 
 def _await_recorded(flow_run_id: object, runs: int, timeout: float = 30.0) -> None:

@@ -96,6 +96,19 @@ def run(
     )
 
 
+def _with_credentials(cfg: Config) -> Config:
+    """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
+    if not cfg.storage.aws_credentials_block:
+        return cfg
+    from flows.mix import prefect_api, with_block_credentials
+
+    try:
+        with prefect_api():
+            return with_block_credentials(cfg)
+    except ConfigError as e:
+        raise _fail(e) from None
+
+
 def _fail(e: Exception) -> typer.Exit:
     typer.secho(f"error: {e}", fg="red", err=True)
     return typer.Exit(1)
@@ -119,7 +132,7 @@ def plan(
     from samplemix.plan import plan_rows, plan_steps
     from samplemix.store import StoreError
 
-    cfg = _load(config, set_, **{"corpus.input": input, "output.path": output})
+    cfg = _with_credentials(_load(config, set_, **{"corpus.input": input, "output.path": output}))
     try:
         steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
     except (CorpusError, StoreError) as e:
@@ -149,7 +162,7 @@ def status(
     from samplemix import stages
     from samplemix.store import Key, Store, StoreError
 
-    cfg = _load(config, None, **{"corpus.input": "-"}) if config else None
+    cfg = _with_credentials(_load(config, None, **{"corpus.input": "-"})) if config else None
     options = cfg.storage.fsspec_options(output) if cfg else {}
     out = stages.Output(output, options)
     done = out.manifest()
@@ -205,7 +218,7 @@ def gc(
     unsure: set[str] = set()
     store = None
     for path in configs:
-        cfg = _load(path, None)
+        cfg = _with_credentials(_load(path, None))
         this = stages.store_for(cfg)
         if store is not None and this.root != store.root:
             raise _fail(ValueError(f"{path} uses store {this.root}, not {store.root}"))

@@ -83,7 +83,7 @@ def history(
     h["plan_warm"] = planned(cold)
     h["warm"] = run_mix(cold)
     h["mixture_warm"] = mixture_bytes(moto)
-    h["warm_states"] = task_run_states_of_latest_flow_run()
+    h["warm_states"], h["warm_parameters"] = latest_flow_run()
 
     save_tiny_classifier(root / "scorer", num_labels=1)
     scorer = s3_config(
@@ -114,7 +114,9 @@ def history(
     return h
 
 
-def task_run_states_of_latest_flow_run() -> list[str]:
+def latest_flow_run() -> tuple[list[str], str]:
+    """The state names of the newest flow run's task runs, and its parameters as the
+    server stores them."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
@@ -124,7 +126,7 @@ def task_run_states_of_latest_flow_run() -> list[str]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200
         )
-    return [r.state_name for r in runs]
+    return [r.state_name for r in runs], str(run.parameters)
 
 
 def test_cold_plan_computes_everything(history: dict) -> None:
@@ -159,6 +161,13 @@ def test_warm_rerun_does_no_work_and_shows_cached_runs(history: dict) -> None:
     # Every task run of the warm run ended Cached, as the Prefect UI shows it.
     states = history["warm_states"]
     assert len(states) == sum(warm["cached"].values()) and set(states) == {"Cached"}
+    # The credentials in the config reach the workers, not the Prefect database.
+    assert KEY not in history["warm_parameters"] and SECRET not in history["warm_parameters"]
+    assert moto_endpoint(history) in history["warm_parameters"]
+
+
+def moto_endpoint(history: dict) -> str:
+    return history["configs"]["cold"].storage.endpoint_url
 
 
 def test_scorer_swap_recomputes_exactly_quality_weights_counts_output(history: dict) -> None:

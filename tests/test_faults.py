@@ -98,6 +98,17 @@ def test_missing_bucket_is_named_with_the_fix(moto: MotoServer) -> None:
         store.check()
 
 
+def test_wrong_credentials_are_named_with_the_fix() -> None:
+    # With no unauthenticated actions allowed, moto checks every request's access key.
+    with MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as strict:
+        options = s3_storage_options(strict.endpoint) | {"key": "AKIAWRONGKEY000"}
+        with pytest.raises(StoreError) as e:
+            Store("s3://mix/store", options, retries=0).check()
+    msg = str(e.value)
+    assert msg.startswith(f"access denied to s3://mix/store/_probe (endpoint {strict.endpoint})")
+    assert "AWS_ACCESS_KEY_ID" in msg and "storage.key" in msg
+
+
 def test_unreachable_endpoint_is_named_with_the_fix() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = Store("s3://mix/store", s3_storage_options(endpoint), retries=1)
@@ -163,3 +174,33 @@ def test_run_survives_store_outages(
     store = stages.store_for(cfg)
     assert store.root.startswith("s3://")
     assert store.artifacts() and all(done for _, _, done in store.artifacts())
+
+
+def test_credentials_from_a_prefect_aws_block(moto: MotoServer, prefect_server: str) -> None:
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from flows.mix import with_block_credentials
+    from samplemix.config import ConfigError
+
+    AwsCredentials(
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name=REGION,
+        aws_client_parameters=AwsClientParameters(endpoint_url=moto.endpoint),
+    ).save("samplemix-test", overwrite=True)
+    cfg = load_config(
+        None,
+        {
+            "corpus.input": "x",
+            "output.store": "s3://mix/block-store",
+            "storage.aws_credentials_block": "samplemix-test",
+        },
+    )
+    resolved = with_block_credentials(cfg)
+    assert resolved.storage.endpoint_url == moto.endpoint
+    assert resolved.storage.key.get_secret_value() == KEY
+    stages.store_for(resolved).check()  # reaches moto: the endpoint came from the block
+    cfg.storage.aws_credentials_block = "no-such-block"
+    with pytest.raises(ConfigError, match="'no-such-block' cannot be loaded"):
+        with_block_credentials(cfg)
