@@ -27,7 +27,8 @@ from pydantic import SecretStr
 from samplemix import stages
 from samplemix.config import Config, ConfigError
 from samplemix.corpus import CorpusError, discover_shards
-from samplemix.store import Key, Store
+from samplemix.models import model_fingerprint
+from samplemix.store import Key, Output, Store
 from tasks import stages as t
 
 
@@ -47,9 +48,9 @@ Launched = list[PrefectFuture | dict]
 def _launch(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> Launched:
     """Start ``task(*args)`` for each (key, args): on Dask when the artifact is not in
     the store, else right here, where serving it costs one read (a Cached run)."""
-    done = store.committed({k.stage for k, _ in calls})
+    done = store.summaries([key for key, _ in calls])
     out: Launched = [
-        None if key.id in done.get(key.stage, ()) else task.submit(*args)  # type: ignore[misc]
+        None if key in done else task.submit(*args)  # type: ignore[misc]
         for key, args in calls
     ]
     for i, (_, args) in enumerate(calls):
@@ -87,9 +88,11 @@ def mix(config: Config) -> dict:
     files written, and per stage how many tasks computed vs came from the store)."""
     cfg = config
     log = get_run_logger()
+    model_fingerprint.cache_clear()  # a model replaced since the last run must show
     store = stages.store_for(cfg)
-    store.check()
     out = stages.output_for(cfg)
+    store.check()
+    out.check()  # a missing or refused output fails now, not after the compute
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
 
@@ -204,7 +207,8 @@ def mix(config: Config) -> dict:
     fresh = not out.current(out_key)
     if fresh:
         out.clear()
-    mixture = _materialise(keys, cnt, plan, store, out, out_key)
+    published = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
+    mixture = _materialise(keys, cnt, plan, store, out, published)
     if fresh:
         stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
 
@@ -266,21 +270,32 @@ def mix(config: Config) -> dict:
 
 
 def _materialise(
-    keys: list[dict], cnt: list[dict], plan: dict, store: Store, out: stages.Output, out_key: Key
+    keys: list[dict],
+    cnt: list[dict],
+    plan: dict,
+    store: Store,
+    out: Output,
+    published: list[int] | None,
 ) -> list[dict]:
+    """Write the mixture parts on Dask, or, when ``published`` (rows per part, from
+    the output's manifest) says they are all there, serve them here as Cached runs."""
     holders: dict[int, list[Key]] = {b: [] for b in range(plan["buckets"])}
     for k, c in zip(keys, cnt, strict=True):
         for b in c["buckets"]:
             holders[b].append(k["counts"])
-    calls = [(out_key, (b, holders[b], store, out, out_key)) for b in range(plan["buckets"])]
-    if out.current(out_key):  # every part is there: serve them all here, Cached
-        launched: Launched = [t.materialise(*a, return_state=True).result() for _, a in calls]
+    if published is not None:
+        launched: Launched = [
+            t.materialise(b, holders[b], store, out, published[b], return_state=True).result()
+            for b in range(plan["buckets"])
+        ]
     else:
-        launched = [t.materialise.submit(*a) for _, a in calls]
+        launched = [
+            t.materialise.submit(b, holders[b], store, out, None) for b in range(plan["buckets"])
+        ]
     return _collect(launched, "materialise")
 
 
-def _publish_report(inputs, out: stages.Output, write_files: bool) -> None:  # noqa: ANN001
+def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: ANN001
     from samplemix import report
 
     if write_files:
@@ -359,9 +374,10 @@ def run_mix(cfg: Config) -> dict:
 
 
 def with_block_credentials(cfg: Config) -> Config:
-    """``cfg`` with the key, secret, profile, region and endpoint of the Prefect
-    AwsCredentials block ``storage.aws_credentials_block`` filled in where the config
-    leaves them unset. Needs a Prefect API (``prefect_api``)."""
+    """``cfg`` with the profile, region and endpoint of the Prefect AwsCredentials
+    block ``storage.aws_credentials_block`` filled in where the config leaves them
+    unset, and its key, secret and session token when the config sets no key.
+    Needs a Prefect API (``prefect_api``)."""
     name = cfg.storage.aws_credentials_block
     if not name:
         return cfg
@@ -379,14 +395,17 @@ def with_block_credentials(cfg: Config) -> Config:
             f"Prefect UI (Blocks > AWS Credentials) or with AwsCredentials(...).save({name!r})"
         ) from None
     st = cfg.storage
-    key = SecretStr(block.aws_access_key_id) if block.aws_access_key_id else None
-    update = {
-        "key": st.key or key,
-        "secret": st.secret or block.aws_secret_access_key,
+    update: dict[str, object] = {
         "profile": st.profile or block.profile_name,
         "region": st.region or block.region_name,
         "endpoint_url": st.endpoint_url or block.aws_client_parameters.endpoint_url,
     }
+    if st.key is None and block.aws_access_key_id:  # key, secret, token: one source
+        update |= {
+            "key": SecretStr(block.aws_access_key_id),
+            "secret": block.aws_secret_access_key,
+            "token": block.aws_session_token,
+        }
     return cfg.model_copy(update={"storage": st.model_copy(update=update)})
 
 

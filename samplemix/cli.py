@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,8 +86,7 @@ def run(
     try:
         summary = run_mix(cfg)
     except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(e) from None
     t, r, s = summary["target_tokens"], summary["realised_tokens"], summary["sigma_tokens"]
     typer.echo(
         f"mixture: {summary['mixture_rows']:,} rows in {summary['mixture_parts']} parts under "
@@ -159,13 +159,15 @@ def status(
 ) -> None:
     """Show what the last finished run under OUTPUT computed and reused, and whether
     its output and store artifacts are all still there."""
-    from samplemix import stages
-    from samplemix.store import Key, Store, StoreError
+    from samplemix.store import Key, Output, Store, StoreError
 
     cfg = _with_credentials(_load(config, None, **{"corpus.input": "-"})) if config else None
-    options = cfg.storage.fsspec_options(output) if cfg else {}
-    out = stages.Output(output, options)
-    done = out.manifest()
+    retries = cfg.storage.retries if cfg else 5
+    out = Output(output, cfg.storage.fsspec_options(output) if cfg else {}, retries)
+    try:
+        done = out.manifest()
+    except StoreError as e:
+        raise _fail(e) from None
     if done is None:
         typer.secho(
             f"no finished run under {output} (no _manifest.json); "
@@ -183,16 +185,14 @@ def status(
     typer.echo(f"{'stage':<12}{'computed':>10}{'cached':>8}")
     for stage, n in s["computed"].items():
         typer.echo(f"{stage:<12}{n:>10}{s['cached'][stage]:>8}")
-    store_options = cfg.storage.fsspec_options(s["store"]) if cfg else {}
-    store = Store(s["store"], store_options)
+    store = Store(s["store"], cfg.storage.fsspec_options(s["store"]) if cfg else {}, retries)
+    keys = [Key(*a.split("/"), {}) for a in s["artifacts"]]  # type: ignore[misc]
     try:
-        committed = store.committed({a.split("/")[0] for a in s["artifacts"]})
+        present = store.summaries(keys)
+        intact = out.current(Key("output", done["key"], {}))
     except StoreError as e:
         raise _fail(e) from None
-    missing = [
-        a for a in s["artifacts"] if a.split("/")[1] not in committed.get(a.split("/")[0], ())
-    ]
-    intact = out.current(Key("output", done["key"], {}))
+    missing = [str(k) for k in keys if k not in present]
     typer.echo(
         f"files: {len(done['files'])} listed, {'all present' if intact else 'SOME MISSING'}; "
         f"store {store.root}: {len(s['artifacts']) - len(missing)} of {len(s['artifacts'])} "
@@ -206,9 +206,14 @@ def status(
 def gc(
     configs: Annotated[list[Path], typer.Argument(help="The configs whose artifacts to keep")],
     delete: Annotated[bool, typer.Option("--delete", help="Remove them (default: list)")] = False,
+    min_age_hours: Annotated[
+        float, typer.Option(help="Keep anything written more recently (runs in flight)")
+    ] = 24.0,
 ) -> None:
     """List (or, with --delete, remove) store artifacts that none of CONFIGS uses:
-    earlier scorers, models, settings, and artifacts left incomplete by killed runs."""
+    earlier scorers, models, settings, and artifacts left incomplete by killed runs.
+    Artifacts written in the last --min-age-hours are kept: another run may be
+    writing them."""
     from samplemix import stages
     from samplemix.corpus import CorpusError
     from samplemix.plan import STAGES, plan_steps
@@ -233,19 +238,22 @@ def gc(
             else:
                 keep[st.stage].add(st.key.id)
     assert store is not None
-    drop = [
-        (stage, kid, done)
-        for stage, kid, done in store.artifacts()
-        if stage not in unsure and kid not in keep.get(stage, set())
-    ]
-    total = 0
-    for stage, kid, done in drop:
-        size = store.size(stage, kid)
-        total += size
-        state = "unreferenced" if done else "incomplete"
-        typer.echo(f"{'removing' if delete else 'would remove'} {stage}/{kid}  {state}  {size:,} B")
-        if delete:
-            store.remove(stage, kid)
+    cutoff = time.time() - 3600 * min_age_hours
+    try:
+        drop = [
+            a
+            for a in store.artifacts()
+            if a.stage not in unsure and a.id not in keep[a.stage] and a.modified <= cutoff
+        ]
+        for a in drop:
+            state = "unreferenced" if a.committed else "incomplete"
+            verb = "removing" if delete else "would remove"
+            typer.echo(f"{verb} {a.stage}/{a.id}  {state}  {a.size:,} B")
+            if delete:
+                store.remove(a.stage, a.id)
+    except StoreError as e:
+        raise _fail(e) from None
+    total = sum(a.size for a in drop)
     if unsure:
         typer.echo(f"kept every artifact of {', '.join(sorted(unsure))}: their keys wait on a run")
     verb = "removed" if delete else "would free"

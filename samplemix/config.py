@@ -78,6 +78,7 @@ class StorageConfig(_Section):
     profile: str | None = Field(None, description="A profile of ~/.aws/credentials")
     key: SecretStr | None = Field(None, description="Access key id (prefer the environment)")
     secret: SecretStr | None = Field(None, description="Secret access key (prefer the environment)")
+    token: SecretStr | None = Field(None, description="Session token of temporary credentials")
     aws_credentials_block: str | None = Field(
         None, description="Name of a Prefect AwsCredentials block (needs prefect-aws)"
     )
@@ -87,6 +88,17 @@ class StorageConfig(_Section):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Any other fsspec/s3fs option, passed as is"
     )
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets_in_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key"}
+        if found := sorted(secret & v.keys()):
+            raise ValueError(
+                f"credentials {found} do not belong in storage.options (it is not masked in "
+                "logs and printouts); use storage.key / secret / token or the environment"
+            )
+        return v
 
     def fsspec_options(self, url: str) -> dict[str, Any]:
         """The fsspec keyword arguments for ``url``: S3 settings only for s3:// URLs."""
@@ -99,6 +111,8 @@ class StorageConfig(_Section):
             opts["key"] = self.key.get_secret_value()
         if self.secret is not None:
             opts["secret"] = self.secret.get_secret_value()
+        if self.token is not None:
+            opts["token"] = self.token.get_secret_value()
         if self.profile:
             opts["profile"] = self.profile
         client = {"endpoint_url": self.endpoint_url, "region_name": self.region}

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from samplemix.config import CorpusConfig
+from samplemix.store import transient
 
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
@@ -111,6 +112,8 @@ def read_shard(shard: Shard, cfg: CorpusConfig, options: dict[str, Any] | None =
     except CorpusError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear message
+        if transient(e):
+            raise  # the network, not the file: the task is retried, nothing is skipped
         raise CorpusError(
             f"cannot read shard {shard.path}: {type(e).__name__}: {e}. Fix or remove the file, "
             "or set corpus.on_bad_shard: skip to skip unreadable shards (they are reported)."

@@ -35,18 +35,29 @@ def resolve_model(name: str) -> str:
     return str(Path(spec.origin).parent / "model")
 
 
+@functools.lru_cache(maxsize=16)
 def model_fingerprint(name: str) -> str:
-    """A short hash of a local model's files (names, sizes, mtimes); the name for hub ids.
+    """A short hash of a local model's content: every file's name and size, and the
+    bytes of its small files (configs, tokenizer); the name alone for a hub id.
 
-    Cache keys include it, so replacing the weights behind the same path recomputes.
+    Cache keys include it, so replacing the weights behind the same path recomputes,
+    while a copy of the same model elsewhere (another machine) hashes the same.
+    Raises FileNotFoundError for a local-looking path that does not exist here.
     """
-    path = Path(resolve_model(name))
+    path = Path(resolve_model(name)).expanduser()
     if not path.is_dir():
+        if name.startswith(("/", ".", "~")) or path.is_file():
+            raise FileNotFoundError(
+                f"model {name!r} is not a folder on this machine; cache keys are computed "
+                "from the model's files, so it must be readable where the flow runs"
+            )
         return hashlib.sha256(name.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path).as_posix()}:{size}\n".encode())
+        if size <= 1 << 20:
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -18,21 +18,11 @@ from typing import Any
 from samplemix import stages
 from samplemix.config import Config
 from samplemix.corpus import discover_shards
-from samplemix.store import Key, Store
+from samplemix.models import model_fingerprint
+from samplemix.store import Key, Output, Store
 
-STAGES = (
-    "tokens",
-    "quality",
-    "embed",
-    "kmeans",
-    "assign",
-    "clusters",
-    "weights",
-    "budget",
-    "counts",
-    "materialise",
-)
-UPSTREAM = {"tokens", "quality", "embed", "kmeans", "assign", "clusters", "weights", "budget"}
+STAGES = (*stages.STAGES, "materialise")
+UPSTREAM = set(stages.STAGES) - {"counts"}  # the stages whose keys others' keys name
 
 
 @dataclass(frozen=True)
@@ -93,53 +83,53 @@ def change_reason(store: Store, key: Key) -> str:
 
 
 class _Walker:
-    """Collects the steps; remembers the summaries of cached artifacts."""
+    """Collects the steps of one stage at a time."""
 
-    def __init__(self, store: Store, stage_names: set[str]) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.done = store.committed(stage_names)
         self.steps: list[Step] = []
 
-    def step(self, key: Key) -> dict | None:
-        """Record the step of ``key``; return its summary when it is cached."""
-        summary = self.store.summary(key) if key.id in self.done.get(key.stage, ()) else None
-        reason = "unchanged" if summary is not None else change_reason(self.store, key)
-        self.steps.append(Step(key.stage, key.shard, summary is not None, reason, key))
-        return summary
+    def stage(self, keys: list[Key]) -> list[dict | None]:
+        """Record the steps of ``keys``; return each one's summary, None when uncached."""
+        done = self.store.summaries(keys)
+        for k in keys:
+            reason = "unchanged" if k in done else change_reason(self.store, k)
+            self.steps.append(Step(k.stage, k.shard, k in done, reason, k))
+        return [done.get(k) for k in keys]
 
     def unknown(self, stage: str, shards: list[str | None], after: str) -> None:
         self.steps += [Step(stage, s, False, f"after {after}") for s in shards]
 
 
-def plan_steps(cfg: Config, store: Store, out: stages.Output) -> list[Step]:
+def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     """Every task a run of ``cfg`` would start, cached or to compute, with the reason."""
+    model_fingerprint.cache_clear()  # a model replaced since the last call must show
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     ids: list[str | None] = [s.shard_id for s in shards]
-    w = _Walker(store, set(STAGES) - {"materialise"})
+    w = _Walker(store)
     tok_keys = [stages.tokens_key(s, cfg) for s in shards]
     qual_keys = [stages.quality_key(s, cfg) for s in shards]
     embed = [stages.embed_key(s, cfg) for s in shards]
-    tok = [w.step(k) for k in tok_keys]
-    qual = [w.step(k) for k in qual_keys]
-    for k in embed:
-        w.step(k)
+    tok = w.stage(tok_keys)
+    qual = w.stage(qual_keys)
+    w.stage(embed)
 
-    km, why = stages.kmeans_to_use(store, embed, [t and t["docs"] for t in tok], cfg)
+    docs = [None if t is None else t["docs"] for t in tok]
+    km, why = stages.kmeans_to_use(store, embed, docs, cfg)
     if km is None:
         w.steps.append(Step("kmeans", None, False, why))
         for stage in ("assign", "clusters", "weights", "budget", "counts", "materialise"):
             per_shard = stage in ("assign", "weights", "counts")
             w.unknown(stage, ids if per_shard else [None], "kmeans")
         return w.steps
-    w.step(km)
+    w.stage([km])
     if why != "fit over all shards":
         last = w.steps[-1]
         w.steps[-1] = Step("kmeans", None, last.cached, f"{last.reason}; {why}", km)
     assign = [stages.assign_key(e, km) for e in embed]
-    for k in assign:
-        w.step(k)
+    w.stage(assign)
     cl = stages.clusters_key(assign, cfg)
-    w.step(cl)
+    w.stage([cl])
 
     if any(q is None for q in qual):
         w.unknown("weights", ids, "quality")
@@ -151,8 +141,7 @@ def plan_steps(cfg: Config, store: Store, out: stages.Output) -> list[Step]:
         stages.weights_key(t, q, a, cl, q_range, cfg)
         for t, q, a in zip(tok_keys, qual_keys, assign, strict=True)
     ]
-    for k in weights:
-        w.step(k)
+    w.stage(weights)
     if any(t is None for t in tok):
         w.unknown("budget", [None], "tokens")
         w.unknown("counts", ids, "tokens")
@@ -160,10 +149,9 @@ def plan_steps(cfg: Config, store: Store, out: stages.Output) -> list[Step]:
         return w.steps
     target = stages.target_tokens(sum(t["tokens"] for t in tok), cfg)  # type: ignore[index]
     budget = stages.budget_key(weights, target, cfg)
-    w.step(budget)
+    w.stage([budget])
     counts = [stages.counts_key(k, budget, cfg) for k in weights]
-    for k in counts:
-        w.step(k)
+    w.stage(counts)
     output = stages.output_key(counts, budget)
     current = out.current(output)
     w.steps.append(

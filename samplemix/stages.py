@@ -11,12 +11,10 @@ Artifacts per shard are aligned with the shard's accepted documents in file orde
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -27,7 +25,7 @@ from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, Sh
 from samplemix.embed import embed_texts
 from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
 from samplemix.quality import make_scorer
-from samplemix.store import Key, Store, artifact_key, parquet_bytes, put_bytes
+from samplemix.store import Key, Output, Store, artifact_key
 from samplemix.tokens import token_counts
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
@@ -43,6 +41,9 @@ VERSIONS = {
     "counts": "1",
     "output": "1",
 }
+# The stages with artifacts in the store, in pipeline order ("output" is the published
+# files, whose key lives in the output's manifest).
+STAGES = tuple(s for s in VERSIONS if s != "output")
 REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the report's plots
 
 
@@ -57,7 +58,6 @@ def _corpus_part(shard: Shard, cfg: Config) -> dict:
         "folder_domain": shard.domain,
         "fingerprint": shard.fingerprint,
         "columns": [c.text_column, c.id_column, c.domain_column],
-        "on_bad_shard": c.on_bad_shard,
     }
 
 
@@ -90,9 +90,10 @@ def quality_key(shard: Shard, cfg: Config) -> Key:
 
 
 def embed_key(shard: Shard, cfg: Config) -> Key:
+    # The configured dtype, not the one a machine resolves "auto" to: keys must not
+    # depend on where they are computed (a laptop planning a GPU cluster's run). bf16
+    # and fp32 embeddings agree to cosine >= 0.999, and a rerun reuses whichever exists.
     e = cfg.embed.model_dump(exclude={"batch_tokens", "device"})
-    # The precision actually used, so fp32 CPU and bf16 GPU embeddings never share a key.
-    e["dtype"] = str(resolve_dtype(cfg.embed.dtype, resolve_device(cfg.embed.device)))
     return artifact_key(
         "embed",
         VERSIONS["embed"],
@@ -122,37 +123,35 @@ def kmeans_to_use(
     earlier fit over a subset of these shards, kept when the documents it has not seen
     are at most ``kmeans.refit_new_share`` of all (``refit: auto``) or always
     (``refit: never``). ``docs`` are the shards' document counts (None: not read yet);
-    returns (None, why) when the choice needs a count that is not known yet.
+    returns (None, why) when the choice needs a count that is not known yet. A kept
+    fit keeps its K, also with ``k: auto``.
     """
     fresh = kmeans_key(embed, cfg)
     if cfg.kmeans.refit == "always" or store.manifest(fresh) is not None:
         return fresh, "fit over all shards"
-    ids = {k.id: d for k, d in zip(embed, docs, strict=True)}
     best: Key | None = None
     for kid, done in store.manifests("kmeans"):
         p = done["parts"]
         if p.get("version") != fresh.parts["version"] or p.get("kmeans") != fresh.parts["kmeans"]:
             continue
-        if set(p["embed"]) <= ids.keys() and (
+        if set(p["embed"]) <= set(fresh.parts["embed"]) and (
             best is None or len(p["embed"]) > len(best.parts["embed"])
         ):
             best = Key("kmeans", kid, p)
     if best is None:
         return fresh, "fit over all shards"
-    seen = set(best.parts["embed"])
-    unseen = [d for kid, d in ids.items() if kid not in seen]
-    if None in unseen:
+    kept = f"kept the fit over {len(best.parts['embed'])} of {len(embed)} shards"
+    if cfg.kmeans.refit == "never":
+        return best, f"{kept} (refit: never)"
+    if None in docs:
         return None, "reuse or refit: decided once the new shards are read"
-    total = sum(d or 0 for d in ids.values())
-    share = sum(unseen) / max(total, 1)  # type: ignore[arg-type]
-    if cfg.kmeans.refit == "never" or share <= cfg.kmeans.refit_new_share:
-        return best, (
-            f"kept the fit over {len(seen)} of {len(embed)} shards "
-            f"({share:.1%} new documents <= refit_new_share {cfg.kmeans.refit_new_share:g})"
-        )
-    return fresh, (
-        f"refit: {share:.1%} new documents > refit_new_share {cfg.kmeans.refit_new_share:g}"
-    )
+    seen = set(best.parts["embed"])
+    unseen = sum(d for k, d in zip(embed, docs, strict=True) if k.id not in seen)  # type: ignore[misc]
+    share = unseen / max(sum(docs), 1)  # type: ignore[arg-type]
+    limit = cfg.kmeans.refit_new_share
+    if share <= limit:
+        return best, f"{kept} ({share:.1%} new documents <= refit_new_share {limit:g})"
+    return fresh, f"refit: {share:.1%} new documents > refit_new_share {limit:g}"
 
 
 def assign_key(embed: Key, km: Key) -> Key:
@@ -299,7 +298,12 @@ def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """L2-normalised embeddings, float32 (n, dim). Summary: docs, dim."""
     e = embed_texts(_texts(shard, cfg), cfg.embed)
     store.put_array(key, "embeddings.npy", e)
-    return store.commit(key, {"docs": int(e.shape[0]), "dim": int(e.shape[1])})
+    device = resolve_device(cfg.embed.device)
+    dtype = str(resolve_dtype(cfg.embed.dtype, device)).removeprefix("torch.")
+    return store.commit(
+        key,
+        {"docs": int(e.shape[0]), "dim": int(e.shape[1]), "device": device.type, "dtype": dtype},
+    )
 
 
 # ---- k-means and diversity -------------------------------------------------------------
@@ -424,6 +428,12 @@ def run_weights(
         cfg.diversity,
     )
     q = store.get_array(qual, "quality.npy")
+    if not len(q) == len(d) == n_tok_len(store, tok):
+        raise ValueError(
+            f"shard {tok.shard}: {len(q)} quality scores, {len(d)} embeddings and "
+            f"{n_tok_len(store, tok)} indexed documents disagree; the shard was read "
+            "differently by the stages (changed while the run read it?); rerun"
+        )
     w = mixing.sample_weights(
         q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
     )
@@ -437,6 +447,10 @@ def run_weights(
             "w_sum": float(w.sum()),
         },
     )
+
+
+def n_tok_len(store: Store, tok: Key) -> int:
+    return store.get_table(tok, "index.parquet", columns=["row"]).num_rows
 
 
 def target_tokens(source_tokens: int, cfg: Config) -> int:
@@ -578,63 +592,13 @@ def run_publish(counts_keys: list[Key], tokens_keys: list[Key], store: Store, ou
 def store_for(cfg: Config) -> Store:
     """The artifact store: ``output.store``, else OUT/store."""
     root = cfg.output.store or f"{cfg.output.path.rstrip('/')}/store"
-    return Store(root, cfg.storage.fsspec_options(root), cfg.storage.retries)
+    return Store(root, cfg.storage.fsspec_options(root), cfg.storage.retries, STAGES)
 
 
 def output_for(cfg: Config) -> Output:
-    return Output(cfg.output.path, cfg.storage.fsspec_options(cfg.output.path))
-
-
-class Output:
-    """The folder (or s3:// prefix) a run publishes to: mixture/, plan/, rejects/,
-    report/ and ``_manifest.json``, written last, naming the ``output_key`` the files
-    came from and their sizes. ``current(key)`` says whether they are all still there."""
-
-    MANIFEST = "_manifest.json"
-    FOLDERS = ("mixture", "plan", "rejects", "report")
-
-    def __init__(self, url: str, options: dict | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.url, **(options or {}))
-
-    def put_table(self, name: str, table: pa.Table) -> None:
-        put_bytes(self.fs, f"{self.path}/{name}", parquet_bytes(table))
-
-    def manifest(self) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(f"{self.path}/{self.MANIFEST}"))
-        except FileNotFoundError:
-            return None
-
-    def current(self, key: Key) -> bool:
-        """True when the files were written from ``key`` and none is missing or resized."""
-        m = self.manifest()
-        if m is None or m.get("key") != key.id:
-            return False
-        try:
-            return all(self.fs.size(f"{self.path}/{f}") == n for f, n in m["files"].items())
-        except FileNotFoundError:
-            return False
-
-    def clear(self) -> None:
-        """Remove the manifest, then what an earlier run published (it may have had more
-        parts), so that no stale file is taken for part of this run's output."""
-        for name in (self.MANIFEST, *self.FOLDERS):
-            if self.fs.exists(f"{self.path}/{name}"):
-                self.fs.rm(f"{self.path}/{name}", recursive=True)
-
-    def seal(self, key: Key, summary: dict) -> None:
-        """Write the manifest: the published files with their sizes, and the run summary.
-        Written last, so a run killed before it leaves no manifest."""
-        files = {}
-        for folder in self.FOLDERS:
-            if not self.fs.exists(f"{self.path}/{folder}"):
-                continue
-            for p, info in self.fs.find(f"{self.path}/{folder}", detail=True).items():
-                if ".tmp-" not in p:
-                    files[p[len(self.path.rstrip("/")) + 1 :]] = int(info["size"])
-        doc = {"key": key.id, "files": dict(sorted(files.items())), "summary": summary}
-        put_bytes(self.fs, f"{self.path}/{self.MANIFEST}", json.dumps(doc, indent=1).encode())
+    """Where the run publishes: ``output.path``."""
+    path = cfg.output.path
+    return Output(path, cfg.storage.fsspec_options(path), cfg.storage.retries)
 
 
 def report_inputs(

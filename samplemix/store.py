@@ -13,10 +13,12 @@ denied) raise StoreError at once, naming the URL and the fix.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -59,19 +61,59 @@ class Key:
 def artifact_key(stage: str, version: str, shard: str | None = None, **parts: Any) -> Key:
     """The key of ``stage`` at logic ``version`` over ``parts``: its id is a 16-hex-digit
     hash of all three."""
-    parts = {"version": version, **parts}
-    blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
+    # Round-tripped through JSON so that the parts recorded in a manifest compare equal.
+    parts = json.loads(json.dumps({"version": version, **parts}, default=str))
+    blob = json.dumps({"stage": stage, **parts}, sort_keys=True)
     return Key(stage, hashlib.sha256(blob.encode()).hexdigest()[:16], parts, shard)
 
 
-def _transient(e: BaseException) -> bool:
-    """True for failures that another try may cure: the network, timeouts, 5xx."""
-    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(e, OSError | TimeoutError | ConnectionError):
-        return True
-    # botocore/aiohttp errors that s3fs lets through untranslated (connection refused).
-    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+    errno.EAGAIN,
+    errno.EBUSY,
+}
+# Connection and timeout errors of botocore/aiohttp/urllib3, which s3fs lets through
+# untranslated, by class name so that none of those packages must be imported here.
+_TRANSIENT_TYPES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "IncompleteRead",
+    "ProtocolError",
+    "FSTimeoutError",
+}
+# S3 error codes that s3fs turns into a plain OSError(EIO) and that a retry may cure.
+_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+
+
+def transient(e: BaseException) -> bool:
+    """True for failures that another try may cure: a refused, reset or timed-out
+    connection, or the server asking us to slow down or come back (5xx). Missing
+    files, refused credentials, bad requests and corrupt data are permanent."""
+    for err in (e, e.__cause__):
+        if err is None or isinstance(err, FileNotFoundError | PermissionError):
+            continue
+        if isinstance(err, ConnectionError | TimeoutError):
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        if type(err).__name__ in _TRANSIENT_TYPES:
+            return True
+        if isinstance(err, OSError) and any(c in str(err) for c in _TRANSIENT_CODES):
+            return True
+    return False
 
 
 def put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -95,19 +137,26 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-class Store:
+class Location:
+    """A local folder or ``s3://`` prefix whose reads and writes are retried with
+    backoff while they fail transiently, and explained (StoreError) when they fail
+    for good. ``what`` names the config field that set it, for the messages."""
+
+    what = "output.store"
+
     def __init__(self, root: str, options: dict[str, Any] | None = None, retries: int = 5) -> None:
         self.root = root.rstrip("/")
         self.options = options or {}
         self.retries = retries
         self.fs, self._base = fsspec.core.url_to_fs(self.root, **self.options)
 
-    # ---- failure handling ---------------------------------------------------------------
-
     def _explain(self, e: BaseException, url: str) -> StoreError:
         endpoint = (self.options.get("client_kwargs") or {}).get("endpoint_url", "")
         where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")
-        if isinstance(e, PermissionError):
+        if isinstance(e, PermissionError) or type(e).__name__ in (
+            "NoCredentialsError",
+            "PartialCredentialsError",
+        ):
             return StoreError(
                 f"access denied to {where}: {e}. Check the credentials (storage.key/secret, "
                 "storage.profile, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and that they "
@@ -117,24 +166,27 @@ class Store:
             bucket = self._base.split("/", 1)[0]
             return StoreError(
                 f"{where} does not exist: {e}. If the bucket {bucket!r} is missing, create it "
-                "(e.g. `aws s3 mb s3://" + bucket + "`) or point output.store elsewhere"
+                f"(e.g. `aws s3 mb s3://{bucket}`) or point {self.what} elsewhere"
             )
+        if not transient(e):
+            return StoreError(f"{where}: {type(e).__name__}: {e}. Check {self.what} and storage.*")
         return StoreError(
-            f"cannot reach the store at {where} after {self.retries + 1} tries: "
+            f"cannot reach {where} after {self.retries + 1} tries: "
             f"{type(e).__name__}: {e}. Check storage.endpoint_url (or AWS_ENDPOINT_URL), "
             "that the server is up, and the network"
         )
 
     def _retry(self, op: Callable[[], T], url: str) -> T:
         """``op()``, tried again after 0.5, 1, 2, 4, 8… s (capped at 15 s) while it fails
-        transiently, at most ``retries`` times."""
+        transiently, at most ``retries`` times. A missing file raises FileNotFoundError
+        (the caller's to handle); other failures raise StoreError."""
         for attempt in range(self.retries + 1):
             try:
                 return op()
-            except Exception as e:  # noqa: BLE001 - classified below
-                if isinstance(e, FileNotFoundError):
-                    raise  # a missing artifact file is the caller's to handle
-                if not _transient(e) or attempt == self.retries:
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified by transient()
+                if not transient(e) or attempt == self.retries:
                     raise self._explain(e, url) from e
                 time.sleep(min(0.5 * 2**attempt, 15.0))
         raise AssertionError("unreachable")
@@ -155,13 +207,39 @@ class Store:
         except FileNotFoundError as e:
             raise self._explain(e, url) from e
 
-    # ---- paths --------------------------------------------------------------------------
+    def _write(self, path: str, data: bytes) -> None:
+        self._retry(lambda: put_bytes(self.fs, path, data), self._url(path))
+
+    def _read(self, path: str) -> bytes:
+        return self._retry(lambda: self.fs.cat_file(path), self._url(path))
+
+    def _json(self, path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._read(path))
+        except FileNotFoundError:
+            return None
+
+    def _url(self, path: str) -> str:
+        return self.root + path[len(self._base) :]
+
+
+class Store(Location):
+    """Stage artifacts: ``{root}/{stage}/{key id}/{name}`` plus ``_done.json``.
+    ``stages`` names the stage folders it owns; nothing else under ``root`` is listed
+    or removed, so a store may share a bucket prefix with other data."""
+
+    def __init__(
+        self,
+        root: str,
+        options: dict[str, Any] | None = None,
+        retries: int = 5,
+        stages: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(root, options, retries)
+        self.stages = stages
 
     def _path(self, key: Key, name: str = "") -> str:
         return "/".join(p for p in (self._base, key.stage, key.id, name) if p)
-
-    def url(self, key: Key, name: str = "") -> str:
-        return "/".join(p for p in (self.root, key.stage, key.id, name) if p)
 
     def _latest_path(self, stage: str, shard: str | None) -> str:
         tag = hashlib.sha256((shard or "").encode()).hexdigest()[:16]
@@ -169,22 +247,18 @@ class Store:
 
     # ---- writing ------------------------------------------------------------------------
 
-    def _put(self, key: Key, name: str, data: bytes) -> None:
-        path = self._path(key, name)
-        self._retry(lambda: put_bytes(self.fs, path, data), self.url(key, name))
-
     def put_table(self, key: Key, name: str, table: pa.Table) -> None:
-        self._put(key, name, parquet_bytes(table))
+        self._write(self._path(key, name), parquet_bytes(table))
 
     def put_array(self, key: Key, name: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
-        self._put(key, name, buf.getvalue())
+        self._write(self._path(key, name), buf.getvalue())
 
     def put_arrays(self, key: Key, name: str, **arrays: np.ndarray) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        self._put(key, name, buf.getvalue())
+        self._write(self._path(key, name), buf.getvalue())
 
     def commit(self, key: Key, summary: dict[str, Any]) -> dict[str, Any]:
         """Mark the artifact complete (``summary``, JSON-able, is what a cache hit
@@ -198,104 +272,170 @@ class Store:
             "summary": summary,
             "committed": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        self._put(key, DONE, json.dumps(done, default=str).encode())
+        self._write(self._path(key, DONE), json.dumps(done).encode())
         latest = json.dumps({"id": key.id, "shard": key.shard}).encode()
-        path = self._latest_path(key.stage, key.shard)
-        self._retry(lambda: put_bytes(self.fs, path, latest), f"{self.root}/{key.stage}/{LATEST}")
+        self._write(self._latest_path(key.stage, key.shard), latest)
         return summary
 
     # ---- reading ------------------------------------------------------------------------
 
-    def _read(self, path: str, url: str) -> bytes:
-        return self._retry(lambda: self.fs.cat_file(path), url)
-
-    def _json(self, path: str, url: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self._read(path, url))
-        except FileNotFoundError:
-            return None
-
     def manifest(self, key: Key) -> dict[str, Any] | None:
         """The committed ``_done.json`` of ``key``, or None when absent or incomplete."""
-        return self._json(self._path(key, DONE), self.url(key, DONE))
+        return self._json(self._path(key, DONE))
 
     def summary(self, key: Key) -> dict[str, Any] | None:
         """The committed summary, or None when the artifact is absent or incomplete."""
         done = self.manifest(key)
         return None if done is None else done["summary"]
 
+    def summaries(self, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+        """The committed summaries among ``keys``, fetched in one batch (concurrent
+        GETs on S3); keys without a committed artifact are left out."""
+        if not keys:
+            return {}
+        paths = {self._path(k, DONE): k for k in keys}
+        got = self._retry(
+            lambda: self.fs.cat(list(paths), on_error="omit"), f"{self.root}/{keys[0].stage}"
+        )
+        return {paths[p]: json.loads(b)["summary"] for p, b in got.items() if p in paths}
+
     def latest(self, stage: str, shard: str | None) -> dict[str, Any] | None:
         """The manifest of the newest artifact committed for ``shard`` (None: the reduce)
         of ``stage``, or None when there is none (or it has been garbage-collected)."""
-        ptr = self._json(self._latest_path(stage, shard), f"{self.root}/{stage}/{LATEST}")
+        ptr = self._json(self._latest_path(stage, shard))
         if ptr is None:
             return None
         return self.manifest(Key(stage, ptr["id"], {}, shard))
-
-    def committed(self, stages: set[str]) -> dict[str, set[str]]:
-        """The ids of the committed artifacts of each stage, from one listing per stage."""
-
-        def ls(stage: str) -> set[str]:
-            found = self.fs.glob(f"{self._base}/{stage}/*/{DONE}")
-            return {p.rstrip("/").rsplit("/", 2)[-2] for p in found}
-
-        return {s: self._retry(lambda s=s: ls(s), f"{self.root}/{s}") for s in stages}
 
     def has_files(self, key: Key) -> bool:
         """True when anything was written under ``key`` (committed or not)."""
         return bool(self._retry(lambda: self.fs.exists(self._path(key)), self.url(key)))
 
+    def url(self, key: Key, name: str = "") -> str:
+        return self._url(self._path(key, name))
+
     def get_table(self, key: Key, name: str, columns: list[str] | None = None) -> pa.Table:
-        data = self._read(self._path(key, name), self.url(key, name))
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        return pq.read_table(io.BytesIO(self._read(self._path(key, name))), columns=columns)
 
     def get_array(self, key: Key, name: str) -> np.ndarray:
-        data = self._read(self._path(key, name), self.url(key, name))
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False)
 
     def get_arrays(self, key: Key, name: str) -> dict[str, np.ndarray]:
-        data = self._read(self._path(key, name), self.url(key, name))
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        with np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
     # ---- listing and removal (gc) -------------------------------------------------------
 
-    def artifacts(self, only: str | None = None) -> list[tuple[str, str, bool]]:
-        """Every artifact folder (of stage ``only``, when given) as (stage, id, committed)."""
+    def artifacts(self, only: str | None = None) -> list[Artifact]:
+        """Every artifact folder of the store's stages (or of stage ``only``), from one
+        recursive listing per stage."""
 
-        def walk() -> list[tuple[str, str, bool]]:
-            if not self.fs.exists(self._base):
+        def walk(stage: str) -> list[Artifact]:
+            base = f"{self._base}/{stage}"
+            if not self.fs.exists(base):
                 return []
-            found = []
-            for stage_dir in self.fs.ls(self._base, detail=False):
-                stage = stage_dir.rstrip("/").rsplit("/", 1)[-1]
-                if stage.startswith("_") or (only and stage != only):
-                    continue
-                if not self.fs.isdir(stage_dir):
-                    continue
-                for key_dir in self.fs.ls(stage_dir, detail=False):
-                    kid = key_dir.rstrip("/").rsplit("/", 1)[-1]
-                    if kid.startswith("_"):
-                        continue
-                    found.append((stage, kid, self.fs.exists(f"{key_dir.rstrip('/')}/{DONE}")))
-            return sorted(found)
+            folders: dict[str, Artifact] = {}
+            for path, info in self.fs.find(base, detail=True).items():
+                rel = path[len(base) + 1 :].split("/")
+                if len(rel) < 2 or not _ID.fullmatch(rel[0]):
+                    continue  # _latest pointers, or anything that is not an artifact
+                a = folders.setdefault(rel[0], Artifact(stage, rel[0], False, 0, 0.0))
+                a.committed |= rel[-1] == DONE
+                a.size += int(info.get("size") or 0)
+                a.modified = max(a.modified, _mtime(info))
+            return sorted(folders.values(), key=lambda a: a.id)
 
-        return self._retry(walk, self.root)
+        stages = (only,) if only else self.stages
+        return [a for st in stages for a in self._retry(lambda st=st: walk(st), self.root)]
 
     def manifests(self, stage: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, manifest) of every committed artifact of ``stage``; for reduces, whose
         artifacts are few (one per configuration tried)."""
         found = []
-        for st, kid, done in self.artifacts(stage):
-            m = self.manifest(Key(st, kid, {})) if done else None
+        for a in self.artifacts(stage):
+            m = self.manifest(Key(stage, a.id, {})) if a.committed else None
             if m is not None:
-                found.append((kid, m))
+                found.append((a.id, m))
         return found
-
-    def size(self, stage: str, kid: str) -> int:
-        path = f"{self._base}/{stage}/{kid}"
-        return int(self._retry(lambda: self.fs.du(path), f"{self.root}/{stage}/{kid}"))
 
     def remove(self, stage: str, kid: str) -> None:
         path = f"{self._base}/{stage}/{kid}"
-        self._retry(lambda: self.fs.rm(path, recursive=True), f"{self.root}/{stage}/{kid}")
+        self._retry(lambda: self.fs.rm(path, recursive=True), self._url(path))
+
+
+_ID = re.compile(r"[0-9a-f]{16}")
+
+
+@dataclass
+class Artifact:
+    """One artifact folder: committed (has ``_done.json``), total bytes, newest file's
+    modification time (seconds since the epoch)."""
+
+    stage: str
+    id: str
+    committed: bool
+    size: int
+    modified: float
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
+
+
+class Output(Location):
+    """The folder (or s3:// prefix) a run publishes to: mixture/, plan/, rejects/,
+    report/ and ``_manifest.json``, written last, naming the key the files came from
+    and their sizes. ``current(key)`` says whether they are all still there."""
+
+    what = "output.path"
+    MANIFEST = "_manifest.json"
+    FOLDERS = ("mixture", "plan", "rejects", "report")
+
+    @property
+    def url(self) -> str:
+        return self.root
+
+    def put_table(self, name: str, table: pa.Table) -> None:
+        self._write(f"{self._base}/{name}", parquet_bytes(table))
+
+    def manifest(self) -> dict[str, Any] | None:
+        return self._json(f"{self._base}/{self.MANIFEST}")
+
+    def _files(self) -> dict[str, int]:
+        """Every published file (relative path → bytes), from one listing per folder."""
+        files = {}
+        for folder in self.FOLDERS:
+            base = f"{self._base}/{folder}"
+            found = self._retry(
+                lambda b=base: self.fs.find(b, detail=True) if self.fs.exists(b) else {},
+                self._url(base),
+            )
+            for p, info in found.items():
+                if ".tmp-" not in p:
+                    files[p[len(self._base) + 1 :]] = int(info["size"])
+        return files
+
+    def current(self, key: Key) -> bool:
+        """True when the files were written from ``key`` and none is missing or resized."""
+        m = self.manifest()
+        if m is None or m.get("key") != key.id:
+            return False
+        files = self._files()
+        return all(files.get(f) == n for f, n in m["files"].items())
+
+    def clear(self) -> None:
+        """Remove the manifest, then what an earlier run published (it may have had more
+        parts), so that no stale file is taken for part of this run's output."""
+        for name in (self.MANIFEST, *self.FOLDERS):
+            path = f"{self._base}/{name}"
+            self._retry(
+                lambda p=path: self.fs.rm(p, recursive=True) if self.fs.exists(p) else None,
+                self._url(path),
+            )
+
+    def seal(self, key: Key, summary: dict[str, Any]) -> None:
+        """Write the manifest: the published files with their sizes, and the run summary.
+        Written last, so a run killed before it leaves no manifest."""
+        doc = {"key": key.id, "files": dict(sorted(self._files().items())), "summary": summary}
+        self._write(f"{self._base}/{self.MANIFEST}", json.dumps(doc, indent=1).encode())

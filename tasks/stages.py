@@ -18,13 +18,14 @@ from samplemix import stages
 from samplemix.config import Config
 from samplemix.corpus import Shard
 from samplemix.models import set_torch_threads
-from samplemix.store import Key, Store
+from samplemix.store import Key, Output, Store, transient
 
 
-def _transient(task: object, task_run: object, state: State) -> bool:
-    """Retry I/O failures only: a bad config, corpus or budget fails the same way again."""
+def _retryable(task: object, task_run: object, state: State) -> bool:
+    """Retry transient I/O failures only (the store retries its own already): a bad
+    config, corpus or budget fails the same way again."""
     try:
-        return isinstance(state.result(raise_on_failure=False), OSError)
+        return transient(state.result(raise_on_failure=False))
     except Exception:  # noqa: BLE001 - an unreadable state: keep the retry policy
         return True
 
@@ -33,7 +34,7 @@ _OPTS = {
     "cache_policy": NO_CACHE,
     "retries": 2,
     "retry_delay_seconds": [2, 10],
-    "retry_condition_fn": _transient,
+    "retry_condition_fn": _retryable,
 }
 
 
@@ -135,10 +136,10 @@ def counts(
 
 @task(name="materialise", task_run_name="materialise/part-{bucket:05d}", **_OPTS)
 def materialise(
-    bucket: int, counts_keys: list[Key], store: Store, out: stages.Output, output: Key
+    bucket: int, counts_keys: list[Key], store: Store, out: Output, published: int | None
 ) -> dict | State:
-    """Write mixture part ``bucket``; Cached when ``out`` holds it from the same counts."""
-    if out.current(output):
-        rows = out.manifest()["summary"]["part_rows"][bucket]  # type: ignore[index]
-        return Completed(data={"rows": rows, "cached": True}, name="Cached")
+    """Write mixture part ``bucket``; Cached when the output already holds it from the
+    same counts (``published``: its rows, as the output's manifest records them)."""
+    if published is not None:
+        return Completed(data={"rows": published, "cached": True}, name="Cached")
     return {**stages.run_gather(bucket, counts_keys, store, out), "cached": False}

@@ -248,7 +248,7 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
 
     # Only the latest config is kept: the heuristic and classifier runs' weights, budgets
     # and counts, the heuristic quality scores and the 6-shard clusters go.
-    res = runner.invoke(app, ["gc", str(path)], env=env)
+    res = runner.invoke(app, ["gc", str(path), "--min-age-hours", "0"], env=env)
     assert res.exit_code == 0, res.output
     listed = [
         line.split()[2].split("/")[0]
@@ -257,7 +257,7 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
     ]
     assert sorted(set(listed)) == ["budget", "clusters", "counts", "quality", "weights"]
     assert listed.count("quality") == 6  # the heuristic scores of the first six shards
-    res = runner.invoke(app, ["gc", str(path), "--delete"], env=env)
+    res = runner.invoke(app, ["gc", str(path), "--min-age-hours", "0", "--delete"], env=env)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["plan", str(path)], env=env)
     assert "0 of 46 tasks to compute" in res.output  # gc kept all the config needs

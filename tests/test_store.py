@@ -11,8 +11,9 @@ import pytest
 
 from samplemix import stages
 from samplemix.config import load_config
+from samplemix.corpus import Shard
 from samplemix.plan import change_reason
-from samplemix.store import Key, Store, _transient, artifact_key
+from samplemix.store import Key, Output, Store, artifact_key, transient
 
 
 def test_key_hashes_exactly_its_parts() -> None:
@@ -26,17 +27,20 @@ def test_key_hashes_exactly_its_parts() -> None:
 
 
 def test_only_committed_artifacts_are_trusted(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "store"))
+    store = Store(str(tmp_path / "store"), stages=("embed",))
     key = artifact_key("embed", "1", "a.parquet", x=1)
     store.put_array(key, "embeddings.npy", np.ones((2, 3), np.float32))
     assert store.summary(key) is None and store.has_files(key)
-    assert store.artifacts() == [("embed", key.id, False)]
-    assert store.committed({"embed"}) == {"embed": set()}
+    ((a,),) = [store.artifacts()]
+    npy = tmp_path / "store" / "embed" / key.id / "embeddings.npy"
+    assert (a.stage, a.id, a.committed, a.size) == ("embed", key.id, False, npy.stat().st_size)
+    assert store.summaries([key]) == {}
     store.commit(key, {"docs": 2})
     assert store.summary(key) == {"docs": 2}
     assert store.manifest(key)["parts"] == {"version": "1", "x": 1}
-    assert store.artifacts() == [("embed", key.id, True)]
-    assert store.committed({"embed"}) == {"embed": {key.id}}
+    assert [(a.id, a.committed) for a in store.artifacts()] == [(key.id, True)]
+    other = artifact_key("embed", "1", "b.parquet", x=2)
+    assert store.summaries([key, other]) == {key: {"docs": 2}}
     np.testing.assert_array_equal(store.get_array(key, "embeddings.npy"), np.ones((2, 3)))
     # Writes go through a temporary name and a rename: nothing else is left behind.
     names = sorted(p.name for p in (tmp_path / "store" / "embed" / key.id).iterdir())
@@ -58,10 +62,22 @@ def test_latest_points_at_the_newest_commit_per_shard(tmp_path: Path) -> None:
 
 
 def test_transient_errors_are_told_from_permanent_ones() -> None:
-    assert _transient(ConnectionResetError()) and _transient(TimeoutError())
-    assert _transient(OSError(5, "Input/output error"))
-    assert not _transient(FileNotFoundError()) and not _transient(PermissionError())
-    assert not _transient(ValueError("bad config"))
+    assert transient(ConnectionResetError()) and transient(TimeoutError())
+    assert transient(OSError(5, "An error occurred (SlowDown) when calling PutObject"))
+    assert not transient(OSError(5, "An error occurred (InvalidBucketName)"))
+    assert not transient(OSError("Not a gzipped file"))  # a corrupt shard stays a corrupt shard
+    assert not transient(FileNotFoundError()) and not transient(PermissionError())
+    assert not transient(ValueError("bad config"))
+
+
+def test_artifacts_lists_only_artifact_folders(tmp_path: Path) -> None:
+    # A store sharing a folder with other data lists (and gc removes) only its own.
+    store = Store(str(tmp_path), stages=("tokens", "embed"))
+    store.commit(artifact_key("tokens", "1", "a", x=1), {})
+    for stray in ("corpus/web/part-0.parquet", "tokens/notes.txt", "tokens/old-run/x.npy"):
+        (tmp_path / stray).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / stray).write_text("keep me")
+    assert [(a.stage, a.committed) for a in store.artifacts()] == [("tokens", True)]
 
 
 def test_missing_files_raise_file_not_found(tmp_path: Path) -> None:
@@ -146,7 +162,7 @@ def test_kmeans_reuse_waits_for_unread_shards(tmp_path: Path) -> None:
 
 
 def test_output_manifest_detects_missing_and_changed_files(tmp_path: Path) -> None:
-    out = stages.Output(str(tmp_path / "out"))
+    out = Output(str(tmp_path / "out"))
     key = artifact_key("output", "1", counts=["a"])
     assert not out.current(key)
     out.put_table("mixture/part-00000.parquet", pa.table({"x": [1, 2, 3]}))
@@ -164,3 +180,56 @@ def test_output_manifest_detects_missing_and_changed_files(tmp_path: Path) -> No
     assert not out.current(key)
     out.clear()
     assert out.manifest() is None and not (tmp_path / "out" / "mixture").exists()
+
+
+def test_keys_do_not_depend_on_the_machine(tmp_path: Path) -> None:
+    import shutil
+
+    from samplemix.models import model_fingerprint, resolve_model
+
+    # "auto" precision is keyed as configured, not as this machine resolves it.
+    cfg = load_config(None, {"corpus.input": "x"})
+    shard = Shard("/data/web/a.parquet", "web/a.parquet", "web", "10:1")
+    assert stages.embed_key(shard, cfg).parts["embed"]["dtype"] == "auto"
+    # A model is fingerprinted by content: a copy elsewhere hashes the same, an edit differs.
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(resolve_model("minilm"), a)
+    shutil.copytree(a, b)
+    assert model_fingerprint(str(a)) == model_fingerprint(str(b))
+    (b / "config.json").write_text((b / "config.json").read_text().replace("384", "385"))
+    model_fingerprint.cache_clear()
+    assert model_fingerprint(str(a)) != model_fingerprint(str(b))
+    with pytest.raises(FileNotFoundError, match="not a folder on this machine"):
+        model_fingerprint(str(tmp_path / "missing-model"))
+    assert len(model_fingerprint("org/hub-model")) == 16  # a hub id: its name
+
+
+def test_kmeans_never_refit_decides_without_counts(tmp_path: Path) -> None:
+    cfg = load_config(None, {"corpus.input": "x", "kmeans.refit": "never"})
+    store = Store(str(tmp_path))
+    embed = _embed_keys(3)
+    old = stages.kmeans_key(embed[:2], cfg)
+    store.commit(old, {"k": 2})
+    km, why = stages.kmeans_to_use(store, embed, [None, None, None], cfg)
+    assert km == old and why == "kept the fit over 2 of 3 shards (refit: never)"
+
+
+def test_storage_options_carry_credentials_but_never_hold_them() -> None:
+    from samplemix.config import ConfigError
+
+    cfg = load_config(
+        None,
+        {
+            "corpus.input": "s3://b/c",
+            "storage.key": "AK",
+            "storage.secret": "SK",
+            "storage.token": "TK",
+            "storage.endpoint_url": "http://127.0.0.1:9000",
+        },
+    )
+    opts = cfg.storage.fsspec_options("s3://b/c")
+    assert (opts["key"], opts["secret"], opts["token"]) == ("AK", "SK", "TK")
+    assert opts["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert cfg.storage.fsspec_options("/local/path") == {}
+    with pytest.raises(ConfigError, match=r"credentials \['secret'\] do not belong"):
+        load_config(None, {"corpus.input": "x", "storage.options": {"secret": "SK"}})
