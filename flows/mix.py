@@ -253,6 +253,10 @@ def mix(config: Config) -> dict:
         "store": store.root,
         "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()},
         "cached": {s: sum(r["cached"] for r in rs) for s, rs in stage_results.items()},
+        # Wall seconds inside the tasks that computed, summed over tasks (worker time).
+        "task_seconds": {
+            s: round(sum(r["seconds"] for r in rs), 2) for s, rs in stage_results.items()
+        },
         "artifacts": sorted(
             {str(k) for ks in keys for k in ks.values()} | {str(km_key), str(b_key)}
         ),

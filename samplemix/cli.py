@@ -182,9 +182,9 @@ def status(
         f"{s['realised_tokens']:,} of {s['target_tokens']:,} target tokens, "
         f"{s['documents']:,} documents read, {s['rejects']:,} rejected"
     )
-    typer.echo(f"{'stage':<12}{'computed':>10}{'cached':>8}")
+    typer.echo(f"{'stage':<12}{'computed':>10}{'cached':>8}{'task s':>10}")
     for stage, n in s["computed"].items():
-        typer.echo(f"{stage:<12}{n:>10}{s['cached'][stage]:>8}")
+        typer.echo(f"{stage:<12}{n:>10}{s['cached'][stage]:>8}{s['task_seconds'][stage]:>10.1f}")
     store = Store(s["store"], cfg.storage.fsspec_options(s["store"]) if cfg else {}, retries)
     keys = [Key(*a.split("/"), {}) for a in s["artifacts"]]  # type: ignore[misc]
     try:

@@ -8,6 +8,7 @@ it), retries I/O failures, and returns the stage's summary with ``key`` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prefect import task
@@ -39,10 +40,13 @@ _OPTS = {
 
 
 def _from_store(store: Store, key: Key, compute: Callable[[], dict]) -> dict | State:
+    """The stored summary in a Cached state, or ``compute()``'s with its wall seconds."""
     hit = store.summary(key)
     if hit is not None:
-        return Completed(data={**hit, "key": key, "cached": True}, name="Cached")
-    return {**compute(), "key": key, "cached": False}
+        return Completed(data={**hit, "key": key, "cached": True, "seconds": 0.0}, name="Cached")
+    t0 = time.perf_counter()
+    summary = compute()
+    return {**summary, "key": key, "cached": False, "seconds": time.perf_counter() - t0}
 
 
 @task(name="tokens", task_run_name="tokens/{shard.shard_id}", **_OPTS)
@@ -141,5 +145,7 @@ def materialise(
     """Write mixture part ``bucket``; Cached when the output already holds it from the
     same counts (``published``: its rows, as the output's manifest records them)."""
     if published is not None:
-        return Completed(data={"rows": published, "cached": True}, name="Cached")
-    return {**stages.run_gather(bucket, counts_keys, store, out), "cached": False}
+        return Completed(data={"rows": published, "cached": True, "seconds": 0.0}, name="Cached")
+    t0 = time.perf_counter()
+    rows = stages.run_gather(bucket, counts_keys, store, out)
+    return {**rows, "cached": False, "seconds": time.perf_counter() - t0}
