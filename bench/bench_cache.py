@@ -96,6 +96,7 @@ def main() -> None:
     )
     t_direct = run_direct(direct)
     recomputed = ", ".join(f"{s} {n}" for s, n in swapped["computed"].items() if n)
+    busy = ", ".join(f"{s} {t:.1f}" for s, t in swapped["task_seconds"].items() if t)
     rows += [
         (f"scorer swap rerun, s (computed: {recomputed})", f"{t_swap:.1f}"),
         (
@@ -103,6 +104,10 @@ def main() -> None:
             f"{t_direct:.1f}",
         ),
         ("scorer swap / direct", f"{t_swap / t_direct:.3f}"),
+        (
+            f"scorer swap: seconds inside computing tasks, summed ({busy})",
+            f"{sum(swapped['task_seconds'].values()):.1f}",
+        ),
     ]
     print(f"\n| measure ({cores} cores) | value |\n| --- | ---: |")
     for name, value in rows:
