@@ -22,6 +22,8 @@ from samplemix.config import Config, config_to_yaml, load_config
 from samplemix.plan import plan_rows, plan_steps
 
 pytestmark = pytest.mark.slow
+# Planted credentials (moto accepts any): nothing a run writes may contain them.
+PLANTED_KEY, PLANTED_SECRET = "AKIAPLANTED7F3A9C2E", "planted-secret-91c2d7e4b5a6"
 STAGES = ("tokens", "quality", "embed", "kmeans", "assign", "clusters", "weights")
 
 
@@ -38,8 +40,8 @@ def s3_config(moto: MotoServer, **overrides: object) -> Config:
         "output.path": "s3://mix/out",
         "storage.endpoint_url": moto.endpoint,
         "storage.region": REGION,
-        "storage.key": KEY,
-        "storage.secret": SECRET,
+        "storage.key": PLANTED_KEY,
+        "storage.secret": PLANTED_SECRET,
         "storage.retries": 2,
         "embed.max_length": 32,
         "kmeans.k": 3,
@@ -162,7 +164,8 @@ def test_warm_rerun_does_no_work_and_shows_cached_runs(history: dict) -> None:
     states = history["warm_states"]
     assert len(states) == sum(warm["cached"].values()) and set(states) == {"Cached"}
     # The credentials in the config reach the workers, not the Prefect database.
-    assert KEY not in history["warm_parameters"] and SECRET not in history["warm_parameters"]
+    assert PLANTED_SECRET not in history["warm_parameters"]
+    assert PLANTED_KEY not in history["warm_parameters"]
     assert moto_endpoint(history) in history["warm_parameters"]
 
 
@@ -263,3 +266,22 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
     assert "0 of 46 tasks to compute" in res.output  # gc kept all the config needs
     p = planned(history["configs"]["cold"])  # the heuristic scores are gone now
     assert p["quality"] == [(7, "compute", "config changed: quality.model, quality.scorer")]
+
+
+def test_no_run_output_holds_the_credentials(history: dict, moto: MotoServer) -> None:
+    """Every object the runs wrote (store, mixture, plan, report, manifests), every log
+    line and artifact on the Prefect server, and the config printout."""
+    from prefect.client.orchestration import get_client
+
+    s3 = fs(moto)
+    written = [s3.cat_file(p) for p in s3.find("mix/out")]
+    assert len(written) > 100
+    with get_client(sync_client=True) as client:
+        logs = [log.message for log in client.read_logs(limit=200)]
+        artifacts = [str(a.data) for a in client.read_artifacts(limit=200)]
+        flow_runs = [str(r.parameters) for r in client.read_flow_runs(limit=200)]
+    printout = config_to_yaml(history["configs"]["alpha"])
+    for secret in (PLANTED_KEY, PLANTED_SECRET):
+        assert not any(secret.encode() in blob for blob in written)
+        assert not any(secret in text for text in logs + artifacts + flow_runs + [printout])
+    assert "**********" in printout

@@ -5,7 +5,12 @@ server and a real Dask LocalCluster."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +24,9 @@ from s3 import KEY, REGION, SECRET, FlakyProxy, MotoServer, free_port, s3_storag
 from flows.mix import run_mix
 from samplemix import stages
 from samplemix.config import Config, load_config
+from samplemix.corpus import CorpusError, discover_shards
 from samplemix.plan import plan_steps
-from samplemix.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key
+from samplemix.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key, transient
 
 
 def local_config(corpus: Path, out: Path) -> Config:
@@ -41,15 +47,19 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.parquet"))}
 
 
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path:
+    """The tiny corpus and an uninterrupted run's output, under one folder."""
+    root = tmp_path_factory.mktemp("faults")
+    run_mix(local_config(write_tiny_corpus(root / "corpus"), root / "clean"))
+    return root
+
+
 @pytest.mark.slow
 def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
-    tmp_path: Path, prefect_server: str, monkeypatch: pytest.MonkeyPatch
+    clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    corpus = write_tiny_corpus(tmp_path / "corpus")
-    clean = local_config(corpus, tmp_path / "clean")
-    run_mix(clean)
-
-    cfg = local_config(corpus, tmp_path / "killed")
+    cfg = local_config(clean / "corpus", tmp_path / "killed")
     # Every worker that reaches an embed commit dies by SIGKILL after writing the
     # embeddings and before the completion marker; Dask gives up at the first loss.
     monkeypatch.setenv(KILL_BEFORE_COMMIT, "embed")
@@ -72,8 +82,39 @@ def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
 
     summary = run_mix(cfg)
     assert summary["computed"]["embed"] == 6  # the partial files were not trusted
-    assert file_bytes(tmp_path / "killed" / "mixture") == file_bytes(tmp_path / "clean" / "mixture")
-    assert file_bytes(tmp_path / "killed" / "plan") == file_bytes(tmp_path / "clean" / "plan")
+    assert file_bytes(tmp_path / "killed" / "mixture") == file_bytes(clean / "clean" / "mixture")
+    assert file_bytes(tmp_path / "killed" / "plan") == file_bytes(clean / "clean" / "plan")
+
+
+@pytest.mark.slow
+def test_flow_process_killed_between_stages_resumes_to_the_same_output(
+    clean: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the whole `samplemix run` (flow, temporary server, workers) once the
+    cluster statistics are committed; a rerun reuses what was committed and ends with
+    the uninterrupted run's bytes."""
+    out = tmp_path / "out"
+    args = ["--input", str(clean / "corpus"), "--output", str(out), "--budget-ratio", "0.8"]
+    args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "samplemix.cli", "run", *args],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not list((out / "store" / "clusters").glob("*/_done.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_manifest.json").exists()
+
+    summary = run_mix(local_config(clean / "corpus", out))
+    reused = ("tokens", "quality", "embed", "kmeans", "assign", "clusters")
+    assert all(summary["computed"][s] == 0 for s in reused), summary["computed"]
+    assert file_bytes(out / "mixture") == file_bytes(clean / "clean" / "mixture")
+    assert file_bytes(out / "plan") == file_bytes(clean / "clean" / "plan")
 
 
 # ---- the object store -------------------------------------------------------------------
@@ -127,6 +168,36 @@ def test_outage_is_retried_with_backoff(proxy: FlakyProxy) -> None:
     store.commit(key, {"docs": 6})
     assert store.summary(key) == {"docs": 6}
     np.testing.assert_array_equal(store.get_array(key, "embeddings.npy"), np.arange(6.0))
+
+
+def test_corpus_read_during_an_outage_is_retried_not_skipped(
+    tmp_path: Path, moto: MotoServer, proxy: FlakyProxy
+) -> None:
+    """A network failure is not a bad shard: under on_bad_shard: skip it must raise (and
+    be retried by Prefect), not be committed as an unreadable shard with no documents."""
+    import s3fs
+
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    direct = s3fs.S3FileSystem(skip_instance_cache=True, **moto.storage_options())
+    direct.put(str(corpus) + "/", "mix/outage-corpus/", recursive=True)
+    cfg = load_config(
+        None,
+        {
+            "corpus.input": "s3://mix/outage-corpus",
+            "corpus.on_bad_shard": "skip",
+            "storage.endpoint_url": proxy.endpoint,
+            "storage.key": KEY,
+            "storage.secret": SECRET,
+            "storage.region": REGION,
+            "storage.options": {"config_kwargs": {"retries": {"total_max_attempts": 1}}},
+        },
+    )
+    shard = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))[0]
+    assert stages.read_docs(shard, cfg).docs.num_rows == 8
+    proxy.down()
+    with pytest.raises(Exception) as e:  # noqa: PT011 - whatever the network raised
+        stages.read_docs(shard, cfg)
+    assert transient(e.value) and not isinstance(e.value, CorpusError)
 
 
 def test_outage_longer_than_the_retries_is_a_clear_error(proxy: FlakyProxy) -> None:
