@@ -93,6 +93,13 @@ def mix(config: Config) -> dict:
     out = stages.output_for(cfg)
     store.check()
     out.check()  # a missing or refused output fails now, not after the compute
+    with out.lease(cfg.output.lease_wait_s, log.info):
+        return _build(cfg, store, out)
+
+
+def _build(cfg: Config, store: Store, out: Output) -> dict:
+    """The flow's body, run while this run holds the output's lease."""
+    log = get_run_logger()
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
 

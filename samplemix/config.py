@@ -128,6 +128,12 @@ class OutputConfig(_Section):
         None, description="Artifact store (folder or s3://); default OUT/store"
     )
     rows_per_shard: int = Field(100_000, gt=0, description="Rows per output mixture shard")
+    lease_wait_s: float = Field(
+        3600,
+        ge=0,
+        description="One run writes an output at a time: how long a second run waits for "
+        "the first to finish before it fails",
+    )
 
 
 class TokensConfig(_Section):

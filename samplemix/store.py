@@ -13,6 +13,7 @@ denied) raise StoreError at once, naming the URL and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -20,9 +21,11 @@ import json
 import os
 import re
 import signal
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -383,6 +386,21 @@ def _mtime(info: dict[str, Any]) -> float:
     return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
 
 
+def _lease_dead(held: dict[str, Any]) -> bool:
+    """True when a lease expired, or its holder's process is gone from this host."""
+    if held.get("expires", 0) < time.time():
+        return True
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Output(Location):
     """The folder (or s3:// prefix) a run publishes to: mixture/, plan/, rejects/,
     report/ and ``_manifest.json``, written last, naming the key the files came from
@@ -433,6 +451,57 @@ class Output(Location):
                 lambda p=path: self.fs.rm(p, recursive=True) if self.fs.exists(p) else None,
                 self._url(path),
             )
+
+    LEASE = "_lease.json"
+    LEASE_TTL = 120.0  # seconds a lease lives without renewal; renewed every TTL/4
+
+    @contextlib.contextmanager
+    def lease(self, wait_s: float, log: Callable[[str], None]) -> Iterator[None]:
+        """Hold ``_lease.json`` while the block runs, so that one run at a time writes
+        this output. A lease held by another run is waited for (polled every 2 s) up
+        to ``wait_s`` seconds, then StoreError names its holder. A lease whose
+        holder stopped renewing it (expired), or whose process is gone from this
+        host, is taken over."""
+        path = f"{self._base}/{self.LEASE}"
+        me = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+
+        def stamp() -> bytes:
+            now = time.time()
+            return json.dumps({**me, "since": now, "expires": now + self.LEASE_TTL}).encode()
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            held = self._json(path)
+            if held is None or held.get("run") == me["run"] or _lease_dead(held):
+                self._write(path, stamp())
+                time.sleep(0.2)  # two runs that wrote at once: the last write wins
+                if (self._json(path) or {}).get("run") == me["run"]:
+                    break
+                continue
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"output {self.root} is being written by another run (host "
+                    f"{held.get('host')}, pid {held.get('pid')}, lease until "
+                    f"{datetime.fromtimestamp(held['expires'], UTC):%H:%M:%S} UTC); wait "
+                    "for it (output.lease_wait_s) or use another output.path"
+                )
+            log(f"output {self.root} is being written by another run; waiting")
+            time.sleep(2.0)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.LEASE_TTL / 4):
+                self._write(path, stamp())
+
+        renewer = threading.Thread(target=renew, daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            if (self._json(path) or {}).get("run") == me["run"]:
+                self._retry(lambda: self.fs.rm_file(path), self._url(path))
 
     def seal(self, key: Key, summary: dict[str, Any]) -> None:
         """Write the manifest: the published files with their sizes, and the run summary.

@@ -86,6 +86,40 @@ def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
     assert file_bytes(tmp_path / "killed" / "plan") == file_bytes(clean / "clean" / "plan")
 
 
+def cli_run(corpus: Path, out: Path) -> subprocess.Popen:
+    """`samplemix run` of ``local_config(corpus, out)`` in its own process group."""
+    args = ["--input", str(corpus), "--output", str(out), "--budget-ratio", "0.8"]
+    args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "samplemix.cli", "run", *args],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path) -> None:
+    """While one run holds the output's lease, a second fails at once with wait 0, and
+    with a longer wait runs after it, finding everything done."""
+    out = tmp_path / "out"
+    first = cli_run(clean / "corpus", out)
+    deadline = time.monotonic() + 120
+    while not (out / "_lease.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "first run did not start"
+        time.sleep(0.1)
+    cfg = local_config(clean / "corpus", out)
+    cfg.output.lease_wait_s = 0
+    with pytest.raises(StoreError, match="is being written by another run"):
+        run_mix(cfg)
+    cfg.output.lease_wait_s = 600
+    second = run_mix(cfg)
+    assert first.wait(timeout=60) == 0
+    assert set(second["computed"].values()) == {0}
+    assert file_bytes(out / "mixture") == file_bytes(clean / "clean" / "mixture")
+    assert not (out / "_lease.json").exists()
+
+
 @pytest.mark.slow
 def test_flow_process_killed_between_stages_resumes_to_the_same_output(
     clean: Path, tmp_path: Path
@@ -94,14 +128,7 @@ def test_flow_process_killed_between_stages_resumes_to_the_same_output(
     cluster statistics are committed; a rerun reuses what was committed and ends with
     the uninterrupted run's bytes."""
     out = tmp_path / "out"
-    args = ["--input", str(clean / "corpus"), "--output", str(out), "--budget-ratio", "0.8"]
-    args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "samplemix.cli", "run", *args],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = cli_run(clean / "corpus", out)
     deadline = time.monotonic() + 300
     while not list((out / "store" / "clusters").glob("*/_done.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled"
