@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from bench.bench_pipeline import ROOT, run_direct  # noqa: E402
+from bench.bench_pipeline import ROOT, print_table, run_direct  # noqa: E402
 from flows.mix import run_mix  # noqa: E402
 from samplemix.config import Config, load_config  # noqa: E402
 from samplemix.models import resolve_model, set_torch_threads  # noqa: E402
@@ -109,9 +109,7 @@ def main() -> None:
             f"{sum(swapped['task_seconds'].values()):.1f}",
         ),
     ]
-    print(f"\n| measure ({cores} cores) | value |\n| --- | ---: |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_table(rows, cores)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -207,6 +207,13 @@ def replicate(src: Path, dst: Path, times: int) -> Path:
     return dst
 
 
+def print_table(rows: list[tuple[str, str]], cores: int) -> None:
+    """The results as a Markdown table for BENCHMARKS.md."""
+    print(f"\n| measure ({cores} cores) | value |\n| --- | ---: |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
@@ -271,9 +278,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
-    print(f"\n| measure ({cores} cores) | value |\n| --- | ---: |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_table(rows, cores)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -26,6 +26,21 @@ def prefect_server() -> Iterator[str]:
         yield url
 
 
+def tiny_config(corpus: Path, out: Path, **overrides: object):  # noqa: ANN201 - a Config
+    """A fast config for flow tests: MiniLM at 32 tokens, K = 3, 2 local workers."""
+    from samplemix.config import load_config
+
+    base = {
+        "corpus.input": str(corpus),
+        "output.path": str(out),
+        "embed.max_length": 32,
+        "kmeans.k": 3,
+        "mixing.budget_ratio": 0.8,
+        "compute.n_workers": 2,
+    }
+    return load_config(None, {**base, **overrides})
+
+
 def write_tiny_corpus(root: Path, docs_per_domain: int = 16, shards_per_domain: int = 2) -> Path:
     """Copy the first ``docs_per_domain`` documents of three example domains into
     ``root/{domain}/part-*.parquet``, split into ``shards_per_domain`` shards."""

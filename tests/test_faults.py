@@ -17,30 +17,16 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-from conftest import write_tiny_corpus
+from conftest import tiny_config, write_tiny_corpus
 from distributed.scheduler import KilledWorker
 from s3 import KEY, REGION, SECRET, FlakyProxy, MotoServer, free_port, s3_storage_options
 
 from flows.mix import run_mix
 from samplemix import stages
-from samplemix.config import Config, load_config
+from samplemix.config import load_config
 from samplemix.corpus import CorpusError, discover_shards
 from samplemix.plan import plan_steps
 from samplemix.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key, transient
-
-
-def local_config(corpus: Path, out: Path) -> Config:
-    return load_config(
-        None,
-        {
-            "corpus.input": str(corpus),
-            "output.path": str(out),
-            "embed.max_length": 32,
-            "kmeans.k": 3,
-            "mixing.budget_ratio": 0.8,
-            "compute.n_workers": 2,
-        },
-    )
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -51,7 +37,7 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 def clean(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path:
     """The tiny corpus and an uninterrupted run's output, under one folder."""
     root = tmp_path_factory.mktemp("faults")
-    run_mix(local_config(write_tiny_corpus(root / "corpus"), root / "clean"))
+    run_mix(tiny_config(write_tiny_corpus(root / "corpus"), root / "clean"))
     return root
 
 
@@ -59,7 +45,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path
 def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
     clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = local_config(clean / "corpus", tmp_path / "killed")
+    cfg = tiny_config(clean / "corpus", tmp_path / "killed")
     # Every worker that reaches an embed commit dies by SIGKILL after writing the
     # embeddings and before the completion marker; Dask gives up at the first loss.
     monkeypatch.setenv(KILL_BEFORE_COMMIT, "embed")
@@ -87,7 +73,7 @@ def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
 
 
 def cli_run(corpus: Path, out: Path) -> subprocess.Popen:
-    """`samplemix run` of ``local_config(corpus, out)`` in its own process group."""
+    """`samplemix run` of ``tiny_config(corpus, out)`` in its own process group."""
     args = ["--input", str(corpus), "--output", str(out), "--budget-ratio", "0.8"]
     args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3"]
     return subprocess.Popen(
@@ -108,7 +94,7 @@ def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path) -> None:
     while not (out / "_lease.json").exists():
         assert first.poll() is None and time.monotonic() < deadline, "first run did not start"
         time.sleep(0.1)
-    cfg = local_config(clean / "corpus", out)
+    cfg = tiny_config(clean / "corpus", out)
     cfg.output.lease_wait_s = 0
     with pytest.raises(StoreError, match="is being written by another run"):
         run_mix(cfg)
@@ -137,7 +123,7 @@ def test_flow_process_killed_between_stages_resumes_to_the_same_output(
     proc.wait()
     assert not (out / "_manifest.json").exists()
 
-    summary = run_mix(local_config(clean / "corpus", out))
+    summary = run_mix(tiny_config(clean / "corpus", out))
     reused = ("tokens", "quality", "embed", "kmeans", "assign", "clusters")
     assert all(summary["computed"][s] == 0 for s in reused), summary["computed"]
     assert file_bytes(out / "mixture") == file_bytes(clean / "clean" / "mixture")
@@ -239,7 +225,7 @@ def test_run_survives_store_outages(
     tmp_path: Path, moto: MotoServer, proxy: FlakyProxy, prefect_server: str
 ) -> None:
     corpus = write_tiny_corpus(tmp_path / "corpus")
-    cfg = local_config(corpus, tmp_path / "out")
+    cfg = tiny_config(corpus, tmp_path / "out")
     cfg.output.store = "s3://mix/outage-store"
     cfg.storage.endpoint_url = proxy.endpoint
     cfg.storage.region = REGION
@@ -264,7 +250,7 @@ def test_run_survives_store_outages(
     finally:
         stop.set()
         flapper.join()
-    reference = run_mix(local_config(corpus, tmp_path / "reference"))
+    reference = run_mix(tiny_config(corpus, tmp_path / "reference"))
     assert summary["realised_tokens"] == reference["realised_tokens"]
     assert file_bytes(tmp_path / "out" / "mixture") == file_bytes(
         tmp_path / "reference" / "mixture"

@@ -8,23 +8,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_tiny_corpus
+from conftest import tiny_config, write_tiny_corpus
 
 from flows.mix import run_mix
-from samplemix.config import Config, load_config
 from samplemix.mixing import BudgetError
-
-
-def tiny_config(corpus: Path, out: Path, **overrides: object) -> Config:
-    base = {
-        "corpus.input": str(corpus),
-        "output.path": str(out),
-        "embed.max_length": 32,
-        "kmeans.k": 3,
-        "mixing.budget_ratio": 0.8,
-        "compute.n_workers": 2,
-    }
-    return load_config(None, {**base, **overrides})
 
 
 def read_dir(path: Path):  # noqa: ANN201 - a pyarrow Table
