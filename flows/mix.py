@@ -82,6 +82,11 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
     return results
 
 
+def _run(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> list[dict]:
+    """``_launch`` then ``_collect``: one stage's results, in order."""
+    return _collect(_launch(task, calls, store), task.name)
+
+
 @flow(name="mix", flow_run_name=_run_name)
 def mix(config: Config) -> dict:
     """Build the mixture for ``config``. Returns the run summary (budget figures, the
@@ -138,33 +143,24 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )
     assert km_key is not None  # every shard's document count is known by now
     log.info("kmeans: %s", why)
-    km = _collect(
-        _launch(
-            t.kmeans,
-            [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
-            store,
-        ),
-        "kmeans",
+    km = _run(
+        t.kmeans,
+        [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
+        store,
     )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
-    asg = _collect(
-        _launch(
-            t.assign,
-            [
-                (k["assign"], (s, k["tokens"], k["embed"], km_key, store, k["assign"]))
-                for s, k in zip(shards, keys, strict=True)
-            ],
-            store,
-        ),
-        "assign",
+    asg = _run(
+        t.assign,
+        [
+            (k["assign"], (s, k["tokens"], k["embed"], km_key, store, k["assign"]))
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        store,
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl = _collect(
-        _launch(
-            t.clusters, [(cl_key, ([k["assign"] for k in keys], km_key, cfg, store, cl_key))], store
-        ),
-        "clusters",
+    cl = _run(
+        t.clusters, [(cl_key, ([k["assign"] for k in keys], km_key, cfg, store, cl_key))], store
     )[0]
 
     qual = _collect(qual_f, "quality")
@@ -175,39 +171,30 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         k["weights"] = stages.weights_key(
             k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
         )
-    wts = _collect(
-        _launch(
-            t.weights,
-            [
-                (k["weights"], (s, k, q_range, d_range, cfg, store, k["weights"]))
-                for s, k in zip(shards, keys, strict=True)
-            ],
-            store,
-        ),
-        "weights",
+    wts = _run(
+        t.weights,
+        [
+            (k["weights"], (s, k, q_range, d_range, cfg, store, k["weights"]))
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        store,
     )
 
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = _collect(
-        _launch(
-            t.budget,
-            [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
-            store,
-        ),
-        "budget",
+    plan = _run(
+        t.budget,
+        [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
+        store,
     )[0]
     for k in keys:
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
-    cnt = _collect(
-        _launch(
-            t.counts,
-            [
-                (k["counts"], (s, k, plan, cfg, store, k["counts"]))
-                for s, k in zip(shards, keys, strict=True)
-            ],
-            store,
-        ),
-        "counts",
+    cnt = _run(
+        t.counts,
+        [
+            (k["counts"], (s, k, plan, cfg, store, k["counts"]))
+            for s, k in zip(shards, keys, strict=True)
+        ],
+        store,
     )
 
     out_key = stages.output_key([k["counts"] for k in keys], b_key)

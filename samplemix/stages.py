@@ -428,17 +428,16 @@ def run_weights(
         cfg.diversity,
     )
     q = store.get_array(qual, "quality.npy")
-    if not len(q) == len(d) == n_tok_len(store, tok):
+    n_tok = store.get_table(tok, "index.parquet", columns=["tokens"]).column("tokens").to_numpy()
+    if not len(q) == len(d) == len(n_tok):
         raise ValueError(
             f"shard {tok.shard}: {len(q)} quality scores, {len(d)} embeddings and "
-            f"{n_tok_len(store, tok)} indexed documents disagree; the shard was read "
+            f"{len(n_tok)} indexed documents disagree; the shard was read "
             "differently by the stages (changed while the run read it?); rerun"
         )
     w = mixing.sample_weights(
         q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
     )
-    n_tok = store.get_table(tok, "index.parquet", columns=["tokens"])
-    n_tok = n_tok.column("tokens").to_numpy()
     store.put_arrays(key, "weights.npz", diversity=d, weight=w)
     return store.commit(
         key,
@@ -447,10 +446,6 @@ def run_weights(
             "w_sum": float(w.sum()),
         },
     )
-
-
-def n_tok_len(store: Store, tok: Key) -> int:
-    return store.get_table(tok, "index.parquet", columns=["row"]).num_rows
 
 
 def target_tokens(source_tokens: int, cfg: Config) -> int:
