@@ -125,15 +125,18 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     qual_f = _launch(t.quality, per_shard("quality", cfg, store), store)
 
     tok = _collect(tok_f, "tokens")
-    n_docs = sum(r["docs"] for r in tok)
-    if n_docs == 0:
+    ids_key = stages.ids_key([k["tokens"] for k in keys], cfg)
+    dups = _run(t.ids, [(ids_key, ([k["tokens"] for k in keys], cfg, store, ids_key))], store)[0]
+    n_docs = sum(r["docs"] for r in tok)  # embedded, duplicates dropped included
+    accepted = n_docs - sum(dups["dropped"].values())
+    if accepted == 0:
         rejects = sum(sum(r["rejects"].values()) for r in tok)
         raise CorpusError(
             f"no usable documents under {cfg.corpus.input}: {len(shards)} shards, "
             f"{rejects} rows rejected (see the reasons in {store.root}/tokens/*/rejects.parquet); "
             f"check corpus.text_column = {cfg.corpus.text_column!r}"
         )
-    source_tokens = sum(r["tokens"] for r in tok)
+    source_tokens = stages.source_tokens(tok, dups)
     target = stages.target_tokens(source_tokens, cfg)
     log.info("%d documents, T_src = %d tokens, T_tgt = %d", n_docs, source_tokens, target)
 
@@ -167,9 +170,10 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     q_range = stages.quality_range(qual)
     d_range = [cl["d_min"], cl["d_max"]]
     for k in keys:
+        k["ids"] = ids_key
         k["clusters"] = cl_key
         k["weights"] = stages.weights_key(
-            k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
+            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg
         )
     wts = _run(
         t.weights,
@@ -204,7 +208,9 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     published = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
     mixture = _materialise(keys, cnt, plan, store, out, published)
     if fresh:
-        stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
+        stages.run_publish(
+            [k["counts"] for k in keys], [k["tokens"] for k in keys], ids_key, store, out
+        )
 
     settings = {
         "method": "samplemix",
@@ -217,10 +223,17 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "max_repeats": cfg.mixing.max_repeats,
         "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
     }
-    inputs = stages.report_inputs(tok, cnt, cl, target, settings)
+    truncated = {
+        "quality": sum(r["truncated"] for r in qual),
+        "embedding": sum(r["truncated"] for r in emb),
+    }
+    inputs = stages.report_inputs(
+        [s.shard_id for s in shards], tok, dups, truncated, cnt, cl, target, settings
+    )
     _publish_report(inputs, out, fresh)
     stage_results = {
         "tokens": tok,
+        "ids": [dups],
         "quality": qual,
         "embed": emb,
         "kmeans": [km],
@@ -237,7 +250,8 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "expected_tokens": inputs.expected_tokens,
         "realised_tokens": inputs.realised_tokens,
         "sigma_tokens": inputs.sigma_tokens,
-        "documents": n_docs,
+        "read": sum(r["read"] for r in tok),
+        "documents": accepted,
         "rejects": sum(inputs.rejects.values()),
         "clusters": km["k"],
         "mixture_rows": sum(r["rows"] for r in mixture),

@@ -62,6 +62,11 @@ class CorpusConfig(_Section):
     on_bad_shard: Literal["error", "skip"] = Field(
         "error", description="An unreadable shard stops the run, or is skipped and reported"
     )
+    duplicate_ids: Literal["disambiguate", "keep_first", "reject"] = Field(
+        "disambiguate",
+        description="Documents sharing an id: later ones renamed <id>#<shard>:<row>, "
+        "or rejected (keep_first), or all rejected (reject); counted in the report",
+    )
 
 
 class StorageConfig(_Section):

@@ -51,6 +51,7 @@ class Shard:
 class ShardDocs:
     docs: pa.Table  # DOCS_SCHEMA
     rejects: pa.Table  # REJECTS_SCHEMA
+    read: int  # rows in the file (Parquet rows; JSONL non-blank lines) = docs + rejects
 
 
 def _is_shard(path: str) -> bool:
@@ -63,7 +64,8 @@ def _fingerprint(info: dict) -> str:
 
 
 def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) -> list[Shard]:
-    """All shard files under ``cfg.input`` (a folder, a glob, or one file), sorted.
+    """All shard files under ``cfg.input`` (a folder, a glob, or one file), sorted by
+    shard id.
     ``options`` are fsspec's (``StorageConfig.fsspec_options``).
 
     Raises CorpusError when nothing matches.
@@ -80,7 +82,7 @@ def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) ->
         paths, base = [root], posixpath.dirname(root)
     else:
         raise CorpusError(f"corpus.input {cfg.input!r} does not exist")
-    paths = sorted(p for p in paths if _is_shard(p))
+    paths = [p for p in paths if _is_shard(p)]
     if not paths:
         raise CorpusError(
             f"no shards under corpus.input {cfg.input!r}: expected files ending in "
@@ -92,7 +94,9 @@ def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) ->
         parent = posixpath.basename(posixpath.dirname(p)) or "default"
         url = p if protocol in ("file", "local") else f"{protocol}://{p}"
         shards.append(Shard(url, rel, parent, _fingerprint(fs.info(p))))
-    return shards
+    # Shard order fixes the order of every reduce's inputs (float sums, which of two
+    # documents sharing an id comes first); a listing's order must not.
+    return sorted(shards, key=lambda s: s.shard_id)
 
 
 def read_shard(shard: Shard, cfg: CorpusConfig, options: dict[str, Any] | None = None) -> ShardDocs:
@@ -236,4 +240,4 @@ def _normalise(records: list[tuple], shard: Shard, cfg: CorpusConfig) -> ShardDo
             domains.append(str(domain) if domain not in (None, "") else shard.domain)
             texts.append(text)
     docs = pa.table([rows, ids, domains, texts], schema=DOCS_SCHEMA)
-    return ShardDocs(docs, pa.table(rejects, schema=REJECTS_SCHEMA))
+    return ShardDocs(docs, pa.table(rejects, schema=REJECTS_SCHEMA), len(records))

@@ -9,6 +9,7 @@ import torch
 
 from samplemix.config import EmbedConfig
 from samplemix.models import (
+    count_truncated,
     length_sorted_batches,
     load_model,
     load_tokenizer,
@@ -52,3 +53,9 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
             pooled = mean_pooled(hidden.float(), enc["attention_mask"])
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
     return out
+
+
+def truncated_count(texts: list[str], cfg: EmbedConfig) -> int:
+    """How many ``texts`` are longer than ``cfg.max_length`` tokens, so that their
+    embedding covers only their beginning."""
+    return count_truncated(load_tokenizer(cfg.model), texts, cfg.max_length)

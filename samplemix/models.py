@@ -124,6 +124,31 @@ def set_torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def token_lengths(tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:  # noqa: ANN001
+    """Tokens per text, without special tokens or truncation: int64 (n,).
+
+    Uses the fast tokenizer's Rust backend directly so that a tokenizer.json that
+    configures truncation (MiniLM's truncates at 128) cannot shorten the count.
+    """
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    out = np.empty(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), batch_size):
+        encs = backend.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
+        out[start : start + len(encs)] = [len(e.ids) for e in encs]
+    return out
+
+
+def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:  # noqa: ANN001
+    """How many ``texts`` a model reading ``max_length`` tokens (special tokens
+    included) sees only a prefix of."""
+    if not texts:
+        return 0
+    specials = tokenizer.backend_tokenizer.num_special_tokens_to_add(False)
+    return int((token_lengths(tokenizer, texts) + specials > max_length).sum())
+
+
 def padded_batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[np.ndarray]:
     """Yield index arrays over documents sorted by length (longest first), each batch
     holding as many documents as fit ``batch_tokens`` once padded to its longest.

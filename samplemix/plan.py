@@ -111,6 +111,8 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     qual_keys = [stages.quality_key(s, cfg) for s in shards]
     embed = [stages.embed_key(s, cfg) for s in shards]
     tok = w.stage(tok_keys)
+    ids_key = stages.ids_key(tok_keys, cfg)
+    dups = w.stage([ids_key])[0]
     qual = w.stage(qual_keys)
     w.stage(embed)
 
@@ -138,16 +140,16 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
         return w.steps
     q_range = stages.quality_range(qual)  # type: ignore[arg-type]
     weights = [
-        stages.weights_key(t, q, a, cl, q_range, cfg)
+        stages.weights_key(t, ids_key, q, a, cl, q_range, cfg)
         for t, q, a in zip(tok_keys, qual_keys, assign, strict=True)
     ]
     w.stage(weights)
-    if any(t is None for t in tok):
-        w.unknown("budget", [None], "tokens")
-        w.unknown("counts", ids, "tokens")
-        w.unknown("materialise", [None], "tokens")
+    if dups is None:  # computed after every shard's tokens
+        w.unknown("budget", [None], "ids")
+        w.unknown("counts", ids, "ids")
+        w.unknown("materialise", [None], "ids")
         return w.steps
-    target = stages.target_tokens(sum(t["tokens"] for t in tok), cfg)  # type: ignore[index]
+    target = stages.target_tokens(stages.source_tokens(tok, dups), cfg)  # type: ignore[arg-type]
     budget = stages.budget_key(weights, target, cfg)
     w.stage([budget])
     counts = [stages.counts_key(k, budget, cfg) for k in weights]

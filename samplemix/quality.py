@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from samplemix.config import QualityConfig
 from samplemix.models import (
+    count_truncated,
     length_sorted_batches,
     load_model,
     load_tokenizer,
@@ -84,6 +85,10 @@ class Scorer(Protocol):
 
     def score(self, texts: list[str]) -> np.ndarray:
         """float64, shape ``(len(texts),)``, finite, in input order."""
+        ...
+
+    def truncated(self, texts: list[str]) -> int:
+        """How many ``texts`` the score reads only a prefix of."""
         ...
 
 
@@ -190,6 +195,10 @@ class HeuristicScorer:
         """float64 in [0, 1], shape ``(len(texts),)``."""
         return np.fromiter(map(heuristic_score, texts), dtype=np.float64, count=len(texts))
 
+    def truncated(self, texts: list[str]) -> int:
+        """Texts longer than MAX_CHARS characters (their statistics use the prefix)."""
+        return sum(len(t) > MAX_CHARS for t in texts)
+
 
 # ---------------------------------------------------------------- model scorers
 
@@ -239,6 +248,10 @@ class _BatchedModel:
             self.tokenizer, texts, self.max_length, self.batch_tokens
         ):
             yield idx, {k: v.to(self.device) for k, v in enc.items()}
+
+    def truncated(self, texts: list[str]) -> int:
+        """Texts longer than ``quality.max_length`` tokens."""
+        return count_truncated(self.tokenizer, texts, self.max_length)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; fp32 elsewhere, where bf16 would only lose precision."""
@@ -296,6 +309,9 @@ class HFClassifierScorer:
 
     name = "hf-classifier"
 
+    def truncated(self, texts: list[str]) -> int:
+        return self._runner.truncated(texts)
+
     def __init__(self, cfg: QualityConfig) -> None:
         self._runner = _BatchedModel(cfg, "classifier")
         self._readout = make_readout(
@@ -319,6 +335,9 @@ class PerplexityScorer:
     """-log(perplexity) of a causal LM over each document's first max_length tokens."""
 
     name = "perplexity"
+
+    def truncated(self, texts: list[str]) -> int:
+        return self._runner.truncated(texts)
 
     def __init__(self, cfg: QualityConfig) -> None:
         self._runner = _BatchedModel(cfg, "causal-lm", cfg.gguf_file)

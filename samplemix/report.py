@@ -13,10 +13,11 @@ imports pyplot nor resolves or changes the process's backend.
 
 from __future__ import annotations
 
+import csv
 import io
 import posixpath
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -44,7 +45,9 @@ class ReportInputs:
 
     Domain-keyed dicts may omit a domain (read as 0, e.g. a domain with no copies
     selected). ``overlap[i, j]`` is the share in [0, 1] of domain i's clusters that also
-    contain domain j, rows and columns in ``overlap_domains`` order.
+    contain domain j, rows and columns in ``overlap_domains`` order. ``shards`` has one
+    row per source shard: shard, read, accepted, rejected, renamed (duplicate ids
+    renamed); ``truncated`` counts the documents each model read only a prefix of.
     """
 
     target_tokens: int
@@ -64,6 +67,8 @@ class ReportInputs:
     cluster_sizes: np.ndarray
     rejects: dict[str, int]
     settings: dict[str, object]
+    shards: list[dict] = field(default_factory=list)
+    truncated: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.overlap = np.asarray(self.overlap, dtype=float)
@@ -364,21 +369,73 @@ def _overlap_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
     return lines + _image(images, "overlap", "Cross-domain cluster overlap")
 
 
-def _rejects_section(inp: ReportInputs) -> list[str]:
-    lines = ["## Rejected documents", ""]
+SHARD_ROWS = 20  # shards listed in report.md; shards.csv has them all
+
+
+def _rows_section(inp: ReportInputs) -> list[str]:
+    lines = ["## Rows read, accepted and rejected", ""]
+    if inp.shards:
+        total = {k: sum(r[k] for r in inp.shards) for k in ("read", "accepted", "rejected")}
+        lines += [
+            f"{total['read']:,} rows read = {total['accepted']:,} accepted + "
+            f"{total['rejected']:,} rejected, over {len(inp.shards):,} shards "
+            "(every shard: `shards.csv`).",
+            "",
+        ]
+        renamed = sum(r["renamed"] for r in inp.shards)
+        if renamed:
+            lines += [
+                f"{renamed:,} documents with a duplicate id were renamed `<id>#<shard>:<row>`.",
+                "",
+            ]
+    for model, n in inp.truncated.items():
+        if n:
+            lines += [
+                f"Documents longer than the {model} model reads (it used their start): {n:,}.",
+                "",
+            ]
     if not inp.rejects:
-        return lines + ["none", ""]
+        return lines + ["No rows rejected.", ""]
     rows = sorted(inp.rejects.items(), key=lambda kv: (-kv[1], kv[0]))
     body = [(reason, f"{count:,}") for reason, count in rows]
     body.append(("**total**", f"{sum(inp.rejects.values()):,}"))
-    return lines + [_table(["Reason", "Count"], body), ""]
+    lines += [_table(["Reason", "Count"], body), ""]
+    worst = sorted(
+        (r for r in inp.shards if r["rejected"] or r["renamed"]),
+        key=lambda r: (-r["rejected"], -r["renamed"], r["shard"]),
+    )
+    if worst:
+        shown = worst[:SHARD_ROWS]
+        title = f"Shards with rejects ({len(shown)} of {len(worst)})"
+        body = [
+            (
+                r["shard"],
+                f"{r['read']:,}",
+                f"{r['accepted']:,}",
+                f"{r['rejected']:,}",
+                f"{r['renamed']:,}",
+            )
+            for r in shown
+        ]
+        lines += [title, "", _table(["Shard", "Read", "Accepted", "Rejected", "Renamed"], body), ""]
+    return lines
+
+
+def shards_csv(inp: ReportInputs) -> str:
+    """The per-shard row accounting as CSV (header: shard,read,accepted,rejected,renamed)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["shard", "read", "accepted", "rejected", "renamed"])
+    writer.writeheader()
+    writer.writerows(inp.shards)
+    return buf.getvalue()
 
 
 def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> str:
     """Render the report as Markdown.
 
     Sections in order: Budget, Settings, Domains, Scores (quality, diversity), Count
-    distribution, Clusters, Cross-domain cluster overlap, Rejected documents. ``images``
+    distribution, Clusters, Cross-domain cluster overlap, Rows read, accepted and
+    rejected. ``images``
     maps a plot name from ``PLOTS`` (e.g. ``"budget"``) to a file name relative to the
     report; each is embedded in its section. Names outside ``PLOTS`` go to a final
     "Other figures" section rather than being dropped.
@@ -402,7 +459,7 @@ def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> 
     lines += _counts_section(inp, images)
     lines += _cluster_section(inp)
     lines += _overlap_section(inp, images)
-    lines += _rejects_section(inp)
+    lines += _rows_section(inp)
     extra = [name for name in images if name not in PLOTS]
     if extra:
         lines += ["## Other figures", ""]
@@ -665,6 +722,9 @@ def write_report(inp: ReportInputs, out_dir: str, storage_options: dict | None =
         fs.pipe_file(posixpath.join(root, name), data)
         written.append(f"{base}/{name}")
     images = {name.removesuffix(".png"): name for name in pngs}
+    if inp.shards:
+        fs.pipe_file(posixpath.join(root, "shards.csv"), shards_csv(inp).encode("utf-8"))
+        written.append(f"{base}/shards.csv")
     text = report_markdown(inp, images)
     fs.pipe_file(posixpath.join(root, "report.md"), text.encode("utf-8"))
     written.append(f"{base}/report.md")

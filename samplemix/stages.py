@@ -17,12 +17,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from samplemix import diversity as div
+from samplemix import ids as dup
 from samplemix import kmeans, materialise, mixing
 from samplemix.config import Config
 from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, ShardDocs, read_shard
-from samplemix.embed import embed_texts
+from samplemix.embed import embed_texts, truncated_count
 from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
 from samplemix.quality import make_scorer
 from samplemix.store import Key, Output, Store, artifact_key
@@ -30,15 +32,16 @@ from samplemix.tokens import token_counts
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
-    "tokens": "1",
-    "quality": "1",
-    "embed": "1",
+    "tokens": "2",  # 2: rows read
+    "ids": "1",
+    "quality": "2",  # 2: truncated documents counted
+    "embed": "2",
     "kmeans": "1",
     "assign": "1",
     "clusters": "1",
-    "weights": "1",
+    "weights": "2",  # 2: duplicate ids
     "budget": "1",
-    "counts": "1",
+    "counts": "2",
     "output": "1",
 }
 # The stages with artifacts in the store, in pipeline order ("output" is the published
@@ -73,6 +76,15 @@ def tokens_key(shard: Shard, cfg: Config) -> Key:
         corpus=_corpus_part(shard, cfg),
         tokens={"tokenizer": name},
         model_weights=model_fingerprint(name),
+    )
+
+
+def ids_key(tokens: list[Key], cfg: Config) -> Key:
+    return artifact_key(
+        "ids",
+        VERSIONS["ids"],
+        tokens=[k.id for k in tokens],
+        corpus={"duplicate_ids": cfg.corpus.duplicate_ids},
     )
 
 
@@ -168,7 +180,13 @@ def clusters_key(assign: list[Key], cfg: Config) -> Key:
 
 
 def weights_key(
-    tokens: Key, quality: Key, assign: Key, clusters: Key, q_range: list[float], cfg: Config
+    tokens: Key,
+    ids: Key,
+    quality: Key,
+    assign: Key,
+    clusters: Key,
+    q_range: list[float],
+    cfg: Config,
 ) -> Key:
     m = cfg.mixing
     return artifact_key(
@@ -176,6 +194,7 @@ def weights_key(
         VERSIONS["weights"],
         tokens.shard,
         tokens=tokens.id,
+        ids=ids.id,
         quality=quality.id,
         assign=assign.id,
         clusters=clusters.id,
@@ -240,7 +259,7 @@ def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
             },
             schema=REJECTS_SCHEMA,
         )
-        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects)
+        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=1)  # the file, as one row
 
 
 def _texts(shard: Shard, cfg: Config) -> list[str]:
@@ -250,7 +269,8 @@ def _texts(shard: Shard, cfg: Config) -> list[str]:
 def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """Index the shard (row, id, domain, tokens) and record its rejects.
 
-    Summary: docs, tokens, rejects {reason: count}, domain_docs, domain_tokens.
+    Summary: read (rows in the file = docs + rejects), docs, tokens, rejects
+    {reason: count}, domain_docs, domain_tokens.
     """
     sd = read_docs(shard, cfg)
     texts = sd.docs.column("text").to_pylist()
@@ -265,6 +285,7 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     return store.commit(
         key,
         {
+            "read": sd.read,
             "docs": len(texts),
             "tokens": int(n_tok.sum()),
             "rejects": dict(Counter(sd.rejects.column("reason").to_pylist())),
@@ -274,9 +295,63 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     )
 
 
+def run_ids(tokens: list[Key], cfg: Config, store: Store, key: Key) -> dict:
+    """Documents whose id another document has, resolved by ``corpus.duplicate_ids``
+    (ids.py), from every shard's index (``tokens``, in shard order).
+
+    Writes duplicates.parquet (ids.DUPLICATES_SCHEMA). Summary: dropped, renamed,
+    dropped_tokens, each {shard: count} over the shards that have any.
+    """
+
+    def index(i: int, columns: list[str]) -> pa.Table:
+        return store.get_table(tokens[i], "index.parquet", columns=columns)
+
+    def rows_of(i: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
+        t = index(i, ["id", "row"]).take(pa.array(positions))
+        return t.column("id").to_pylist(), t.column("row").to_numpy()
+
+    hashes = [dup.id_hashes(index(i, ["id"]).column("id").to_pylist()) for i in range(len(tokens))]
+    shards = [str(k.shard) for k in tokens]
+    table = dup.duplicates(shards, hashes, rows_of, cfg.corpus.duplicate_ids)
+    store.put_table(key, "duplicates.parquet", table)
+    dropped: Counter[str] = Counter()
+    renamed: Counter[str] = Counter()
+    dropped_tokens: Counter[str] = Counter()
+    for i, shard in enumerate(shards):
+        mine = table.filter(pc.equal(table.column("shard"), shard))
+        if not mine.num_rows:
+            continue
+        drop = mine.filter(pc.equal(mine.column("action"), "drop"))
+        dropped[shard] = drop.num_rows
+        renamed[shard] = mine.num_rows - drop.num_rows
+        n_tok = index(i, ["tokens"]).column("tokens").to_numpy()
+        dropped_tokens[shard] = int(n_tok[drop.column("position").to_numpy()].sum())
+    return store.commit(
+        key,
+        {
+            "dropped": {k: v for k, v in dropped.items() if v},
+            "renamed": {k: v for k, v in renamed.items() if v},
+            "dropped_tokens": {k: v for k, v in dropped_tokens.items() if v},
+        },
+    )
+
+
+def shard_duplicates(store: Store, ids: Key, shard: str) -> tuple[np.ndarray, dict[int, str]]:
+    """The positions of ``shard``'s dropped documents and {position: new id} of its
+    renamed ones, from the ids artifact."""
+    t = store.get_table(ids, "duplicates.parquet")
+    t = t.filter(pc.equal(t.column("shard"), shard)).to_pydict()
+    rows = list(zip(t["position"], t["action"], t["new_id"], strict=True))
+    drop = np.array([p for p, a, _ in rows if a == "drop"], dtype=np.int64)
+    return drop, {p: n for p, a, n in rows if a == "rename"}
+
+
 def run_quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
-    """q(x) for every accepted document. Summary: min, max (None when empty)."""
-    q = make_scorer(cfg.quality).score(_texts(shard, cfg)).astype(np.float64)
+    """q(x) for every accepted document. Summary: min, max (None when empty),
+    truncated (documents scored on a prefix)."""
+    texts = _texts(shard, cfg)
+    scorer = make_scorer(cfg.quality)
+    q = scorer.score(texts).astype(np.float64)
     if not np.isfinite(q).all():
         row = int(np.flatnonzero(~np.isfinite(q))[0])
         raise ValueError(
@@ -290,19 +365,28 @@ def run_quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
         {
             "min": None if empty else float(q.min()),
             "max": None if empty else float(q.max()),
+            "truncated": scorer.truncated(texts),
         },
     )
 
 
 def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
-    """L2-normalised embeddings, float32 (n, dim). Summary: docs, dim."""
-    e = embed_texts(_texts(shard, cfg), cfg.embed)
+    """L2-normalised embeddings, float32 (n, dim). Summary: docs, dim, device, dtype,
+    truncated (documents longer than embed.max_length tokens)."""
+    texts = _texts(shard, cfg)
+    e = embed_texts(texts, cfg.embed)
     store.put_array(key, "embeddings.npy", e)
     device = resolve_device(cfg.embed.device)
     dtype = str(resolve_dtype(cfg.embed.dtype, device)).removeprefix("torch.")
     return store.commit(
         key,
-        {"docs": int(e.shape[0]), "dim": int(e.shape[1]), "device": device.type, "dtype": dtype},
+        {
+            "docs": int(e.shape[0]),
+            "dim": int(e.shape[1]),
+            "device": device.type,
+            "dtype": dtype,
+            "truncated": truncated_count(texts, cfg.embed),
+        },
     )
 
 
@@ -408,6 +492,7 @@ def run_clusters(assign_keys: list[Key], km: Key, cfg: Config, store: Store, key
 
 def run_weights(
     tok: Key,
+    ids: Key,
     qual: Key,
     assign: Key,
     clusters: Key,
@@ -417,7 +502,8 @@ def run_weights(
     store: Store,
     key: Key,
 ) -> dict:
-    """d(x) and w(x) per document. Summary: wl = Σ w·len, w_sum = Σ w."""
+    """d(x) and w(x) per document; a document dropped for its duplicate id weighs 0.
+    Summary: wl = Σ w·len, w_sum = Σ w."""
     stats = store.get_arrays(clusters, "stats.npz")
     a = store.get_table(assign, "assign.parquet")
     d = div.diversity_values(
@@ -438,6 +524,7 @@ def run_weights(
     w = mixing.sample_weights(
         q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
     )
+    w[shard_duplicates(store, ids, str(tok.shard))[0]] = 0.0
     store.put_arrays(key, "weights.npz", diversity=d, weight=w)
     return store.commit(
         key,
@@ -480,6 +567,7 @@ def run_budget(
 def run_counts(
     shard: Shard,
     tok: Key,
+    ids: Key,
     qual: Key,
     assign: Key,
     weights: Key,
@@ -489,52 +577,51 @@ def run_counts(
     key: Key,
 ) -> dict:
     """c(x) and n(x); the shard's plan and its copies scattered into output buckets.
+    Documents dropped for their duplicate id are left out, renamed ones carry their
+    new id.
 
     Summary: sums for the budget check (expected, realised, variance), per-domain
-    copies and tokens selected, the histogram of n, and a bounded sample of raw q and
-    d per domain for the report.
+    documents and tokens in, copies and tokens selected, the histogram of n, and a
+    bounded sample of raw q and d per domain for the report.
     """
     index = store.get_table(tok, "index.parquet")
-    ids = index.column("id").to_pylist()
-    n_tok = index.column("tokens").to_numpy()
+    drop, renames = shard_duplicates(store, ids, shard.shard_id)
+    keep = np.ones(index.num_rows, dtype=bool)
+    keep[drop] = False
+    doc_ids = index.column("id").to_pylist()
+    for position, new_id in renames.items():
+        doc_ids[position] = new_id
     wz = store.get_arrays(weights, "weights.npz")
-    q = store.get_array(qual, "quality.npy")
-    c = mixing.expected_counts(wz["weight"], budget["scale"], cfg.mixing.max_repeats)
-    n = mixing.realised_counts(c, ids, cfg.mixing.seed)
     cluster = store.get_table(assign, "assign.parquet", columns=["cluster"])
     plan = pa.table(
         {
-            "id": index.column("id"),
+            "id": pa.array(doc_ids, pa.string()),
             "domain": index.column("domain"),
-            "tokens": n_tok,
-            "quality": q,
+            "tokens": index.column("tokens"),
+            "quality": store.get_array(qual, "quality.npy"),
             "diversity": wz["diversity"],
             "weight": wz["weight"],
-            "expected_count": c,
-            "count": n,
             "cluster": cluster.column("cluster"),
-            "shard": pa.array([shard.shard_id] * len(ids), pa.string()),
+            "shard": pa.array([shard.shard_id] * len(doc_ids), pa.string()),
             "row": index.column("row"),
         }
+    ).filter(keep)
+    kept_ids = plan.column("id").to_pylist()
+    c = mixing.expected_counts(
+        plan.column("weight").to_numpy(), budget["scale"], cfg.mixing.max_repeats
     )
+    n = mixing.realised_counts(c, kept_ids, cfg.mixing.seed)
+    plan = plan.add_column(6, "expected_count", pa.array(c)).add_column(7, "count", pa.array(n))
     store.put_table(key, "plan.parquet", plan)
     buckets: list[int] = []
     if n.any():
-        docs = read_docs(shard, cfg).docs
-        mix_docs = pa.table(
-            {
-                "id": index.column("id"),
-                "domain": index.column("domain"),
-                "text": docs.column("text"),
-                "quality": q,
-                "diversity": wz["diversity"],
-                "weight": wz["weight"],
-            }
-        )
+        text = read_docs(shard, cfg).docs.column("text").filter(pa.array(keep))
+        columns = ["id", "domain", "quality", "diversity", "weight"]
+        mix_docs = plan.select(columns).append_column("text", text)
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
             store.put_table(key, f"bucket-{b:05d}.parquet", part)
             buckets.append(b)
-    return store.commit(key, {**_counts_summary(plan, ids, cfg), "buckets": buckets})
+    return store.commit(key, {**_counts_summary(plan, kept_ids, cfg), "buckets": buckets})
 
 
 def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
@@ -548,6 +635,8 @@ def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
         m = domains == d
         keep = np.flatnonzero(m)[np.argsort(u[m])[:REPORT_SAMPLE]]
         per_domain[str(d)] = {
+            "docs_in": int(m.sum()),
+            "tokens_in": int(n_tok[m].sum()),
             "copies": int(n[m].sum()),
             "tokens": int((n[m] * n_tok[m]).sum()),
             "quality": plan.column("quality").to_numpy()[keep].tolist(),
@@ -572,14 +661,35 @@ def run_gather(bucket: int, counts_keys: list[Key], store: Store, out: Output) -
     return {"rows": table.num_rows}
 
 
-def run_publish(counts_keys: list[Key], tokens_keys: list[Key], store: Store, out: Output) -> dict:
-    """Write the per-document plan (one part per source shard, in shard order) and all
-    rejects. Summary: plan_parts, rejects."""
+def run_publish(
+    counts_keys: list[Key], tokens_keys: list[Key], ids: Key, store: Store, out: Output
+) -> dict:
+    """Write the per-document plan (one part per source shard, in shard order), all
+    rejects in (shard, row) order, duplicates dropped included, and the duplicate-id
+    table (drops and renames). Summary: plan_parts, rejects."""
     for i, ck in enumerate(counts_keys):
         out.put_table(f"plan/part-{i:05d}.parquet", store.get_table(ck, "plan.parquet"))
-    rejects = pa.concat_tables([store.get_table(tk, "rejects.parquet") for tk in tokens_keys]).cast(
-        REJECTS_SCHEMA
+    dups = store.get_table(ids, "duplicates.parquet")
+    out.put_table("rejects/duplicate_ids.parquet", dups)
+    drops = dups.filter(pc.equal(dups.column("action"), "drop")).to_pydict()
+    dropped = pa.table(
+        {
+            "shard": drops["shard"],
+            "row": drops["row"],
+            "reason": ["duplicate_id"] * len(drops["row"]),
+            "detail": [
+                f"id {i!r} also at {o}" for i, o in zip(drops["id"], drops["other"], strict=True)
+            ],
+        },
+        schema=REJECTS_SCHEMA,
     )
+    rejects = pa.concat_tables(
+        [store.get_table(tk, "rejects.parquet").cast(REJECTS_SCHEMA) for tk in tokens_keys]
+        + [dropped]
+    )
+    order = {tk.shard: i for i, tk in enumerate(tokens_keys)}
+    shard_order = np.array([order[s] for s in rejects.column("shard").to_pylist()], dtype=np.int64)
+    rejects = rejects.take(np.lexsort((rejects.column("row").to_numpy(), shard_order)))
     out.put_table("rejects/rejects.parquet", rejects)
     return {"plan_parts": len(counts_keys), "rejects": rejects.num_rows}
 
@@ -596,19 +706,57 @@ def output_for(cfg: Config) -> Output:
     return Output(path, cfg.storage.fsspec_options(path), cfg.storage.retries)
 
 
+def source_tokens(tokens: list[dict], ids: dict) -> int:
+    """T_src: the tokens of the accepted documents (duplicates dropped excluded)."""
+    return sum(t["tokens"] for t in tokens) - sum(ids["dropped_tokens"].values())
+
+
+def shard_accounting(shards: list[str], tokens: list[dict], ids: dict) -> list[dict]:
+    """Per shard: rows read, accepted (planned) and rejected, with read = accepted +
+    rejected; a shard where they disagree lost rows, which raises."""
+    rows = []
+    for shard, t in zip(shards, tokens, strict=True):
+        dropped = ids["dropped"].get(shard, 0)
+        row = {
+            "shard": shard,
+            "read": t["read"],
+            "accepted": t["docs"] - dropped,
+            "rejected": sum(t["rejects"].values()) + dropped,
+            "renamed": ids["renamed"].get(shard, 0),
+        }
+        if row["read"] != row["accepted"] + row["rejected"]:
+            raise RuntimeError(f"shard {shard}: rows read != accepted + rejected: {row}")
+        rows.append(row)
+    return rows
+
+
 def report_inputs(
-    tokens: list[dict], counts: list[dict], clusters: dict, target: int, settings: dict
+    shards: list[str],
+    tokens: list[dict],
+    ids: dict,
+    truncated: dict[str, int],
+    counts: list[dict],
+    clusters: dict,
+    target: int,
+    settings: dict,
 ):  # noqa: ANN201 - ReportInputs, imported lazily (matplotlib is slow to import)
-    """Combine the stage summaries into the report's inputs."""
+    """Combine the stage summaries (per shard in ``shards`` order: tokens, counts;
+    the ids and clusters reduces) into the report's inputs. ``truncated``: documents
+    each model read a prefix of, {"quality": n, "embed": n}."""
     from samplemix.report import ReportInputs
 
-    docs_before: Counter = Counter()
-    tokens_before: Counter = Counter()
     rejects: Counter = Counter()
     for t in tokens:
-        docs_before.update(t["domain_docs"])
-        tokens_before.update(t["domain_tokens"])
         rejects.update(t["rejects"])
+    dropped = sum(ids["dropped"].values())
+    if dropped:
+        rejects["duplicate_id"] += dropped
+    docs_before: Counter = Counter()
+    tokens_before: Counter = Counter()
+    for c in counts:
+        for d, v in c["domains"].items():
+            docs_before[d] += v["docs_in"]
+            tokens_before[d] += v["tokens_in"]
     docs_after: Counter = Counter({d: 0 for d in docs_before})
     tokens_after: Counter = Counter({d: 0 for d in docs_before})
     q: dict[str, list] = {d: [] for d in docs_before}
@@ -623,7 +771,7 @@ def report_inputs(
         hist.update({int(k): v for k, v in c["histogram"].items()})
     return ReportInputs(
         target_tokens=target,
-        source_tokens=sum(t["tokens"] for t in tokens),
+        source_tokens=source_tokens(tokens, ids),
         expected_tokens=sum(c["expected_tokens"] for c in counts),
         realised_tokens=sum(c["realised_tokens"] for c in counts),
         sigma_tokens=math.sqrt(max(sum(c["variance"] for c in counts), 0.0)),
@@ -639,4 +787,6 @@ def report_inputs(
         cluster_sizes=np.array(clusters["cluster_sizes"]),
         rejects=dict(sorted(rejects.items())),
         settings=settings,
+        shards=shard_accounting(shards, tokens, ids),
+        truncated=truncated,
     )

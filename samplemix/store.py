@@ -265,9 +265,19 @@ class Store(Location):
 
     def commit(self, key: Key, summary: dict[str, Any]) -> dict[str, Any]:
         """Mark the artifact complete (``summary``, JSON-able, is what a cache hit
-        returns), then point its shard's ``_latest`` entry at it."""
+        returns), then point its shard's ``_latest`` entry at it; returns the
+        committed summary.
+
+        The first commit wins: when two runs sharing the store computed the same key
+        at once, the later one keeps the earlier marker and returns its summary. Both
+        wrote the same files (a key fixes its inputs; each file is replaced whole), so
+        the artifact is consistent whichever files landed last.
+        """
         if os.environ.get(KILL_BEFORE_COMMIT) == key.stage:
             os.kill(os.getpid(), signal.SIGKILL)
+        first = self.manifest(key)
+        if first is not None:
+            return first["summary"]
         done = {
             "stage": key.stage,
             "shard": key.shard,

@@ -54,6 +54,11 @@ def tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
     return _from_store(store, key, lambda: stages.run_tokens(shard, cfg, store, key))
 
 
+@task(name="ids", task_run_name="ids/duplicates", **_OPTS)
+def ids(tokens: list[Key], cfg: Config, store: Store, key: Key) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_ids(tokens, cfg, store, key))
+
+
 @task(name="quality", task_run_name="quality/{shard.shard_id}", **_OPTS)
 def quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
     set_torch_threads(cfg.compute.torch_threads)
@@ -98,6 +103,7 @@ def weights(
         key,
         lambda: stages.run_weights(
             keys["tokens"],
+            keys["ids"],
             keys["quality"],
             keys["assign"],
             keys["clusters"],
@@ -127,6 +133,7 @@ def counts(
         lambda: stages.run_counts(
             shard,
             keys["tokens"],
+            keys["ids"],
             keys["quality"],
             keys["assign"],
             keys["weights"],

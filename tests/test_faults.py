@@ -72,10 +72,10 @@ def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
     assert file_bytes(tmp_path / "killed" / "plan") == file_bytes(clean / "clean" / "plan")
 
 
-def cli_run(corpus: Path, out: Path) -> subprocess.Popen:
+def cli_run(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
     """`samplemix run` of ``tiny_config(corpus, out)`` in its own process group."""
     args = ["--input", str(corpus), "--output", str(out), "--budget-ratio", "0.8"]
-    args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3"]
+    args += ["--workers", "2", "--set", "embed.max_length=32", "--set", "kmeans.k=3", *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "samplemix.cli", "run", *args],
         start_new_session=True,
@@ -104,6 +104,23 @@ def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path) -> None:
     assert set(second["computed"].values()) == {0}
     assert file_bytes(out / "mixture") == file_bytes(clean / "clean" / "mixture")
     assert not (out / "_lease.json").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_store_at_once(clean: Path, tmp_path: Path) -> None:
+    """Two runs with their own outputs and one store, started together, compute the
+    same artifacts side by side: both finish with the clean run's mixture, and a third
+    run on that store finds every artifact complete and computes nothing."""
+    store = ["--set", f"output.store={tmp_path / 'store'}"]
+    runs = [cli_run(clean / "corpus", tmp_path / name, *store) for name in ("a", "b")]
+    assert [r.wait(timeout=600) for r in runs] == [0, 0]
+    for name in ("a", "b"):
+        assert file_bytes(tmp_path / name / "mixture") == file_bytes(clean / "clean" / "mixture")
+    cfg = tiny_config(clean / "corpus", tmp_path / "c", **{"output.store": str(tmp_path / "store")})
+    third = run_mix(cfg)
+    computed = {stage: n for stage, n in third["computed"].items() if n}
+    assert computed == {"materialise": third["mixture_parts"]}  # only its own output
+    assert file_bytes(tmp_path / "c" / "mixture") == file_bytes(clean / "clean" / "mixture")
 
 
 @pytest.mark.slow

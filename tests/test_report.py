@@ -199,8 +199,8 @@ def test_top_ten_clusters_only():
 
 def test_empty_rejects_say_none():
     md = report_markdown(single_domain())
-    section = md.split("## Rejected documents", 1)[1]
-    assert section.strip() == "none"
+    section = md.split("## Rows read, accepted and rejected", 1)[1]
+    assert section.strip() == "No rows rejected."
 
 
 def test_single_domain():
