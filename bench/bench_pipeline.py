@@ -85,7 +85,7 @@ def run_direct(cfg: Config) -> float:
     keys = [
         {
             "tokens": stages.tokens_key(s, cfg),
-            "quality": stages.quality_key(s, cfg),
+            "quality": [stages.quality_key(s, cfg.quality[0], cfg)],
             "embed": stages.embed_key(s, cfg),
         }
         for s in shards
@@ -95,12 +95,16 @@ def run_direct(cfg: Config) -> float:
         tok.append(
             once(k["tokens"], lambda s=s, k=k: stages.run_tokens(s, cfg, store, k["tokens"]))
         )
+        qk = k["quality"][0]
         qual.append(
-            once(k["quality"], lambda s=s, k=k: stages.run_quality(s, cfg, store, k["quality"]))
+            once(qk, lambda s=s, qk=qk: stages.run_quality(s, cfg.quality[0], cfg, store, qk))
         )
         once(k["embed"], lambda s=s, k=k: stages.run_embed(s, cfg, store, k["embed"]))
+    tok_keys = [k["tokens"] for k in keys]
+    ids_key = stages.ids_key(tok_keys, cfg)
+    dups = once(ids_key, lambda: stages.run_ids(tok_keys, cfg, store, ids_key))
     n_docs = sum(r["docs"] for r in tok)
-    target = stages.target_tokens(sum(r["tokens"] for r in tok), cfg)
+    target = stages.target_tokens(stages.source_tokens(tok, dups), cfg)
     km, _ = stages.kmeans_to_use(store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg)
     parts = [(k["tokens"], k["embed"]) for k in keys]
     once(km, lambda: stages.run_kmeans(parts, n_docs, cfg, store, km))
@@ -117,17 +121,19 @@ def run_direct(cfg: Config) -> float:
     q_range = stages.quality_range(qual)
     for k in keys:
         k["weights"] = stages.weights_key(
-            k["tokens"], k["quality"], k["assign"], cl_key, q_range, cfg
+            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg
         )
         once(
             k["weights"],
             lambda k=k: stages.run_weights(
                 k["tokens"],
+                ids_key,
                 k["quality"],
                 k["assign"],
                 cl_key,
                 q_range,
                 [cl["d_min"], cl["d_max"]],
+                None,
                 cfg,
                 store,
                 k["weights"],
@@ -145,7 +151,8 @@ def run_direct(cfg: Config) -> float:
                 lambda s=s, k=k: stages.run_counts(
                     s,
                     k["tokens"],
-                    k["quality"],
+                    ids_key,
+                    k["quality"][0],
                     k["assign"],
                     k["weights"],
                     plan,
@@ -163,8 +170,12 @@ def run_direct(cfg: Config) -> float:
             store,
             out,
         )
-    stages.run_publish([k["counts"] for k in keys], [k["tokens"] for k in keys], store, out)
-    write_report(stages.report_inputs(tok, cnt, cl, target, {}), f"{cfg.output.path}/report")
+    stages.run_publish([k["counts"] for k in keys], tok_keys, ids_key, store, out)
+    truncated = {"quality": sum(r["truncated"] for r in qual)}
+    inputs = stages.report_inputs(
+        [s.shard_id for s in shards], tok, dups, truncated, cnt, cl, target, {}
+    )
+    write_report(inputs, f"{cfg.output.path}/report")
     return time.perf_counter() - t0
 
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from prefect import Task, flow, get_run_logger
@@ -111,7 +112,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     keys = [
         {
             "tokens": stages.tokens_key(s, cfg),
-            "quality": stages.quality_key(s, cfg),
+            "quality": [stages.quality_key(s, q, cfg) for q in cfg.quality],
             "embed": stages.embed_key(s, cfg),
         }
         for s in shards
@@ -120,9 +121,20 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     def per_shard(stage: str, *args: object) -> list[tuple[Key, tuple]]:
         return [(k[stage], (s, *args, k[stage])) for s, k in zip(shards, keys, strict=True)]
 
+    method = cfg.mixing.method
     tok_f = _launch(t.tokens, per_shard("tokens", cfg, store), store)
     emb_f = _launch(t.embed, per_shard("embed", cfg, store), store)
-    qual_f = _launch(t.quality, per_shard("quality", cfg, store), store)
+    qual_f = [
+        _launch(
+            t.quality,
+            [
+                (k["quality"][n], (s, q, cfg, store, k["quality"][n]))
+                for s, k in zip(shards, keys, strict=True)
+            ],
+            store,
+        )
+        for n, q in enumerate(cfg.quality)
+    ]
 
     tok = _collect(tok_f, "tokens")
     ids_key = stages.ids_key([k["tokens"] for k in keys], cfg)
@@ -166,19 +178,51 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         t.clusters, [(cl_key, ([k["assign"] for k in keys], km_key, cfg, store, cl_key))], store
     )[0]
 
-    qual = _collect(qual_f, "quality")
-    q_range = stages.quality_range(qual)
+    qual = [_collect(f, "quality") for f in qual_f]  # [scorer][shard]
+    q_range = stages.quality_range(qual[0])
     d_range = [cl["d_min"], cl["d_max"]]
+    reduces: dict[str, list[dict]] = {}
+    tok_keys = [k["tokens"] for k in keys]
+    method_key: Key | None = None
+    method_input: Key | dict | None = None
+    if method == "quadmix":
+        domain_docs: Counter[str] = Counter()
+        for r in tok:
+            domain_docs.update(r["domain_docs"])
+        params = stages.quadmix_params(cfg, sorted(domain_docs)).to_dict()
+        qkeys = [k["quality"] for k in keys]
+        method_key = method_input = stages.ranks_key(tok_keys, ids_key, qkeys, params, cfg)
+        args = (tok_keys, ids_key, qkeys, dict(domain_docs), cfg, store, method_key)
+        reduces["ranks"] = _run(t.ranks, [(method_key, args)], store)
+    elif method in stages.BASELINES:
+        bigram_keys = None
+        if method == "ce":
+            for k in keys:
+                k["bigrams"] = stages.bigrams_key(k["tokens"])
+            bigram_keys = [k["bigrams"] for k in keys]
+            reduces["bigrams"] = _run(
+                t.bigrams,
+                [
+                    (k["bigrams"], (s, k["tokens"], cfg, store, k["bigrams"]))
+                    for s, k in zip(shards, keys, strict=True)
+                ],
+                store,
+            )
+        method_key = stages.domains_key(tok_keys, ids_key, bigram_keys)
+        args = (tok_keys, ids_key, bigram_keys, store, method_key)
+        reduces["domains"] = _run(t.domains, [(method_key, args)], store)
+        method_input = reduces["domains"][0]
+        log.info("domain shares: %s", stages.baseline_proportions(cfg, method_input))
     for k in keys:
         k["ids"] = ids_key
         k["clusters"] = cl_key
         k["weights"] = stages.weights_key(
-            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg
+            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg, method_key
         )
     wts = _run(
         t.weights,
         [
-            (k["weights"], (s, k, q_range, d_range, cfg, store, k["weights"]))
+            (k["weights"], (s, k, q_range, d_range, method_input, cfg, store, k["weights"]))
             for s, k in zip(shards, keys, strict=True)
         ],
         store,
@@ -212,21 +256,13 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             [k["counts"] for k in keys], [k["tokens"] for k in keys], ids_key, store, out
         )
 
-    settings = {
-        "method": "samplemix",
-        "alpha": cfg.mixing.alpha,
-        "scorer": cfg.quality.scorer,
-        "embed model": cfg.embed.model,
-        "K": km["k"],
-        "seed": cfg.mixing.seed,
-        "budget": f"{target:,} tokens",
-        "max_repeats": cfg.mixing.max_repeats,
-        "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
-    }
+    settings = _settings(cfg, km["k"], target, method_input)
+    labels = [q.label for q in cfg.quality]
     truncated = {
-        "quality": sum(r["truncated"] for r in qual),
-        "embedding": sum(r["truncated"] for r in emb),
+        ("quality" if len(labels) == 1 else f"quality ({label})"): sum(r["truncated"] for r in rs)
+        for label, rs in zip(labels, qual, strict=True)
     }
+    truncated["embedding"] = sum(r["truncated"] for r in emb)
     inputs = stages.report_inputs(
         [s.shard_id for s in shards], tok, dups, truncated, cnt, cl, target, settings
     )
@@ -234,7 +270,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     stage_results = {
         "tokens": tok,
         "ids": [dups],
-        "quality": qual,
+        "quality": [r for rs in qual for r in rs],
         "embed": emb,
         "kmeans": [km],
         "assign": asg,
@@ -242,8 +278,13 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "weights": wts,
         "budget": [plan],
         "counts": cnt,
+        **reduces,
         "materialise": mixture,
     }
+    artifacts = {ids_key, km_key, b_key, *([method_key] if method_key else [])}
+    for k in keys:
+        for v in k.values():
+            artifacts.update(v if isinstance(v, list) else [v])
     summary = {
         "target_tokens": target,
         "source_tokens": source_tokens,
@@ -265,9 +306,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "task_seconds": {
             s: round(sum(r["seconds"] for r in rs), 2) for s, rs in stage_results.items()
         },
-        "artifacts": sorted(
-            {str(k) for ks in keys for k in ks.values()} | {str(km_key), str(b_key)}
-        ),
+        "artifacts": sorted(str(k) for k in artifacts),
     }
     out.seal(out_key, summary)
     log.info(
@@ -279,6 +318,32 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         summary["sigma_tokens"],
     )
     return summary
+
+
+def _settings(cfg: Config, k: int, target: int, method_input: Key | dict | None) -> dict:
+    """What the report lists under Settings for ``cfg.mixing.method``."""
+    m = cfg.mixing
+    settings: dict = {"method": m.method}
+    if m.method == "samplemix":
+        settings |= {"alpha": m.alpha, "scorer": cfg.quality[0].label}
+    elif m.method == "quadmix":
+        settings |= {
+            "criteria": ", ".join(q.label for q in cfg.quality),
+            "rank sample": m.quadmix.rank_sample or "all (exact)",
+        }
+    else:
+        shares = stages.baseline_proportions(cfg, method_input)  # type: ignore[arg-type]
+        settings["domain shares"] = ", ".join(f"{d} {p:.1%}" for d, p in shares.items())
+        if m.method == "temperature":
+            settings["temperature"] = m.temperature
+    return settings | {
+        "embed model": cfg.embed.model,
+        "K": k,
+        "seed": m.seed,
+        "budget": f"{target:,} tokens",
+        "max_repeats": m.max_repeats,
+        "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
+    }
 
 
 def _materialise(

@@ -96,6 +96,45 @@ def run(
     )
 
 
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: samplemix,quadmix,vanilla,fixed,temperature,ce")
+    ] = "samplemix,quadmix,vanilla",
+    alpha: Annotated[
+        str | None, typer.Option(help="SampleMix α sweep, e.g. 0,0.2,0.4,0.6,0.8,1")
+    ] = None,
+    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
+    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
+    set_: Set = None,
+) -> None:
+    """Run several methods (and α values) over shared cached scores and compare them."""
+    cfg = _load(
+        config, set_, **{"corpus.input": input, "output.path": output, "compute.n_workers": workers}
+    )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from flows.compare import run_compare
+    from samplemix.corpus import CorpusError
+    from samplemix.mixing import BudgetError
+    from samplemix.store import StoreError
+
+    try:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        alphas = [float(a) for a in alpha.split(",")] if alpha else []
+        result = run_compare(cfg, names, alphas)
+    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
+        raise _fail(e) from None
+    for name, r in result["runs"].items():
+        computed = sum(n for s, n in r["computed"].items() if s != "materialise")
+        typer.echo(
+            f"{name}: {r['realised_tokens']:,} tokens, {computed} tasks computed -> {r['output']}"
+        )
+    typer.echo(f"comparison: {cfg.output.path.rstrip('/')}/compare/compare.md")
+
+
 def _with_credentials(cfg: Config) -> Config:
     """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
     if not cfg.storage.aws_credentials_block:

@@ -62,6 +62,12 @@ class CorpusConfig(_Section):
     on_bad_shard: Literal["error", "skip"] = Field(
         "error", description="An unreadable shard stops the run, or is skipped and reported"
     )
+    domain_model: str | None = Field(
+        None,
+        description="A sequence-classification model (local path or hub id) whose most "
+        "probable label becomes each document's domain, instead of the column/folder",
+    )
+    domain_max_length: int = Field(256, gt=1, description="Tokens domain_model reads")
     duplicate_ids: Literal["disambiguate", "keep_first", "reject"] = Field(
         "disambiguate",
         description="Documents sharing an id: later ones renamed <id>#<shard>:<row>, "
@@ -146,6 +152,11 @@ class TokensConfig(_Section):
 
 
 class QualityConfig(_Section):
+    name: str | None = Field(
+        None,
+        description="The criterion's name in reports and QuaDMix parameters; "
+        "default: the scorer, or scorer:model-folder for model scorers",
+    )
     scorer: Literal["heuristic", "hf-classifier", "perplexity"] = "heuristic"
     model: str | None = Field(None, description="Local path or hub id (hf-classifier, perplexity)")
     gguf_file: str | None = Field(None, description="GGUF file inside `model` (perplexity)")
@@ -157,6 +168,14 @@ class QualityConfig(_Section):
     max_length: int = Field(512, gt=1)
     batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.model:
+            return f"{self.scorer}:{self.model.rstrip('/').rsplit('/', 1)[-1]}"
+        return self.scorer
 
 
 class EmbedConfig(_Section):
@@ -197,13 +216,48 @@ class DiversityConfig(_Section):
     lam: float = Field(0.5, ge=0, le=1, description="λ for form='additive'")
 
 
+METHODS = ("samplemix", "quadmix", "vanilla", "fixed", "temperature", "ce")
+
+
+class QuadMixConfig(_Section):
+    """QuaDMix's θ (method.md §2). ``params``: a YAML/JSON file or a mapping
+    {domains: {NAME: {alpha: [one per criterion], lam, omega, eta, eps}}}; a domain
+    it does not list gets ``default`` with equal alpha."""
+
+    params: str | dict[str, Any] | None = Field(
+        None, description="Parameter file or mapping (samplemix search writes one)"
+    )
+    default: dict[str, float] = Field(
+        default_factory=lambda: {"lam": 10.0, "omega": 0.5, "eta": 1.0, "eps": 0.001},
+        description="lam, omega, eta, eps for domains the parameters do not list",
+    )
+    rank_sample: int = Field(
+        10_000,
+        ge=0,
+        description="Documents per domain the q-bar -> rank mapping is estimated on "
+        "(the paper's 10,000); 0 = every document (exact)",
+    )
+
+
 class MixingConfig(_Section):
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "samplemix",
+        description="samplemix (quality + diversity per document), quadmix, or a "
+        "domain-wise baseline: vanilla, fixed (domain_weights), temperature, ce",
+    )
     alpha: float = Field(0.8, ge=0, le=1, description="0 = quality only, 1 = diversity only")
     budget: int | None = Field(None, description="Target tokens T_tgt, e.g. 2000000 or '2M'")
     budget_ratio: float | None = Field(None, gt=0, description="T_tgt as a ratio of T_src")
     epsilon: float = Field(0.0, ge=0)
     max_repeats: int | None = Field(None, gt=0)
     seed: int = 0
+    temperature: float = Field(
+        2.0, gt=0, description="method temperature: shares ∝ natural share^(1/temperature)"
+    )
+    domain_weights: dict[str, float] | None = Field(
+        None, description="method fixed: token share per domain (normalised)"
+    )
+    quadmix: QuadMixConfig = Field(default_factory=QuadMixConfig)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -214,6 +268,8 @@ class MixingConfig(_Section):
     def _one_budget(self) -> MixingConfig:
         if self.budget is not None and self.budget_ratio is not None:
             raise ValueError("set either budget or budget_ratio, not both")
+        if self.method == "fixed" and not self.domain_weights:
+            raise ValueError("method 'fixed' needs mixing.domain_weights {domain: share}")
         return self
 
 
@@ -228,12 +284,30 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
-    quality: QualityConfig = Field(default_factory=QualityConfig)
+    quality: list[QualityConfig] = Field(
+        default_factory=lambda: [QualityConfig()],
+        description="One scorer, or a list (each cached on its own); SampleMix's q(x) is "
+        "the first, QuaDMix merges them all",
+    )
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def _one_or_more_scorers(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict | QualityConfig) else v
+
+    @model_validator(mode="after")
+    def _distinct_scorer_names(self) -> Config:
+        labels = [q.label for q in self.quality]
+        if not labels:
+            raise ValueError("quality needs at least one scorer")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"quality scorers need distinct names (set quality[i].name): {labels}")
+        return self
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -247,7 +321,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    field = ".".join(str(p) for p in err["loc"])
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])[1:]
     msg = err["msg"]
     if err["type"] == "literal_error":
         msg = f"must be one of {err['ctx']['expected']}"

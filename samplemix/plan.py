@@ -12,6 +12,7 @@ artifact committed for the same shard and stage (the store's ``_latest`` pointer
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,12 +109,12 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     ids: list[str | None] = [s.shard_id for s in shards]
     w = _Walker(store)
     tok_keys = [stages.tokens_key(s, cfg) for s in shards]
-    qual_keys = [stages.quality_key(s, cfg) for s in shards]
+    qual_keys = [[stages.quality_key(s, q, cfg) for q in cfg.quality] for s in shards]
     embed = [stages.embed_key(s, cfg) for s in shards]
     tok = w.stage(tok_keys)
     ids_key = stages.ids_key(tok_keys, cfg)
     dups = w.stage([ids_key])[0]
-    qual = w.stage(qual_keys)
+    qual = w.stage([k for per_shard in qual_keys for k in per_shard])
     w.stage(embed)
 
     docs = [None if t is None else t["docs"] for t in tok]
@@ -138,9 +139,30 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
         for stage in ("budget", "counts", "materialise"):
             w.unknown(stage, ids if stage == "counts" else [None], "quality")
         return w.steps
-    q_range = stages.quality_range(qual)  # type: ignore[arg-type]
+    q_range = stages.quality_range(qual[:: len(cfg.quality)])  # type: ignore[arg-type]
+    method = cfg.mixing.method
+    method_key = None
+    if method == "quadmix":
+        if any(t is None for t in tok):
+            for stage in ("ranks", "weights", "budget", "counts", "materialise"):
+                per_shard = stage in ("weights", "counts")
+                w.unknown(stage, ids if per_shard else [None], "tokens")
+            return w.steps
+        domain_docs: Counter[str] = Counter()
+        for t in tok:
+            domain_docs.update(t["domain_docs"])  # type: ignore[index]
+        params = stages.quadmix_params(cfg, sorted(domain_docs)).to_dict()
+        method_key = stages.ranks_key(tok_keys, ids_key, qual_keys, params, cfg)
+        w.stage([method_key])
+    elif method in stages.BASELINES:
+        bigram_keys = None
+        if method == "ce":
+            bigram_keys = [stages.bigrams_key(k) for k in tok_keys]
+            w.stage(bigram_keys)
+        method_key = stages.domains_key(tok_keys, ids_key, bigram_keys)
+        w.stage([method_key])
     weights = [
-        stages.weights_key(t, ids_key, q, a, cl, q_range, cfg)
+        stages.weights_key(t, ids_key, q, a, cl, q_range, cfg, method_key)
         for t, q, a in zip(tok_keys, qual_keys, assign, strict=True)
     ]
     w.stage(weights)

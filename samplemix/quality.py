@@ -377,3 +377,23 @@ class PerplexityScorer:
                 nll = F.cross_entropy(logits[row, : n - 1].float(), enc["input_ids"][row, 1:n])
                 scores[row] = -nll.item()
         return scores
+
+
+class DomainClassifier:
+    """The most probable label of a sequence-classification model, per text: a domain.
+    Label names come from the model's ``id2label``."""
+
+    def __init__(self, model: str, max_length: int, device: str = "auto") -> None:
+        cfg = QualityConfig(
+            scorer="hf-classifier", model=model, max_length=max_length, device=device
+        )
+        self._runner = _BatchedModel(cfg, "classifier")
+        self._names = self._runner.model.config.id2label
+
+    def labels(self, texts: list[str]) -> list[str]:
+        out = np.zeros(len(texts), dtype=np.int64)
+        with torch.inference_mode():
+            for idx, enc in self._runner.batches(texts):
+                with self._runner.autocast():
+                    out[idx] = self._runner.model(**enc).logits.argmax(-1).cpu().numpy()
+        return [str(self._names[int(i)]) for i in out]

@@ -19,27 +19,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from samplemix import baselines, kmeans, materialise, mixing, quadmix
 from samplemix import diversity as div
 from samplemix import ids as dup
-from samplemix import kmeans, materialise, mixing
-from samplemix.config import Config
+from samplemix.config import Config, QualityConfig
 from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, ShardDocs, read_shard
 from samplemix.embed import embed_texts, truncated_count
 from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
-from samplemix.quality import make_scorer
+from samplemix.quality import DomainClassifier, make_scorer
 from samplemix.store import Key, Output, Store, artifact_key
-from samplemix.tokens import token_counts
+from samplemix.tokens import token_counts, token_ids
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
     "tokens": "2",  # 2: rows read
     "ids": "1",
+    "bigrams": "1",
+    "domains": "1",
     "quality": "2",  # 2: truncated documents counted
     "embed": "2",
     "kmeans": "1",
     "assign": "1",
     "clusters": "1",
-    "weights": "2",  # 2: duplicate ids
+    "ranks": "1",
+    "weights": "3",  # 2: duplicate ids; 3: methods
     "budget": "1",
     "counts": "2",
     "output": "1",
@@ -64,6 +67,17 @@ def _corpus_part(shard: Shard, cfg: Config) -> dict:
     }
 
 
+def _domain_model_part(cfg: Config) -> dict | None:
+    c = cfg.corpus
+    if c.domain_model is None:
+        return None
+    return {
+        "model": c.domain_model,
+        "max_length": c.domain_max_length,
+        "weights": model_fingerprint(c.domain_model),
+    }
+
+
 # ---- keys -------------------------------------------------------------------------------
 
 
@@ -76,6 +90,7 @@ def tokens_key(shard: Shard, cfg: Config) -> Key:
         corpus=_corpus_part(shard, cfg),
         tokens={"tokenizer": name},
         model_weights=model_fingerprint(name),
+        domain_model=_domain_model_part(cfg),
     )
 
 
@@ -88,8 +103,24 @@ def ids_key(tokens: list[Key], cfg: Config) -> Key:
     )
 
 
-def quality_key(shard: Shard, cfg: Config) -> Key:
-    q = cfg.quality.model_dump(exclude={"batch_tokens", "device"})
+def bigrams_key(tokens: Key) -> Key:
+    """Bigrams under the budget tokenizer, by the domains of the shard's index."""
+    return artifact_key("bigrams", VERSIONS["bigrams"], tokens.shard, tokens=tokens.id)
+
+
+def domains_key(tokens: list[Key], ids: Key, bigrams: list[Key] | None) -> Key:
+    return artifact_key(
+        "domains",
+        VERSIONS["domains"],
+        tokens=[k.id for k in tokens],
+        ids=ids.id,
+        bigrams=None if bigrams is None else [k.id for k in bigrams],
+    )
+
+
+def quality_key(shard: Shard, scorer: QualityConfig, cfg: Config) -> Key:
+    """The key of one scorer's q(x) on ``shard``: each scorer is cached on its own."""
+    q = scorer.model_dump(exclude={"name", "batch_tokens", "device"})
     fp = model_fingerprint(q["model"]) if q["model"] else None
     return artifact_key(
         "quality",
@@ -179,27 +210,82 @@ def clusters_key(assign: list[Key], cfg: Config) -> Key:
     )
 
 
+BASELINES = ("vanilla", "fixed", "temperature", "ce")
+
+
+def _method_part(cfg: Config) -> dict:
+    """The mixing settings a method's weights depend on (beyond its reduce's key)."""
+    m = cfg.mixing
+    extra = {
+        "samplemix": {"alpha": m.alpha, "epsilon": m.epsilon},
+        "temperature": {"temperature": m.temperature},
+        "fixed": {"domain_weights": m.domain_weights},
+    }
+    return {"method": m.method, **extra.get(m.method, {})}
+
+
+def quadmix_params(cfg: Config, domains: list[str]) -> quadmix.QuadMixParams:
+    """θ for ``domains``: ``mixing.quadmix.params`` (a file or a mapping), with
+    ``mixing.quadmix.default`` and equal merge weights for the domains it does not list."""
+    qm = cfg.mixing.quadmix
+    given = qm.params
+    if isinstance(given, str):
+        import yaml
+        from fsspec import open as fs_open
+
+        with fs_open(given, "r", **cfg.storage.fsspec_options(given)) as f:
+            given = yaml.safe_load(f)
+    listed = dict((given or {}).get("domains", {}))
+    n = len(cfg.quality)
+    fill = {"alpha": [1.0 / n] * n, **qm.default}
+    try:
+        return quadmix.QuadMixParams.from_dict(
+            {"domains": {d: listed.get(d, fill) for d in domains}}
+        )
+    except ValueError as e:
+        raise ValueError(f"mixing.quadmix.params: {e}") from None
+
+
+def ranks_key(
+    tokens: list[Key], ids: Key, quality: list[list[Key]], params: dict, cfg: Config
+) -> Key:
+    return artifact_key(
+        "ranks",
+        VERSIONS["ranks"],
+        tokens=[k.id for k in tokens],
+        ids=ids.id,
+        quality=[[k.id for k in per_shard] for per_shard in quality],
+        quadmix={"params": params, "rank_sample": cfg.mixing.quadmix.rank_sample},
+        mixing={"seed": cfg.mixing.seed},
+    )
+
+
 def weights_key(
     tokens: Key,
     ids: Key,
-    quality: Key,
+    quality: list[Key],
     assign: Key,
     clusters: Key,
     q_range: list[float],
     cfg: Config,
+    method: Key | None = None,
 ) -> Key:
-    m = cfg.mixing
+    """``quality``: the shard's keys, one per scorer (SampleMix reads the first,
+    QuaDMix all); ``method``: the method's reduce (ranks for QuaDMix, domains for the
+    baselines)."""
+    used = quality if cfg.mixing.method == "quadmix" else quality[:1]
     return artifact_key(
         "weights",
         VERSIONS["weights"],
         tokens.shard,
         tokens=tokens.id,
         ids=ids.id,
-        quality=quality.id,
+        quality=[k.id for k in used],
         assign=assign.id,
         clusters=clusters.id,
         quality_range=q_range,
-        mixing={"alpha": m.alpha, "epsilon": m.epsilon},
+        method_stats=None if method is None else method.id,
+        mixing=_method_part(cfg),
     )
 
 
@@ -276,6 +362,10 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     texts = sd.docs.column("text").to_pylist()
     n_tok = token_counts(texts, tokenizer_name(cfg))
     index = sd.docs.drop_columns(["text"]).append_column("tokens", pa.array(n_tok))
+    if cfg.corpus.domain_model:
+        labels = DomainClassifier(cfg.corpus.domain_model, cfg.corpus.domain_max_length)
+        column = index.schema.get_field_index("domain")
+        index = index.set_column(column, "domain", pa.array(labels.labels(texts), pa.string()))
     store.put_table(key, "index.parquet", index)
     store.put_table(key, "rejects.parquet", sd.rejects)
     domains = index.column("domain").to_pylist()
@@ -346,16 +436,160 @@ def shard_duplicates(store: Store, ids: Key, shard: str) -> tuple[np.ndarray, di
     return drop, {p: n for p, a, n in rows if a == "rename"}
 
 
-def run_quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
+def run_bigrams(shard: Shard, tok: Key, cfg: Config, store: Store, key: Key) -> dict:
+    """Token bigram counts per domain (for the CE baseline; domains as the shard's index
+    ``tok`` has them): bigrams.parquet with columns domain, prev, next, count.
+    Summary: bigrams (rows)."""
+    texts = read_docs(shard, cfg).docs.column("text").to_pylist()
+    domains = store.get_table(tok, "index.parquet", columns=["domain"]).column("domain")
+    counts: dict[str, Counter] = {}
+    for d, ids in zip(domains.to_pylist(), token_ids(texts, tokenizer_name(cfg)), strict=True):
+        counts.setdefault(d, Counter()).update(baselines.bigram_counts([ids]))
+    rows = [(d, a, b, c) for d, cd in counts.items() for (a, b), c in cd.items()]
+    table = pa.table(
+        {
+            "domain": pa.array([r[0] for r in rows], pa.string()),
+            "prev": pa.array([r[1] for r in rows], pa.int64()),
+            "next": pa.array([r[2] for r in rows], pa.int64()),
+            "count": pa.array([r[3] for r in rows], pa.int64()),
+        }
+    )
+    store.put_table(key, "bigrams.parquet", table)
+    return store.commit(key, {"bigrams": table.num_rows})
+
+
+def run_domains(
+    tokens: list[Key], ids: Key, bigrams: list[Key] | None, store: Store, key: Key
+) -> dict:
+    """What the domain-wise baselines need: tokens per domain over the accepted
+    documents (duplicates dropped excluded) and, given ``bigrams`` (CE), each domain's
+    conditional entropy H(next | prev) in nats. Summary: tokens, entropy (dicts)."""
+    domain_tokens: Counter[str] = Counter()
+    for tok in tokens:
+        index = store.get_table(tok, "index.parquet", columns=["domain", "tokens"])
+        n_tok = index.column("tokens").to_numpy().copy()
+        n_tok[shard_duplicates(store, ids, str(tok.shard))[0]] = 0
+        for d, t in zip(index.column("domain").to_pylist(), n_tok.tolist(), strict=True):
+            domain_tokens[d] += t
+    entropy = {}
+    if bigrams is not None:
+        merged: dict[str, Counter] = {}
+        for bk in bigrams:
+            t = store.get_table(bk, "bigrams.parquet").to_pydict()
+            for d, a, b, c in zip(t["domain"], t["prev"], t["next"], t["count"], strict=True):
+                merged.setdefault(d, Counter())[(a, b)] += c
+        entropy = {d: baselines.conditional_entropy(c) for d, c in sorted(merged.items())}
+    return store.commit(key, {"tokens": dict(sorted(domain_tokens.items())), "entropy": entropy})
+
+
+def baseline_proportions(cfg: Config, domains: dict) -> dict[str, float]:
+    """Token share per domain for the baseline ``cfg.mixing.method`` from the domains
+    summary."""
+    m = cfg.mixing
+    if m.method == "vanilla":
+        return baselines.vanilla_proportions(domains["tokens"])
+    if m.method == "temperature":
+        return baselines.temperature_proportions(domains["tokens"], m.temperature)
+    if m.method == "fixed":
+        try:
+            return baselines.fixed_proportions(m.domain_weights or {}, list(domains["tokens"]))
+        except ValueError as e:
+            raise ValueError(f"mixing.domain_weights: {e}") from None
+    return baselines.ce_proportions(domains["entropy"])
+
+
+def _shard_sample(
+    store: Store, tok: Key, ids: Key, rates: dict[str, float], seed: int
+) -> tuple[np.ndarray, pa.Table]:
+    """Positions of the shard's accepted documents in the QuaDMix rank sample (a
+    document is in when its id's uniform is below its domain's rate), and its index."""
+    index = store.get_table(tok, "index.parquet", columns=["id", "domain", "tokens"])
+    u = mixing.doc_uniforms(index.column("id").to_pylist(), seed, "quadmix")
+    rate = np.array([rates[d] for d in index.column("domain").to_pylist()])
+    take = u < rate
+    take[shard_duplicates(store, ids, str(tok.shard))[0]] = False
+    return np.flatnonzero(take), index
+
+
+def run_ranks(
+    tokens: list[Key],
+    ids: Key,
+    quality: list[list[Key]],
+    domain_docs: dict[str, int],
+    cfg: Config,
+    store: Store,
+    key: Key,
+) -> dict:
+    """QuaDMix's fitted maps (method.md §2): σ_n per criterion (global rank percentile)
+    and per domain the token-weighted q̄ → r̄ map, estimated on up to
+    ``quadmix.rank_sample`` documents per domain (0: all, exact). ``quality[i]`` are
+    shard i's keys, one per scorer; ``domain_docs`` the documents per domain.
+
+    Writes maps.npz. Summary: params (θ as a mapping), sample {domain: documents}.
+    """
+    n_sample = cfg.mixing.quadmix.rank_sample
+    rates = {
+        d: 1.0 if n_sample == 0 else min(1.0, n_sample / max(n, 1)) for d, n in domain_docs.items()
+    }
+    qs, doms, toks = [], [], []
+    for tok, qkeys in zip(tokens, quality, strict=True):
+        take, index = _shard_sample(store, tok, ids, rates, cfg.mixing.seed)
+        qs.append(np.column_stack([store.get_array(k, "quality.npy")[take] for k in qkeys]))
+        doms += index.column("domain").take(pa.array(take)).to_pylist()
+        toks.append(index.column("tokens").to_numpy()[take])
+    sample_q, sample_tokens = np.concatenate(qs), np.concatenate(toks)
+    domains = np.array(doms, dtype=object).astype(str)
+    # Oversampled small domains must not pull the global percentiles: weight 1/rate.
+    inverse_rate = 1.0 / np.array([rates[d] for d in doms])
+    sigma = [
+        quadmix.rank_percentile_map(sample_q[:, n], inverse_rate, higher_is_better=True)
+        for n in range(sample_q.shape[1])
+    ]
+    params = quadmix_params(cfg, sorted(domain_docs))
+    qbar = quadmix.document_qbar(sample_q, domains, sigma, params)
+    ranks = quadmix.fit_rank_maps(qbar, domains, sample_tokens)
+    arrays = {
+        f"sigma:{n}:{part}": getattr(m, part) for n, m in enumerate(sigma) for part in ("xs", "ps")
+    }
+    arrays |= {
+        f"rank:{d}:{part}": getattr(m, part) for d, m in ranks.items() for part in ("xs", "ps")
+    }
+    store.put_arrays(key, "maps.npz", **arrays)
+    sample = Counter(doms)
+    return store.commit(key, {"params": params.to_dict(), "sample": dict(sorted(sample.items()))})
+
+
+def load_ranks(
+    store: Store, ranks: Key
+) -> tuple[list[quadmix.PercentileMap], dict[str, quadmix.PercentileMap]]:
+    """The σ maps (criterion order) and the r̄ maps (by domain) of a ranks artifact."""
+    a = store.get_arrays(ranks, "maps.npz")
+    sigma: dict[int, dict] = {}
+    rank: dict[str, dict] = {}
+    for name, values in a.items():
+        kind, which, part = name.split(":")
+        if kind == "sigma":
+            sigma.setdefault(int(which), {})[part] = values
+        else:
+            rank.setdefault(which, {})[part] = values
+    return (
+        [quadmix.PercentileMap(sigma[n]["xs"], sigma[n]["ps"], True) for n in sorted(sigma)],
+        {d: quadmix.PercentileMap(m["xs"], m["ps"]) for d, m in rank.items()},
+    )
+
+
+def run_quality(
+    shard: Shard, scorer_cfg: QualityConfig, cfg: Config, store: Store, key: Key
+) -> dict:
     """q(x) for every accepted document. Summary: min, max (None when empty),
     truncated (documents scored on a prefix)."""
     texts = _texts(shard, cfg)
-    scorer = make_scorer(cfg.quality)
+    scorer = make_scorer(scorer_cfg)
     q = scorer.score(texts).astype(np.float64)
     if not np.isfinite(q).all():
         row = int(np.flatnonzero(~np.isfinite(q))[0])
         raise ValueError(
-            f"quality scorer {cfg.quality.scorer!r} returned {q[row]} for document {row} "
+            f"quality scorer {scorer_cfg.label!r} returned {q[row]} for document {row} "
             f"(accepted-document order) of shard {shard.path}; scores must be finite"
         )
     store.put_array(key, "quality.npy", q)
@@ -493,17 +727,24 @@ def run_clusters(assign_keys: list[Key], km: Key, cfg: Config, store: Store, key
 def run_weights(
     tok: Key,
     ids: Key,
-    qual: Key,
+    qual: list[Key],
     assign: Key,
     clusters: Key,
     q_range: list[float],
     d_range: list[float],
+    method: Key | dict | None,
     cfg: Config,
     store: Store,
     key: Key,
 ) -> dict:
-    """d(x) and w(x) per document; a document dropped for its duplicate id weighs 0.
-    Summary: wl = Σ w·len, w_sum = Σ w."""
+    """d(x) and the sampling weight w(x) of ``cfg.mixing.method`` per document:
+
+    - samplemix: α·d̂ + (1 − α)·q̂ + ε from the first scorer's q (``q_range``) and d;
+    - quadmix: S(r̄) from every scorer's q and the ranks artifact ``method``;
+    - baselines: p_m / T_m from the domains summary ``method`` (uniform in a domain).
+
+    A document dropped for its duplicate id weighs 0. ``qual``: the shard's quality
+    keys, one per scorer. Summary: wl = Σ w·len, w_sum = Σ w."""
     stats = store.get_arrays(clusters, "stats.npz")
     a = store.get_table(assign, "assign.parquet")
     d = div.diversity_values(
@@ -513,17 +754,29 @@ def run_weights(
         stats["separation"],
         cfg.diversity,
     )
-    q = store.get_array(qual, "quality.npy")
-    n_tok = store.get_table(tok, "index.parquet", columns=["tokens"]).column("tokens").to_numpy()
+    q = store.get_array(qual[0], "quality.npy")
+    index = store.get_table(tok, "index.parquet", columns=["domain", "tokens"])
+    n_tok = index.column("tokens").to_numpy()
     if not len(q) == len(d) == len(n_tok):
         raise ValueError(
             f"shard {tok.shard}: {len(q)} quality scores, {len(d)} embeddings and "
             f"{len(n_tok)} indexed documents disagree; the shard was read "
             "differently by the stages (changed while the run read it?); rerun"
         )
-    w = mixing.sample_weights(
-        q, d, tuple(q_range), tuple(d_range), cfg.mixing.alpha, cfg.mixing.epsilon
-    )
+    domains = index.column("domain").to_numpy(zero_copy_only=False).astype(str)
+    m = cfg.mixing
+    if m.method == "samplemix":
+        w = mixing.sample_weights(q, d, tuple(q_range), tuple(d_range), m.alpha, m.epsilon)
+    elif m.method == "quadmix":
+        assert isinstance(method, Key)
+        sigma, ranks = load_ranks(store, method)
+        params = quadmix.QuadMixParams.from_dict(store.summary(method)["params"])  # type: ignore[index]
+        q_all = np.column_stack([store.get_array(k, "quality.npy") for k in qual])
+        w = quadmix.document_values(q_all, domains, sigma, ranks, params)
+    else:
+        assert isinstance(method, dict)
+        shares = baseline_proportions(cfg, method)
+        w = baselines.domain_weights(domains, shares, method["tokens"])
     w[shard_duplicates(store, ids, str(tok.shard))[0]] = 0.0
     store.put_arrays(key, "weights.npz", diversity=d, weight=w)
     return store.commit(

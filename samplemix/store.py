@@ -276,8 +276,6 @@ class Store(Location):
         if os.environ.get(KILL_BEFORE_COMMIT) == key.stage:
             os.kill(os.getpid(), signal.SIGKILL)
         first = self.manifest(key)
-        if first is not None:
-            return first["summary"]
         done = {
             "stage": key.stage,
             "shard": key.shard,
@@ -285,10 +283,11 @@ class Store(Location):
             "summary": summary,
             "committed": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        self._write(self._path(key, DONE), json.dumps(done).encode())
+        if first is None:
+            self._write(self._path(key, DONE), json.dumps(done).encode())
         latest = json.dumps({"id": key.id, "shard": key.shard}).encode()
         self._write(self._latest_path(key.stage, key.shard), latest)
-        return summary
+        return summary if first is None else first["summary"]
 
     # ---- reading ------------------------------------------------------------------------
 

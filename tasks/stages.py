@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from samplemix import stages
-from samplemix.config import Config
+from samplemix.config import Config, QualityConfig
 from samplemix.corpus import Shard
 from samplemix.models import set_torch_threads
 from samplemix.store import Key, Output, Store, transient
@@ -59,10 +59,41 @@ def ids(tokens: list[Key], cfg: Config, store: Store, key: Key) -> dict | State:
     return _from_store(store, key, lambda: stages.run_ids(tokens, cfg, store, key))
 
 
-@task(name="quality", task_run_name="quality/{shard.shard_id}", **_OPTS)
-def quality(shard: Shard, cfg: Config, store: Store, key: Key) -> dict | State:
+@task(name="bigrams", task_run_name="bigrams/{shard.shard_id}", **_OPTS)
+def bigrams(shard: Shard, tok: Key, cfg: Config, store: Store, key: Key) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_bigrams(shard, tok, cfg, store, key))
+
+
+@task(name="domains", task_run_name="domains/stats", **_OPTS)
+def domains(
+    tokens: list[Key], ids: Key, bigrams: list[Key] | None, store: Store, key: Key
+) -> dict | State:
+    return _from_store(store, key, lambda: stages.run_domains(tokens, ids, bigrams, store, key))
+
+
+@task(name="ranks", task_run_name="ranks/quadmix", **_OPTS)
+def ranks(
+    tokens: list[Key],
+    ids: Key,
+    quality: list[list[Key]],
+    domain_docs: dict[str, int],
+    cfg: Config,
+    store: Store,
+    key: Key,
+) -> dict | State:
+    return _from_store(
+        store,
+        key,
+        lambda: stages.run_ranks(tokens, ids, quality, domain_docs, cfg, store, key),
+    )
+
+
+@task(name="quality", task_run_name="quality/{scorer.label}/{shard.shard_id}", **_OPTS)
+def quality(
+    shard: Shard, scorer: QualityConfig, cfg: Config, store: Store, key: Key
+) -> dict | State:
     set_torch_threads(cfg.compute.torch_threads)
-    return _from_store(store, key, lambda: stages.run_quality(shard, cfg, store, key))
+    return _from_store(store, key, lambda: stages.run_quality(shard, scorer, cfg, store, key))
 
 
 @task(name="embed", task_run_name="embed/{shard.shard_id}", **_OPTS)
@@ -94,6 +125,7 @@ def weights(
     keys: dict[str, Key],
     q_range: list[float],
     d_range: list[float],
+    method: Key | dict | None,
     cfg: Config,
     store: Store,
     key: Key,
@@ -109,6 +141,7 @@ def weights(
             keys["clusters"],
             q_range,
             d_range,
+            method,
             cfg,
             store,
             key,
@@ -134,7 +167,7 @@ def counts(
             shard,
             keys["tokens"],
             keys["ids"],
-            keys["quality"],
+            keys["quality"][0],
             keys["assign"],
             keys["weights"],
             plan,

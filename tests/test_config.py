@@ -51,7 +51,7 @@ quality:
     assert cfg.mixing.seed == 4  # a None override leaves the file's value
     assert cfg.output.path == "o"  # override of a section the file does not have
     assert cfg.kmeans.k == 8
-    assert cfg.quality.scorer == "perplexity"
+    assert cfg.quality[0].scorer == "perplexity"
     # Everything else is the default.
     assert cfg.embed.model == "minilm"
     assert cfg.corpus.on_bad_shard == "error"
@@ -168,7 +168,7 @@ def test_alpha_out_of_range_is_named() -> None:
 def test_literal_field_lists_the_allowed_values(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "corpus: {input: x}\nquality:\n  scorer: nope\n")
     msg = error_of(path)
-    assert "quality.scorer" in msg and "'nope'" in msg
+    assert "quality[0].scorer" in msg and "'nope'" in msg
     for allowed in ("'heuristic'", "'hf-classifier'", "'perplexity'"):
         assert allowed in msg
     msg = error_of(None, {"corpus.input": "x", "corpus.on_bad_shard": "ignore"})
