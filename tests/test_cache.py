@@ -24,7 +24,7 @@ from samplemix.plan import plan_rows, plan_steps
 pytestmark = pytest.mark.slow
 # Planted credentials (moto accepts any): nothing a run writes may contain them.
 PLANTED_KEY, PLANTED_SECRET = "AKIAPLANTED7F3A9C2E", "planted-secret-91c2d7e4b5a6"
-STAGES = ("tokens", "quality", "embed", "kmeans", "assign", "clusters", "weights")
+STAGES = ("tokens", "ids", "quality", "embed", "kmeans", "assign", "clusters", "weights")
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,7 @@ def test_cold_plan_computes_everything(history: dict) -> None:
         assert all(status == "compute" for _, status, _ in p[stage])
     assert history["cold"]["computed"] == {
         "tokens": 6,
+        "ids": 1,
         "quality": 6,
         "embed": 6,
         "kmeans": 1,
@@ -182,6 +183,7 @@ def test_scorer_swap_recomputes_exactly_quality_weights_counts_output(history: d
     computed = history["scorer"]["computed"]
     assert {s: computed[s] for s in STAGES} == {
         "tokens": 0,
+        "ids": 0,
         "quality": 6,
         "embed": 0,
         "kmeans": 0,
@@ -222,6 +224,7 @@ def test_added_shard_computes_its_stages_and_keeps_the_centroids(history: dict) 
     computed = history["added"]["computed"]
     assert {s: computed[s] for s in STAGES} == {
         "tokens": 1,
+        "ids": 1,
         "quality": 1,
         "embed": 1,
         "kmeans": 0,
@@ -243,14 +246,14 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
     env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     res = runner.invoke(app, ["plan", str(path)], env=env)
     assert res.exit_code == 0, res.output
-    assert "0 of 46 tasks to compute, 46 from the store" in res.output
+    assert "0 of 47 tasks to compute, 47 from the store" in res.output
 
     res = runner.invoke(app, ["status", "s3://mix/out", "--config", str(path)], env=env)
     assert res.exit_code == 0, res.output
     assert "files:" in res.output and "all present" in res.output
 
     # Only the latest config is kept: the heuristic and classifier runs' weights, budgets
-    # and counts, the heuristic quality scores and the 6-shard clusters go.
+    # and counts, the heuristic quality scores and the 6-shard ids and clusters go.
     res = runner.invoke(app, ["gc", str(path), "--min-age-hours", "0"], env=env)
     assert res.exit_code == 0, res.output
     listed = [
@@ -258,12 +261,12 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
         for line in res.output.splitlines()
         if line.startswith("would remove")
     ]
-    assert sorted(set(listed)) == ["budget", "clusters", "counts", "quality", "weights"]
+    assert sorted(set(listed)) == ["budget", "clusters", "counts", "ids", "quality", "weights"]
     assert listed.count("quality") == 6  # the heuristic scores of the first six shards
     res = runner.invoke(app, ["gc", str(path), "--min-age-hours", "0", "--delete"], env=env)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["plan", str(path)], env=env)
-    assert "0 of 46 tasks to compute" in res.output  # gc kept all the config needs
+    assert "0 of 47 tasks to compute" in res.output  # gc kept all the config needs
     p = planned(history["configs"]["cold"])  # the heuristic scores are gone now
     assert p["quality"] == [(7, "compute", "config changed: quality.model, quality.scorer")]
 
