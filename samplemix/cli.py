@@ -135,6 +135,121 @@ def compare(
     typer.echo(f"comparison: {cfg.output.path.rstrip('/')}/compare/compare.md")
 
 
+@app.command()
+def annotate(
+    config: ConfigArg = None,
+    endpoint: Annotated[
+        str, typer.Option(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    ] = "",
+    model: Annotated[str, typer.Option(help="Model name sent with each request")] = "",
+    n: Annotated[
+        int, typer.Option(help="Documents to annotate (stratified by domain and length)")
+    ] = 500,
+    out: Annotated[
+        str, typer.Option(help="Folder for labels.parquet and texts.parquet")
+    ] = "labels",
+    cache: Annotated[
+        Path | None, typer.Option(help="Answer cache folder (reruns ask nothing twice)")
+    ] = None,
+    prompt: Annotated[
+        str, typer.Option(help="Packaged prompt name or template path")
+    ] = "rubric_v1",
+    rps: Annotated[float, typer.Option(help="Requests per second at most")] = 5.0,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the sample")] = 0,
+    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
+    set_: Set = None,
+) -> None:
+    """Label a stratified sample of the corpus with an LLM on the seven-dimension rubric
+    (API key from $SAMPLEMIX_ANNOTATOR_API_KEY or $OPENAI_API_KEY)."""
+    from samplemix.annotate import (
+        Annotator,
+        AnnotatorConfig,
+        corpus_sample,
+        write_labels,
+        write_table,
+    )
+
+    cfg = _load(config, set_, **{"corpus.input": input})
+    try:
+        ann_cfg = AnnotatorConfig(
+            base_url=endpoint,
+            model=model,
+            prompt=prompt,
+            cache_dir=cache,
+            requests_per_second=rps,
+            concurrency=concurrency,
+        )
+        docs = corpus_sample(cfg, n, seed)
+        with Annotator(ann_cfg) as annotator:
+            labels = annotator.annotate(
+                list(
+                    zip(docs.column("id").to_pylist(), docs.column("text").to_pylist(), strict=True)
+                )
+            )
+    except Exception as e:  # noqa: BLE001 - every failure is reported, none is a traceback
+        raise _fail(e) from None
+    root = out.rstrip("/")
+    write_labels(labels, f"{root}/labels.parquet")
+    write_table(docs, f"{root}/texts.parquet")
+    ok = labels.column("error").null_count
+    typer.echo(
+        f"{ok} of {labels.num_rows} documents labelled -> {root}/labels.parquet "
+        f"({labels.num_rows - ok} failed after retries; texts in {root}/texts.parquet)"
+    )
+
+
+@app.command("train-scorer")
+def train_scorer(
+    labels: Annotated[str, typer.Option(help="Folder written by `samplemix annotate`")],
+    base: Annotated[
+        str, typer.Option(help="Encoder to fine-tune: local path, hub id or 'minilm'")
+    ] = "minilm",
+    out: Annotated[
+        str, typer.Option(help="Output folder: ordinal/, classification/, comparison.md")
+    ] = "scorer",
+    epochs: int = 3,
+    lr: float = 5e-5,
+    batch_size: int = 16,
+    max_length: int = 256,
+    val_share: float = 0.1,
+    seed: int = 0,
+    compare: Annotated[
+        bool, typer.Option(help="Also train a classification head (Table 2)")
+    ] = True,
+) -> None:
+    """Fine-tune an ordinal (CORAL) quality evaluator on the annotator's labels."""
+    import pyarrow.parquet as pq
+
+    from samplemix.ordinal import metrics_table, train_from_labels
+
+    root = labels.rstrip("/")
+    try:
+        texts = pq.read_table(f"{root}/texts.parquet", columns=["id", "text"]).to_pydict()
+        result = train_from_labels(
+            f"{root}/labels.parquet",
+            dict(zip(texts["id"], texts["text"], strict=True)),
+            base,
+            out,
+            compare=compare,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            val_share=val_share,
+            seed=seed,
+        )
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    if compare:
+        typer.echo(metrics_table(result))
+    model_dir = f"{out}/ordinal" if compare else out
+    typer.echo(
+        f"skipped: {result['skipped']}\nscore with it: --set quality.scorer=hf-classifier "
+        f"--set quality.model={model_dir}"
+    )
+
+
 def _with_credentials(cfg: Config) -> Config:
     """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
     if not cfg.storage.aws_credentials_block:

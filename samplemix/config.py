@@ -163,7 +163,8 @@ class QualityConfig(_Section):
     readout: str = Field(
         "auto",
         description="hf-classifier: 'regression' (logit 0), 'expected' (sum of p_i*i), "
-        "'label:NAME' (probability of NAME), or 'auto'",
+        "'ordinal' (sum of sigmoid(logit_k): a trained evaluator's expected level), "
+        "'label:NAME' (probability of NAME), or 'auto' (what the model's config names)",
     )
     max_length: int = Field(512, gt=1)
     batch_tokens: int | None = Field(None, gt=0, description=_BATCH)

@@ -40,7 +40,10 @@ one of three:
     turns its logits into the score: ``regression`` = logit 0; ``expected`` =
     sum_i softmax_i * i (in [0, num_labels - 1]); ``label:NAME`` = the softmax
     probability of label NAME (in [0, 1]; names from the model's ``label2id``, else
-    its ``id2label``); ``auto`` = regression when the model has one output, else
+    its ``id2label``); ``ordinal`` = sum_k sigmoid(logit_k), the expected level of an
+    ordinal (CORAL) head with K - 1 cumulative logits (in [0, K - 1]); ``auto`` = the
+    readout the model's config names (``samplemix_readout``, set by
+    ``samplemix train-scorer``), else regression when the model has one output, else
     expected. Texts are truncated to ``quality.max_length`` tokens.
 
 ``perplexity``
@@ -263,20 +266,26 @@ class _BatchedModel:
 Readout = Callable[[torch.Tensor], torch.Tensor]
 
 
-def make_readout(readout: str, num_labels: int, label2id: dict[str, int]) -> Readout:
+def make_readout(
+    readout: str, num_labels: int, label2id: dict[str, int], saved: str | None = None
+) -> Readout:
     """Map logits ``(batch, num_labels)`` to scores ``(batch,)`` as ``readout`` says.
+    ``saved``: the readout the model's config names (``samplemix_readout``, written by
+    ``samplemix train-scorer``), which ``auto`` follows.
 
     Raises ValueError naming ``quality.readout`` for an unknown readout or label, or
     a probability readout on a single-output model.
     """
     if readout == "auto":
-        readout = "regression" if num_labels == 1 else "expected"
+        readout = saved or ("regression" if num_labels == 1 else "expected")
     if readout == "regression":
         return lambda logits: logits[:, 0]
+    if readout == "ordinal":  # K − 1 cumulative logits of P(level > k): E[level] = Σ_k σ
+        return lambda logits: torch.sigmoid(logits).sum(-1)
     if readout != "expected" and not readout.startswith("label:"):
         raise ValueError(
             f"quality.readout {readout!r} is not one of 'auto', 'regression', 'expected', "
-            "'label:NAME'"
+            "'ordinal', 'label:NAME'"
         )
     if num_labels < 2:
         raise ValueError(
@@ -314,8 +323,12 @@ class HFClassifierScorer:
 
     def __init__(self, cfg: QualityConfig) -> None:
         self._runner = _BatchedModel(cfg, "classifier")
+        config = self._runner.model.config
         self._readout = make_readout(
-            cfg.readout, self._runner.model.config.num_labels, _label_columns(self._runner.model)
+            cfg.readout,
+            config.num_labels,
+            _label_columns(self._runner.model),
+            getattr(config, "samplemix_readout", None),
         )
 
     def score(self, texts: list[str]) -> np.ndarray:
