@@ -40,7 +40,8 @@ def _run_name() -> str:
     corpus = posixpath.basename(cfg.corpus.input.rstrip("/*")) or "corpus"
     m = cfg.mixing
     budget = f"{m.budget:,}tok" if m.budget else f"x{m.budget_ratio or 1.0:g}"
-    return f"mix-{corpus}-samplemix-a{m.alpha:g}-{budget}"
+    method = f"samplemix-a{m.alpha:g}" if m.method == "samplemix" else m.method
+    return f"mix-{corpus}-{method}-{budget}"
 
 
 Launched = list[PrefectFuture | dict]
