@@ -35,11 +35,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 110
+from samplemix.report import (
+    image_lines,
+    label_ticks,
+    markdown_table,
+    new_figure,
+    no_data_panel,
+    png_bytes,
+)
 
 #: Plot names in report order; ``compare_plots`` returns ``<name>.png`` for each, and the
 #: ``images`` argument of ``compare_markdown`` is keyed by these names.
@@ -230,19 +235,6 @@ def _pairwise(plans: Sequence[pa.Table], fn) -> np.ndarray:
 # Markdown
 
 
-def _cell(value: object) -> str:
-    """A Markdown table cell: pipes escaped and newlines flattened so the row stays one row."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: int = 1) -> str:
-    """A pipe table; columns from index ``right`` on are right-aligned (numbers)."""
-    align = ["---" if i < right else "---:" for i in range(len(headers))]
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _pct(share: float) -> str:
     """A share in [0, 1] as percent with one decimal; nonzero below 0.05% shows <0.1%;
     NaN shows –."""
@@ -261,10 +253,6 @@ def _num(value: float) -> str:
 
 def _delta(value: float, ref: float) -> str:
     return f"{value - ref:+.4g}" if math.isfinite(value) and math.isfinite(ref) else "–"
-
-
-def _image(images: Mapping[str, str], name: str, alt: str) -> list[str]:
-    return [f"![{alt}]({images[name]})", ""] if name in images else []
 
 
 def _all_domains(stats: Mapping[str, SelectionStats], methods: Sequence[str]) -> list[str]:
@@ -323,7 +311,7 @@ def _budget_section(
         docs_share = s.distinct_docs / s.source_docs if s.source_docs else math.nan
         row += [f"{s.copies:,}", f"{s.distinct_docs:,}", _pct(docs_share)]
         rows.append(row)
-    lines += [_table(headers, rows), ""]
+    lines += [markdown_table(headers, rows), ""]
     empty = [m for m in methods if stats[m].realised_tokens == 0]
     if empty:
         lines += [f"Selected nothing: {', '.join(empty)}.", ""]
@@ -345,8 +333,8 @@ def _domain_section(
         (d, _pct(natural.get(d, 0.0)), *(_pct(stats[m].domain_shares.get(d, 0.0)) for m in methods))
         for d in domains
     ]
-    lines += [_table(["Domain", "natural", *methods], rows), ""]
-    return lines + _image(images, "compare_domain_shares", "Token share per domain per method")
+    lines += [markdown_table(["Domain", "natural", *methods], rows), ""]
+    return lines + image_lines(images, "compare_domain_shares", "Token share per domain per method")
 
 
 def _score_section(
@@ -393,7 +381,7 @@ def _score_section(
         "Repeated tokens",
         "Clusters covered",
     ]
-    lines += [_table(headers, rows), ""]
+    lines += [markdown_table(headers, rows), ""]
     same_q = _same(stats[m].source_quality_mean for m in methods)
     same_d = _same(stats[m].source_diversity_mean for m in methods)
     if not (same_q and same_d):
@@ -403,12 +391,14 @@ def _score_section(
             " against that method's own source mean.",
             "",
         ]
-    return lines + _image(images, "compare_quality_diversity", "Mean quality vs mean diversity")
+    return lines + image_lines(
+        images, "compare_quality_diversity", "Mean quality vs mean diversity"
+    )
 
 
 def _matrix(names: Sequence[str], values: np.ndarray) -> str:
     rows = [(n, *(_pct(v) for v in row)) for n, row in zip(names, values, strict=True)]
-    return _table(["", *names], rows)
+    return markdown_table(["", *names], rows)
 
 
 def _overlap_section(
@@ -441,7 +431,7 @@ def _overlap_section(
             _matrix(methods, jaccards),
             "",
         ]
-    return lines + _image(images, "compare_overlap", "Overlap between selections")
+    return lines + image_lines(images, "compare_overlap", "Overlap between selections")
 
 
 def compare_markdown(
@@ -482,49 +472,19 @@ def compare_markdown(
 # Plots
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    # An explicit Agg canvas: rendering works headless and leaves pyplot's backend alone.
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
-
 def _colors(n: int) -> list:
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _ticks(ax: Axes, names: Sequence[str], positions: Sequence[float]) -> None:
-    """Tick labels, slanted when the longest would not fit its slot."""
-    ax.set_xticks(list(positions))
-    slot_chars = 11 * 0.85 * ax.figure.get_figwidth() / max(len(names), 1)
-    if max((len(n) for n in names), default=0) > slot_chars:
-        ax.set_xticklabels(names, rotation=30, ha="right", rotation_mode="anchor")
-    else:
-        ax.set_xticklabels(names)
-
-
-def _no_data(ax: Axes, title: str, what: str) -> None:
-    ax.set_title(title)
-    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def _shares_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) -> Figure:
     domains = _all_domains(stats, methods)
     width = min(max(6.0, (0.35 * len(methods) + 0.5) * len(domains) + 2.5), 18.0)
-    fig = _figure(width, 4.8)
+    fig = new_figure(width, 4.8)
     ax = fig.subplots()
     title = "Token share per domain: each method vs the natural share"
     if not domains:
-        _no_data(ax, title, "domains")
+        no_data_panel(ax, title, "domains")
         return fig
     x = np.arange(len(domains))
     group = 0.8
@@ -546,7 +506,7 @@ def _shares_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) ->
         label="natural (source)",
         zorder=3,
     )
-    _ticks(ax, domains, x)
+    label_ticks(ax, domains, x)
     ax.set_xlim(-0.6, len(domains) - 0.4)
     ax.set_ylim(0, max(top, 1.0) * 1.15)
     ax.set_xlabel("domain")
@@ -557,7 +517,7 @@ def _shares_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) ->
 
 
 def _scores_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) -> Figure:
-    fig = _figure(6.5, 5.0)
+    fig = new_figure(6.5, 5.0)
     ax = fig.subplots()
     title = "Mean quality vs mean diversity (token-weighted)"
     src = stats[methods[0]]
@@ -568,7 +528,7 @@ def _scores_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) ->
     shown = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
     has_source = math.isfinite(src.source_quality_mean) and math.isfinite(src.source_diversity_mean)
     if not shown and not has_source:
-        _no_data(ax, title, "selection")
+        no_data_panel(ax, title, "selection")
         return fig
     if has_source:
         ax.plot(
@@ -611,7 +571,7 @@ def _scores_plot(stats: Mapping[str, SelectionStats], methods: Sequence[str]) ->
 
 def _overlap_plot(overlaps: np.ndarray, methods: Sequence[str]) -> Figure:
     side = min(max(4.5, 0.8 * len(methods) + 2.5), 16.0)
-    fig = _figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
     pct = 100.0 * np.asarray(overlaps, dtype=float)
     cmap = colormaps["Blues"].with_extremes(bad="#e6e6e6")
@@ -625,7 +585,7 @@ def _overlap_plot(overlaps: np.ndarray, methods: Sequence[str]) -> Figure:
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=size)
     ax.set_yticks(range(len(methods)))
     ax.set_yticklabels(methods)
-    _ticks(ax, methods, range(len(methods)))
+    label_ticks(ax, methods, range(len(methods)))
     ax.set_title("Token-weighted overlap between selections")
     fig.colorbar(im, ax=ax, label="overlap (% of the smaller selection's tokens)", shrink=0.8)
     return fig
@@ -645,7 +605,7 @@ def compare_plots(
         "compare_quality_diversity": _scores_plot(stats, methods),
         "compare_overlap": _overlap_plot(ov, methods),
     }
-    return {f"{name}.png": _png(figures[name]) for name in PLOTS}
+    return {f"{name}.png": png_bytes(figures[name]) for name in PLOTS}
 
 
 # ---------------------------------------------------------------------------------------

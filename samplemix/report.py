@@ -171,7 +171,7 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: int = 1) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: int = 1) -> str:
     """A pipe table; columns from index ``right`` on are right-aligned (numbers)."""
     align = ["---" if i < right else "---:" for i in range(len(headers))]
     lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
@@ -197,7 +197,7 @@ def _setting(value: object) -> str:
     return str(value)
 
 
-def _image(images: dict[str, str], name: str, alt: str) -> list[str]:
+def image_lines(images: dict[str, str], name: str, alt: str) -> list[str]:
     return [f"![{alt}]({images[name]})", ""] if name in images else []
 
 
@@ -230,7 +230,7 @@ def _budget_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
         ("Source T_src = Σ len", f"{inp.source_tokens:,}"),
         ("T_tgt / T_src", ratio),
     ]
-    lines = ["## Budget", "", _table(["Quantity", "Value"], rows), ""]
+    lines = ["## Budget", "", markdown_table(["Quantity", "Value"], rows), ""]
     lines.append(
         f"Floor + Bernoulli rounding leaves σ = {inp.sigma_tokens:,.1f} tokens of spread around"
         " Σ c·len (σ = √Σ f(1−f)·len², f = c − ⌊c⌋), so the realised total is expected within"
@@ -244,7 +244,7 @@ def _budget_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
             " allocated (e.g. a repeat cap without redistribution)."
         )
     lines.append("")
-    return lines + _image(images, "budget", "Target vs realised tokens")
+    return lines + image_lines(images, "budget", "Target vs realised tokens")
 
 
 def _domain_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
@@ -275,8 +275,8 @@ def _domain_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
         "Domain proportions are not set by hand: they emerge from the per-document counts."
         " Shares are token shares; docs after counts copies."
     )
-    lines += ["", _table(headers, body), ""]
-    return lines + _image(images, "domain_shares", "Token share per domain before and after")
+    lines += ["", markdown_table(headers, body), ""]
+    return lines + image_lines(images, "domain_shares", "Token share per domain before and after")
 
 
 def _score_section(
@@ -302,10 +302,10 @@ def _score_section(
     lines = [f"### {title}", ""]
     if not rows:
         return lines + ["none recorded", ""]
-    lines += [_table(["Domain", "n", "Mean", "Median", "p10", "p90"], rows), ""]
+    lines += [markdown_table(["Domain", "n", "Mean", "Median", "p10", "p90"], rows), ""]
     if dropped:
         lines += [f"{dropped:,} non-finite values were left out of these statistics.", ""]
-    return lines + _image(images, name, f"{title} per domain")
+    return lines + image_lines(images, name, f"{title} per domain")
 
 
 def _counts_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
@@ -320,8 +320,8 @@ def _counts_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
         f"{picked:,} of {total:,} documents ({_pct(100.0 * picked / total)}) are selected"
         f" at least once; the most copies of one document is {hist[-1][0]}."
     )
-    lines += ["", _table(["n(x)", "Documents", "Share"], rows), ""]
-    return lines + _image(images, "counts", "Histogram of copies per document")
+    lines += ["", markdown_table(["n(x)", "Documents", "Share"], rows), ""]
+    return lines + image_lines(images, "counts", "Histogram of copies per document")
 
 
 def _cluster_section(inp: ReportInputs) -> list[str]:
@@ -341,7 +341,12 @@ def _cluster_section(inp: ReportInputs) -> list[str]:
         (rank, int(k), f"{int(sizes[k]):,}", _pct(100.0 * sizes[k] / total) if total else "–")
         for rank, k in enumerate(top, start=1)
     ]
-    lines += ["", "Largest clusters:", "", _table(["Rank", "Cluster", "Documents", "Share"], rows)]
+    lines += [
+        "",
+        "Largest clusters:",
+        "",
+        markdown_table(["Rank", "Cluster", "Documents", "Share"], rows),
+    ]
     return lines + [""]
 
 
@@ -365,8 +370,8 @@ def _overlap_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
             f"Highest: {pct[i, j]:.1f}% of {names[i]}'s clusters also contain {names[j]}.",
         ]
     rows = [(n, *(f"{v:.1f}%" for v in row)) for n, row in zip(names, pct, strict=True)]
-    lines += ["", _table(["clusters of ↓ / also contain →", *names], rows), ""]
-    return lines + _image(images, "overlap", "Cross-domain cluster overlap")
+    lines += ["", markdown_table(["clusters of ↓ / also contain →", *names], rows), ""]
+    return lines + image_lines(images, "overlap", "Cross-domain cluster overlap")
 
 
 SHARD_ROWS = 20  # shards listed in report.md; shards.csv has them all
@@ -399,7 +404,7 @@ def _rows_section(inp: ReportInputs) -> list[str]:
     rows = sorted(inp.rejects.items(), key=lambda kv: (-kv[1], kv[0]))
     body = [(reason, f"{count:,}") for reason, count in rows]
     body.append(("**total**", f"{sum(inp.rejects.values()):,}"))
-    lines += [_table(["Reason", "Count"], body), ""]
+    lines += [markdown_table(["Reason", "Count"], body), ""]
     worst = sorted(
         (r for r in inp.shards if r["rejected"] or r["renamed"]),
         key=lambda r: (-r["rejected"], -r["renamed"], r["shard"]),
@@ -417,7 +422,12 @@ def _rows_section(inp: ReportInputs) -> list[str]:
             )
             for r in shown
         ]
-        lines += [title, "", _table(["Shard", "Read", "Accepted", "Rejected", "Renamed"], body), ""]
+        lines += [
+            title,
+            "",
+            markdown_table(["Shard", "Read", "Accepted", "Rejected", "Renamed"], body),
+            "",
+        ]
     return lines
 
 
@@ -448,7 +458,7 @@ def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> 
     lines += ["## Settings", ""]
     if inp.settings:
         settings = [(k, _setting(v)) for k, v in inp.settings.items()]
-        lines += [_table(["Setting", "Value"], settings, right=2), ""]
+        lines += [markdown_table(["Setting", "Value"], settings, right=2), ""]
     else:
         lines += ["none recorded", ""]
     lines += _domain_section(inp, images)
@@ -464,7 +474,7 @@ def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> 
     if extra:
         lines += ["## Other figures", ""]
         for name in extra:
-            lines += _image(images, name, name)
+            lines += image_lines(images, name, name)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -472,20 +482,20 @@ def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> 
 # Plots
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     # An explicit Agg canvas: rendering works headless and leaves pyplot's backend alone.
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 
-def _label_domains(ax: Axes, names: Sequence[str], positions: Sequence[float]) -> None:
+def label_ticks(ax: Axes, names: Sequence[str], positions: Sequence[float]) -> None:
     """Domain tick labels, slanted when the longest line would not fit its slot."""
     ax.set_xticks(list(positions))
     # About 11 characters of 10 pt text per inch; axes take roughly 85% of the width.
@@ -499,7 +509,7 @@ def _label_domains(ax: Axes, names: Sequence[str], positions: Sequence[float]) -
         ax.set_xticklabels(names)
 
 
-def _no_data(ax: Axes, title: str, what: str) -> None:
+def no_data_panel(ax: Axes, title: str, what: str) -> None:
     """An empty panel that keeps its title, so a missing input is visible, not a blank."""
     ax.set_title(title)
     ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes)
@@ -508,7 +518,7 @@ def _no_data(ax: Axes, title: str, what: str) -> None:
 
 
 def _budget_plot(inp: ReportInputs) -> Figure:
-    fig = _figure(9.0, 4.2)
+    fig = new_figure(9.0, 4.2)
     ax_abs, ax_dev = fig.subplots(1, 2, width_ratios=[1.4, 1])
     sigma = max(float(inp.sigma_tokens), 0.0)
     values = [inp.target_tokens, inp.realised_tokens]
@@ -555,10 +565,10 @@ def _budget_plot(inp: ReportInputs) -> Figure:
 
 def _shares_plot(inp: ReportInputs) -> Figure:
     domains = _domains(inp)
-    fig = _figure(min(max(6.0, 1.0 * len(domains) + 2.5), 16.0), 4.5)
+    fig = new_figure(min(max(6.0, 1.0 * len(domains) + 2.5), 16.0), 4.5)
     ax = fig.subplots()
     if not domains:
-        _no_data(ax, "Token share per domain", "domains")
+        no_data_panel(ax, "Token share per domain", "domains")
         return fig
     x = np.arange(len(domains))
     w = 0.4
@@ -570,7 +580,7 @@ def _shares_plot(inp: ReportInputs) -> Figure:
     if len(domains) <= 12:
         for bars in (b1, b2):
             ax.bar_label(bars, labels=[f"{v:.1f}" for v in bars.datavalues], padding=2, fontsize=8)
-    _label_domains(ax, domains, x)
+    label_ticks(ax, domains, x)
     ax.set_ylabel("token share (%)")
     ax.set_xlabel("domain")
     ax.set_ylim(0, max(max(before), max(after), 1.0) * 1.15)
@@ -610,20 +620,20 @@ def _box_plot(
     values: dict[str, np.ndarray], order: Sequence[str], title: str, ylabel: str
 ) -> Figure:
     names = _ordered(values, order)
-    fig = _figure(min(max(6.0, 1.25 * len(names) + 2.0), 16.0), 4.5)
+    fig = new_figure(min(max(6.0, 1.25 * len(names) + 2.0), 16.0), 4.5)
     ax = fig.subplots()
     data = [_finite(values[d]) for d in names]
     # Boxes only for domains with data; empty ones keep their slot and say so.
     filled = [i for i, v in enumerate(data) if v.size]
     if not filled:
-        _no_data(ax, title, "scores")
+        no_data_panel(ax, title, "scores")
         return fig
     for i in filled:
         _draw_box(ax, i, data[i])
     for i, v in enumerate(data):
         if not v.size:
             ax.text(i, 0.5, "no data", ha="center", va="center", transform=ax.get_xaxis_transform())
-    _label_domains(
+    label_ticks(
         ax, [f"{d}\n(n={v.size:,})" for d, v in zip(names, data, strict=True)], range(len(names))
     )
     ax.set_xlim(-0.6, len(names) - 0.4)
@@ -634,11 +644,11 @@ def _box_plot(
 
 
 def _counts_plot(inp: ReportInputs) -> Figure:
-    fig = _figure(7.0, 4.2)
+    fig = new_figure(7.0, 4.2)
     ax = fig.subplots()
     hist = sorted((int(n), int(k)) for n, k in inp.count_histogram.items() if k > 0)
     if not hist:
-        _no_data(ax, "Distribution of per-document counts n(x)", "counts recorded")
+        no_data_panel(ax, "Distribution of per-document counts n(x)", "counts recorded")
         return fig
     ns, docs = zip(*hist, strict=True)
     ax.bar(ns, docs, width=0.8, color=_AFTER_COLOR)
@@ -656,10 +666,10 @@ def _counts_plot(inp: ReportInputs) -> Figure:
 def _overlap_plot(inp: ReportInputs) -> Figure:
     names = inp.overlap_domains
     side = min(max(4.5, 0.7 * len(names) + 2.5), 16.0)
-    fig = _figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
     if not names:
-        _no_data(ax, "Cross-domain cluster overlap", "overlap recorded")
+        no_data_panel(ax, "Cross-domain cluster overlap", "overlap recorded")
         return fig
     pct = 100.0 * inp.overlap
     im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
@@ -671,7 +681,7 @@ def _overlap_plot(inp: ReportInputs) -> Figure:
             ax.text(j, i, f"{v:.0f}%", ha="center", va="center", color=color, fontsize=size)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names)
-    _label_domains(ax, names, range(len(names)))
+    label_ticks(ax, names, range(len(names)))
     ax.set_xlabel("also containing domain j")
     ax.set_ylabel("clusters of domain i")
     ax.set_title("Cross-domain cluster overlap")
@@ -696,7 +706,7 @@ def plot_files(inp: ReportInputs) -> dict[str, bytes]:
         "counts": _counts_plot(inp),
         "overlap": _overlap_plot(inp),
     }
-    return {f"{name}.png": _png(figures[name]) for name in PLOTS}
+    return {f"{name}.png": png_bytes(figures[name]) for name in PLOTS}
 
 
 # ---------------------------------------------------------------------------------------

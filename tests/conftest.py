@@ -57,18 +57,14 @@ def save_tiny_classifier(path: Path, num_labels: int, id2label: dict[int, str] |
     """A 2-layer BERT classifier (random weights, MiniLM's tokenizer) saved to ``path``;
     returns the model (transformers BertForSequenceClassification)."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     from samplemix.models import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+    config = tiny_bert_config(
+        len(tokenizer),
         num_labels=num_labels,
         initializer_range=0.5,  # large weights so texts get clearly different logits
         **({"id2label": id2label} if id2label else {}),
@@ -77,3 +73,32 @@ def save_tiny_classifier(path: Path, num_labels: int, id2label: dict[int, str] |
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def tiny_bert_config(vocab_size: int, **extra: object):  # noqa: ANN201 - a BertConfig
+    """A 2-layer, width-32 BERT: fast enough to train and run in tests."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **extra,
+    )
+
+
+def save_tiny_encoder(path: Path) -> str:
+    """A tiny BERT encoder (no head, like MiniLM) with MiniLM's tokenizer saved to
+    ``path``; returns the path."""
+    import torch
+    from transformers import BertModel
+
+    from samplemix.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

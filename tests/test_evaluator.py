@@ -3,15 +3,13 @@ chat-completions server, train the ordinal scorer, then mix with it as the score
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_config, write_tiny_corpus
-from test_annotate import ChatServer, expected_scores
+from conftest import save_tiny_encoder, tiny_config, write_tiny_corpus
+from test_annotate import ChatServer, expected_scores, server  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
 from samplemix.annotate import TRUNCATION_MARKER
@@ -20,39 +18,11 @@ from samplemix.cli import app
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def chat() -> Iterator[ChatServer]:
-    srv = ChatServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
-
-
-def tiny_base(path: Path) -> str:
-    """A 2-layer, width-32 BERT encoder with MiniLM's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    from samplemix.models import load_tokenizer
-
-    tokenizer = load_tokenizer("minilm")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_annotate_train_and_mix_with_the_trained_scorer(
-    chat: ChatServer, tmp_path: Path, prefect_server: str, monkeypatch: pytest.MonkeyPatch
+    server: ChatServer,  # noqa: F811 - the fixture imported from test_annotate
+    tmp_path: Path,
+    prefect_server: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -62,13 +32,13 @@ def test_annotate_train_and_mix_with_the_trained_scorer(
     monkeypatch.setenv("SAMPLEMIX_ANNOTATOR_API_KEY", "test-key")
     corpus = write_tiny_corpus(tmp_path / "corpus")
     runner = CliRunner()
-    args = ["annotate", "--input", str(corpus), "--endpoint", chat.base_url, "--model", "m"]
+    args = ["annotate", "--input", str(corpus), "--endpoint", server.base_url, "--model", "m"]
     res = runner.invoke(
         app, [*args, "--n", "36", "--out", str(tmp_path / "labels"), "--rps", "100"]
     )
     assert res.exit_code == 0, res.output
     assert "36 of 36 documents labelled" in res.output
-    assert set(chat.auth) == {"Bearer test-key"} and chat.requests == 36
+    assert set(server.auth) == {"Bearer test-key"} and server.requests == 36
     labels = pq.read_table(tmp_path / "labels" / "labels.parquet").to_pydict()
     texts = pq.read_table(tmp_path / "labels" / "texts.parquet").to_pydict()
     by_id = dict(zip(texts["id"], texts["text"], strict=True))
@@ -80,7 +50,13 @@ def test_annotate_train_and_mix_with_the_trained_scorer(
     out = tmp_path / "scorer"
     res = runner.invoke(
         app,
-        ["train-scorer", "--labels", str(tmp_path / "labels"), "--base", tiny_base(tmp_path / "b")]
+        [
+            "train-scorer",
+            "--labels",
+            str(tmp_path / "labels"),
+            "--base",
+            save_tiny_encoder(tmp_path / "b"),
+        ]
         + ["--out", str(out), "--epochs", "2", "--max-length", "64", "--batch-size", "8"],
     )
     assert res.exit_code == 0, res.output

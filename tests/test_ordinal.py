@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import save_tiny_classifier
+from conftest import save_tiny_classifier, save_tiny_encoder
 
 from samplemix import ordinal
 from samplemix.ordinal import (
@@ -54,23 +54,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer, width-32 BERT encoder (no head, like MiniLM) with MiniLM's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    from samplemix.models import load_tokenizer
-
-    path = tmp_path_factory.mktemp("base")
-    tokenizer = load_tokenizer("minilm")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_encoder(tmp_path_factory.mktemp("base"))
 
 
 def counting_task(n: int = 60) -> tuple[list[str], list[int]]:
