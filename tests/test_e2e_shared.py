@@ -24,19 +24,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=1800)
 
 
-def test_shared_corpus_run_is_complete_and_reproducible(tmp_path: Path) -> None:
+def test_shared_corpus_run_is_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = run_cli("run", "--input", str(SHARED), "--budget-ratio", "0.5", "--output", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
     parts = sorted((out / "mixture").glob("*.parquet"))
-    before = [p.read_bytes() for p in parts]
     plan = pq.read_table(sorted((out / "plan").glob("*.parquet")))
     assert plan.num_rows == 8400  # 7 domains x 1,200 documents, none rejected
     assert pq.read_table(parts).num_rows == sum(plan.column("count").to_pylist())
     report = (out / "report" / "report.md").read_text()
     assert "T_tgt" in report and len(list((out / "report").glob("*.png"))) == 6
     assert "realised" in first.stdout
-
-    second = run_cli("run", "--input", str(SHARED), "--budget-ratio", "0.5", "--output", str(out))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert [p.read_bytes() for p in sorted((out / "mixture").glob("*.parquet"))] == before
+    # Byte-identical reruns are checked on the tiny corpus (test_flow, test_cache,
+    # test_faults); a second full run here would only add minutes to CI.
