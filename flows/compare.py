@@ -35,11 +35,11 @@ def variants(cfg: Config, methods: list[str], alphas: list[float]) -> dict[str, 
 def run_compare(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     """Run every variant (``variants``) and write OUT/compare/ (compare.md, .csv, PNGs).
     Returns {"runs": {name: run summary}, "comparison": the comparison's summary}."""
-    from flows.mix import prefect_api, run_mix
+    from flows.mix import prefect_api, run_mix, shared_cluster, with_block_credentials
     from samplemix.compare import write_comparison
 
-    configs = variants(cfg, methods, alphas)
-    with prefect_api():
+    with prefect_api(), shared_cluster(with_block_credentials(cfg)) as shared:
+        configs = variants(shared, methods, alphas)
         runs = {name: run_mix(c) for name, c in configs.items()}
     targets = {r["target_tokens"] for r in runs.values()}
     comparison = write_comparison(

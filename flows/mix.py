@@ -33,10 +33,13 @@ from samplemix.store import Key, Output, Store
 from tasks import stages as t
 
 
-def _run_name() -> str:
+def _run_name(cfg: Config | None = None) -> str:
+    """``mix-<corpus folder>-<method>-<budget>``, from ``cfg`` or else the running
+    flow's ``config`` parameter (Prefect calls this with no argument)."""
     from prefect.runtime import flow_run
 
-    cfg: Config = flow_run.parameters["config"]
+    if cfg is None:
+        cfg = flow_run.parameters["config"]
     corpus = posixpath.basename(cfg.corpus.input.rstrip("/*")) or "corpus"
     m = cfg.mixing
     budget = f"{m.budget:,}tok" if m.budget else f"x{m.budget_ratio or 1.0:g}"
@@ -62,19 +65,64 @@ def _launch(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> Launche
 
 
 def _collect(launched: Launched, stage: str) -> list[dict]:
-    """Results in submission order; a progress artifact counts finished tasks."""
+    """Results in submission order. While Dask computes, a progress artifact and log
+    lines say how many of the stage's tasks are done. A failed task fails the flow
+    with its exception, whose message then starts with the task run's name
+    (``embed/books/part-000.parquet: ...``), so the flow run's message names the
+    stage, the shard and the cause."""
     if not launched:
         return []
     log = get_run_logger()
     futures = {id(f): i for i, f in enumerate(launched) if isinstance(f, PrefectFuture)}
     results: list[dict] = [r if isinstance(r, dict) else {} for r in launched]
     if futures:
-        artifact = create_progress_artifact(0.0, description=f"{stage}: tasks done")
         pending = [f for f in launched if isinstance(f, PrefectFuture)]
+        n = len(pending)
+        log.info("%s: waiting for %d tasks on Dask, %d from the store", stage, n, len(launched) - n)
+        # A progress bar for the per-shard stages; a single reduce task is 0 % then 100 %.
+        artifact = (
+            create_progress_artifact(0.0, description=f"{stage}: {n} tasks on Dask")
+            if n > 1
+            else None
+        )
+        every = max(1, n // 20)  # about 20 progress lines per stage, however many shards
+        t0 = time.monotonic()
         for done, fut in enumerate(as_completed(pending), 1):
-            results[futures[id(fut)]] = fut.result()
-            update_progress_artifact(artifact, 100.0 * done / len(pending))
-            log.info("%s: %d/%d computed", stage, done, len(pending))
+            try:
+                results[futures[id(fut)]] = fut.result()
+            except Exception as e:
+                from prefect import get_client
+
+                # The server records task runs from events, a moment after they end, and
+                # holds a generated name until the event of the final state brings the
+                # run's own; a run whose worker died before it started has none.
+                where, deadline = f"a task of stage {stage}", time.monotonic() + 10
+                with get_client(sync_client=True) as client:
+                    while time.monotonic() < deadline:
+                        with contextlib.suppress(Exception):  # not recorded yet
+                            run = client.read_task_run(fut.task_run_id)
+                            if run.state is not None and run.state.is_final():
+                                where = run.name
+                                break
+                        time.sleep(0.2)
+                log.error("%s failed: %s: %s", where, type(e).__name__, e)
+                # Keep the type (callers catch BudgetError, CorpusError, ...) and put the
+                # task run's name into the message, which becomes the flow run's message.
+                if len(e.args) == 1 and isinstance(e.args[0], str) and str(e) == e.args[0]:
+                    if not e.args[0].startswith(where):
+                        e.args = (f"{where}: {e.args[0]}",)
+                raise
+            if artifact is not None:
+                update_progress_artifact(artifact, 100.0 * done / n)
+            if done % every == 0 or done == n:
+                log.info(
+                    "%s: %d/%d computed (%.0f%%, %.0f s)",
+                    stage,
+                    done,
+                    n,
+                    100.0 * done / n,
+                    time.monotonic() - t0,
+                )
     log.info(
         "%s: %d computed, %d from the store",
         stage,
@@ -301,6 +349,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "part_rows": [r["rows"] for r in mixture],
         "output": out.url,
         "store": store.root,
+        "mixture_key": str(out_key),
         "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()},
         "cached": {s: sum(r["cached"] for r in rs) for s, rs in stage_results.items()},
         # Wall seconds inside the tasks that computed, summed over tasks (worker time).
@@ -374,16 +423,48 @@ def _materialise(
 
 
 def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: ANN001
+    """Write the report files (when the output is new) and publish the report as
+    Prefect artifacts: ``mixture-report`` (Markdown, the plots embedded as PNG data
+    URLs read back from the output, so the UI shows exactly the published figures),
+    ``mixture-domains`` (shares before/after) and ``mixture-shards`` (rows read,
+    accepted, rejected per shard)."""
+    import base64
+
+    import fsspec
+
     from samplemix import report
 
+    folder = f"{out.url}/report"
     if write_files:
-        report.write_report(inputs, f"{out.url}/report", out.fs.storage_options)
-    create_markdown_artifact(
-        report.report_markdown(inputs), key="mixture-report", description="SampleMix mixture report"
+        report.write_report(inputs, folder, out.fs.storage_options)
+    fs, root = fsspec.core.url_to_fs(folder, **out.fs.storage_options)
+    images: dict[str, str] = {}
+    size = 0
+    for name in report.PLOTS:
+        with contextlib.suppress(FileNotFoundError):  # an output from before a plot existed
+            data = fs.cat_file(f"{root}/{name}.png")
+            size += len(data)
+            images[name] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    # The artifact lives in the Prefect database, once per run: above a few MB the
+    # figures stay in the report folder only (the footer says where).
+    if size > 4_000_000:
+        images = {}
+    text = report.report_markdown(inputs, images)
+    text += (
+        f"\n---\nFiles: `{folder}/report.md` (this report), the figures beside it, "
+        f"`{folder}/shards.csv`; the mixture under `{out.url}/mixture`, the per-document "
+        f"plan under `{out.url}/plan`, rejected rows in `{out.url}/rejects`.\n"
     )
+    create_markdown_artifact(text, key="mixture-report", description="SampleMix mixture report")
     create_table_artifact(
         report.table_rows(inputs), key="mixture-domains", description="Domain shares before/after"
     )
+    if inputs.shards:
+        create_table_artifact(
+            inputs.shards,
+            key="mixture-shards",
+            description="Rows read, accepted, rejected and renamed (duplicate ids) per shard",
+        )
 
 
 def task_runner(cfg: Config) -> DaskTaskRunner:
@@ -434,14 +515,41 @@ def prefect_api() -> Iterator[str]:
         server.stop()
 
 
+def share_threads(cfg: Config) -> Config:
+    """``cfg`` with ``compute.torch_threads`` (when unset, on a local cluster) set to the
+    cores shared out among the local workers."""
+    if cfg.compute.torch_threads is not None or cfg.compute.scheduler_address:
+        return cfg
+    threads = max(1, len(os.sched_getaffinity(0)) // workers(cfg))
+    return cfg.model_copy(
+        update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
+    )
+
+
+@contextlib.contextmanager
+def shared_cluster(cfg: Config) -> Iterator[Config]:
+    """For commands that run many flows (compare, evaluate, search): one LocalCluster for
+    all of them, so workers start, import torch and load models once. Yields ``cfg``
+    pointed at it (threads shared out as ``share_threads`` does); a config that names a
+    scheduler is yielded unchanged. Enter inside ``prefect_api`` so that the workers
+    inherit the API URL."""
+    if cfg.compute.scheduler_address:
+        yield cfg
+        return
+    from distributed import LocalCluster
+
+    cfg = share_threads(cfg)
+    with LocalCluster(
+        n_workers=workers(cfg), threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        compute = cfg.compute.model_copy(update={"scheduler_address": cluster.scheduler_address})
+        yield cfg.model_copy(update={"compute": compute})
+
+
 def run_mix(cfg: Config) -> dict:
     """Run the flow with the task runner ``cfg.compute`` asks for; torch threads per
     worker default to the cores shared out among the local workers."""
-    if cfg.compute.torch_threads is None and not cfg.compute.scheduler_address:
-        threads = max(1, len(os.sched_getaffinity(0)) // workers(cfg))
-        cfg = cfg.model_copy(
-            update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
-        )
+    cfg = share_threads(cfg)
     with prefect_api():
         cfg = with_block_credentials(cfg)
         state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)

@@ -76,17 +76,9 @@ def run(
     cfg = _load(config, set_, **flags)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.mix import run_mix
-    from samplemix.corpus import CorpusError
-    from samplemix.mixing import BudgetError
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter, not progress
-
-    from samplemix.store import StoreError
-
-    try:
-        summary = run_mix(cfg)
-    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
-        raise _fail(e) from None
+    summary = _guarded(lambda: run_mix(cfg))
     t, r, s = summary["target_tokens"], summary["realised_tokens"], summary["sigma_tokens"]
     typer.echo(
         f"mixture: {summary['mixture_rows']:,} rows in {summary['mixture_parts']} parts under "
@@ -117,22 +109,118 @@ def compare(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from flows.compare import run_compare
-    from samplemix.corpus import CorpusError
-    from samplemix.mixing import BudgetError
-    from samplemix.store import StoreError
 
-    try:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        alphas = [float(a) for a in alpha.split(",")] if alpha else []
-        result = run_compare(cfg, names, alphas)
-    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
-        raise _fail(e) from None
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    alphas = [float(a) for a in alpha.split(",")] if alpha else []
+    result = _guarded(lambda: run_compare(cfg, names, alphas))
     for name, r in result["runs"].items():
         computed = sum(n for s, n in r["computed"].items() if s != "materialise")
         typer.echo(
             f"{name}: {r['realised_tokens']:,} tokens, {computed} tasks computed -> {r['output']}"
         )
     typer.echo(f"comparison: {cfg.output.path.rstrip('/')}/compare/compare.md")
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods: samplemix,quadmix,vanilla,...")
+    ] = "vanilla",
+    alpha: Annotated[
+        str | None,
+        typer.Option(help="SampleMix α values, e.g. 0.8,0,1 (0 = quality only, 1 = diversity)"),
+    ] = "0.8,0,1",
+    seeds: Annotated[str | None, typer.Option(help="Proxy seeds, e.g. 0,1,2")] = None,
+    heldout: Annotated[
+        float | None, typer.Option(help="Share of each domain held out (evaluate.heldout_fraction)")
+    ] = None,
+    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
+    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
+    set_: Set = None,
+) -> None:
+    """Mix several methods / α values and compare them by training proxy LMs (held-out loss)."""
+    cfg = _evaluation_config(config, set_, seeds, heldout, input, output, workers)
+    from flows.evaluate import run_evaluate
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    alphas = [float(a) for a in alpha.split(",")] if alpha else []
+    result = _guarded(lambda: run_evaluate(cfg, names, alphas))
+    report = result["report"]
+    for line in report["verdict"]:
+        typer.echo(line)
+    typer.echo(f"report: {result['output']}/evaluate.md")
+
+
+@app.command()
+def search(
+    config: ConfigArg = None,
+    space: Annotated[str, typer.Option(help="samplemix (α) or quadmix (Algorithm 1's θ)")] = (
+        "samplemix"
+    ),
+    draws: Annotated[int, typer.Option(help="Parameter sets to evaluate by proxy")] = 16,
+    validation: Annotated[int, typer.Option(help="Draws held out to measure the MAE")] = 4,
+    candidates: Annotated[int, typer.Option(help="Fresh draws the regressor ranks")] = 100_000,
+    top: Annotated[int, typer.Option(help="Best predicted draws averaged")] = 10,
+    seeds: Annotated[str | None, typer.Option(help="Proxy seeds, e.g. 0,1,2")] = None,
+    heldout: Annotated[
+        float | None, typer.Option(help="Share of each domain held out (evaluate.heldout_fraction)")
+    ] = None,
+    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
+    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
+    set_: Set = None,
+) -> None:
+    """Search mixing parameters: draw, evaluate by proxy, fit LightGBM, write the best config."""
+    cfg = _evaluation_config(config, set_, seeds, heldout, input, output, workers)
+    from flows.evaluate import run_search
+
+    r = _guarded(lambda: run_search(cfg, space, draws, validation, candidates, top))
+    mae = "n/a" if r["mae"] is None else f"{r['mae']:.4f}"
+    typer.echo(
+        f"chosen: {r['theta'] if space == 'samplemix' else 'see the config'}; proxy loss "
+        f"predicted {r['predicted']:.4f}, observed {r['observed']:.4f} (base {r['base']:.4f}, "
+        f"best draw {r['best_draw']:.4f}); regression MAE on held-out draws {mae}\n"
+        f"config: {r['config']}\nreport: {r['output']}/search.md"
+    )
+
+
+def _evaluation_config(
+    config: Path | None,
+    pairs: list[str] | None,
+    seeds: str | None,
+    heldout: float | None,
+    input: str | None,
+    output: str | None,
+    workers: int | None,
+) -> Config:
+    """The config for evaluate/search; without a held-out share anywhere, 5%."""
+    flags: dict[str, Any] = {
+        "corpus.input": input,
+        "output.path": output,
+        "compute.n_workers": workers,
+        "evaluate.heldout_fraction": heldout,
+        "evaluate.seeds": [int(s) for s in seeds.split(",")] if seeds else None,
+    }
+    cfg = _load(config, pairs, **flags)
+    if cfg.evaluate.heldout_fraction == 0 and heldout is None:
+        cfg = _load(config, pairs, **(flags | {"evaluate.heldout_fraction": 0.05}))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    return cfg
+
+
+def _guarded(call):  # noqa: ANN001, ANN202
+    """``call()``, with the errors a user can fix printed instead of a traceback."""
+    from samplemix.corpus import CorpusError
+    from samplemix.mixing import BudgetError
+    from samplemix.store import StoreError
+
+    try:
+        return call()
+    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
+        raise _fail(e) from None
 
 
 @app.command()

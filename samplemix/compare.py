@@ -612,8 +612,10 @@ def compare_plots(
 # Reading plans and writing the comparison
 
 
-def read_plan(output: str, storage_options: dict | None = None) -> pa.Table:
-    """The ``PLAN_COLUMNS`` of ``<output>/plan/part-*.parquet``, parts in name order.
+def read_plan(
+    output: str, storage_options: dict | None = None, columns: Sequence[str] = PLAN_COLUMNS
+) -> pa.Table:
+    """The ``columns`` of ``<output>/plan/part-*.parquet``, parts in name order.
 
     ``output`` is a run's output folder, local or any fsspec URL (``s3://...``). A
     missing or empty ``plan`` folder raises ``ValueError`` naming the path.
@@ -626,7 +628,7 @@ def read_plan(output: str, storage_options: dict | None = None) -> pa.Table:
     tables = []
     for part in parts:
         with fs.open(part, "rb") as f:
-            tables.append(pq.read_table(f, columns=list(PLAN_COLUMNS)))
+            tables.append(pq.read_table(f, columns=list(columns)))
     return pa.concat_tables(tables, promote_options="permissive")
 
 

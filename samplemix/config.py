@@ -274,6 +274,84 @@ class MixingConfig(_Section):
         return self
 
 
+class ProxyConfig(_Section):
+    """One proxy LM run (method.md §4): model size, token budget, optimiser, schedule, seed,
+    device. The vocabulary comes from the tokenizer (``evaluate.tokenizer``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_layer: int = Field(2, ge=1, description="Transformer blocks")
+    n_head: int = Field(8, ge=1, description="Attention heads; must divide d_model")
+    d_model: int = Field(256, ge=1, description="Residual width")
+    seq_len: int = Field(256, ge=1, description="Tokens per training window (context)")
+    batch_size: int = Field(16, ge=1, description="Windows per optimiser step")
+    tokens: int = Field(1_000_000, ge=1, description="Training tokens; rounded up to whole steps")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr")
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Share of steps in linear warmup")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices/embeddings")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm")
+    seed: int = Field(0, description="Seeds the model init and the window order")
+    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="'auto' = bf16 autocast on CUDA, fp32 on CPU; 'bfloat16' needs CUDA"
+    )
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, v: Any) -> int:
+        return parse_count(v)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ProxyConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def steps(self) -> int:
+        """ceil(tokens / (batch_size * seq_len)): the budget rounded up to whole steps."""
+        return max(1, -(-self.tokens // self.tokens_per_step))
+
+    @property
+    def warmup_steps(self) -> int:
+        """floor(warmup_frac * steps)."""
+        return int(self.warmup_frac * self.steps)
+
+
+class EvaluateConfig(_Section):
+    """How ``samplemix evaluate`` / ``search`` compare mixtures by training proxies."""
+
+    heldout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of documents (per domain, chosen by a hash of the id) held out: "
+        "weight 0 in every mixture, used as evaluation sets",
+    )
+    eval_tokens: int = Field(
+        100_000, gt=0, description="Held-out tokens per domain (and target) scored per proxy"
+    )
+    target: str | None = Field(
+        None, description="Optional target set: a Parquet/JSONL file or folder with a text column"
+    )
+    tokenizer: str = Field(
+        "train",
+        description="'train' = byte-level BPE trained on the corpus (held-out documents "
+        "excluded), or a local tokenizer path / 'minilm'",
+    )
+    vocab_size: int = Field(4096, gt=257, description="Vocabulary of the trained tokenizer")
+    tokenizer_docs: int = Field(2000, gt=0, description="Documents sampled to train it")
+    seeds: list[int] = Field([0], min_length=1, description="One proxy per mixture and seed")
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+
 class ComputeConfig(_Section):
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler; else local")
     n_workers: int | None = Field(None, gt=0, description="LocalCluster workers; default: cores")
@@ -295,6 +373,7 @@ class Config(_Section):
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @field_validator("quality", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ documents (per domain and on a target set). Lower loss at equal tokens = better.
 
 Everything is plain PyTorch in this one file:
 
-- ``ProxyConfig``: model size, token budget, optimiser and schedule, seed, device.
+- ``ProxyConfig`` (config.py, section ``evaluate.proxy``): model size, token budget,
+  optimiser and schedule, seed, device; the vocabulary comes from the tokenizer.
 - ``GPT``: token + learned position embeddings, pre-LN blocks with causal
   ``scaled_dot_product_attention``, 4x GELU MLP, output head tied to the embedding.
 - ``train_tokenizer`` / ``load_tokenizer``: byte-level BPE with the ``tokenizers``
@@ -57,9 +58,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from samplemix.config import ProxyConfig
 from samplemix.models import resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
@@ -69,56 +70,6 @@ IGNORE = -1  # padding in packed eval windows; an ignored target
 
 
 # --------------------------------------------------------------------------- config
-
-
-class ProxyConfig(BaseModel):
-    """One proxy run: model size, token budget, optimiser, schedule, seed, device."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vocab_size: int = Field(gt=1, description="Embedding rows: the tokenizer's vocabulary size.")
-    eot_id: int = Field(0, ge=0, description="End-of-text id joining documents (0 = ours).")
-    n_layer: int = Field(2, ge=1, description="Transformer blocks.")
-    n_head: int = Field(8, ge=1, description="Attention heads; must divide d_model.")
-    d_model: int = Field(256, ge=1, description="Residual width.")
-    seq_len: int = Field(256, ge=1, description="Tokens per training window (context).")
-    batch_size: int = Field(16, ge=1, description="Windows per optimiser step.")
-    tokens: int = Field(2_000_000, ge=1, description="Training tokens; rounded up to whole steps.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")
-    warmup_frac: float = Field(0.05, ge=0, lt=1, description="Share of steps in linear warmup.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices/embeddings.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
-    seed: int = Field(0, description="Seeds the model init and the window order.")
-    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'.")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto",
-        description="'auto' = bf16 autocast on CUDA, fp32 on CPU; 'bfloat16' needs CUDA.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ProxyConfig:
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
-        if self.eot_id >= self.vocab_size:
-            raise ValueError(f"eot_id={self.eot_id} is outside vocab_size={self.vocab_size}")
-        return self
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def steps(self) -> int:
-        """ceil(tokens / (batch_size * seq_len)): the budget rounded up to whole steps."""
-        return max(1, math.ceil(self.tokens / self.tokens_per_step))
-
-    @property
-    def warmup_steps(self) -> int:
-        """floor(warmup_frac * steps)."""
-        return int(self.warmup_frac * self.steps)
 
 
 def cosine_lr(
@@ -192,14 +143,15 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A small decoder-only transformer (nanoGPT-style, no dropout, no linear biases)."""
 
-    def __init__(self, cfg: ProxyConfig) -> None:
+    def __init__(self, cfg: ProxyConfig, vocab_size: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.head.weight = self.wte.weight  # tied
         # GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -416,7 +368,7 @@ def eval_loss(
     windows = pack(ids_per_doc, seq_len, eot_id, keep_tail=True)
     if len(windows) == 0:
         raise ValueError("eval set has no tokens")
-    _check_ids(windows, model.cfg.vocab_size, "eval set")
+    _check_ids(windows, model.vocab_size, "eval set")
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -473,6 +425,8 @@ def _optimizer(model: GPT, cfg: ProxyConfig, device: torch.device) -> torch.opti
 def train_proxy(
     train_ids: Iterable[Sequence[int]],
     cfg: ProxyConfig,
+    vocab_size: int,
+    eot_id: int,
     eval_sets: dict[str, Iterable[Sequence[int]]] | None = None,
     log_every: int = 10,
     eval_batch_size: int | None = None,
@@ -480,7 +434,8 @@ def train_proxy(
     """Train a fresh ``GPT`` on ``cfg.steps`` batches of packed ``train_ids`` windows,
     then score each eval set with ``eval_loss``.
 
-    ``train_ids``: token ids per document (the mixture, in any order). ``loss_curve``
+    ``train_ids``: token ids per document (the mixture, in any order), each id in
+    [0, vocab_size); ``eot_id`` joins documents (``pack``). ``loss_curve``
     gets a point every ``log_every`` steps and at the last step: (steps done, mean
     training loss over the steps since the previous point); ``log_every=1`` records
     every step's loss.
@@ -490,14 +445,16 @@ def train_proxy(
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg.dtype, device)
-    windows = pack(train_ids, cfg.seq_len, cfg.eot_id)
+    if not 0 <= eot_id < vocab_size:
+        raise ValueError(f"eot_id={eot_id} is outside vocab_size={vocab_size}")
+    windows = pack(train_ids, cfg.seq_len, eot_id)
     if len(windows) == 0:
         raise ValueError(f"training data is shorter than one window of {cfg.seq_len + 1} tokens")
-    _check_ids(windows, cfg.vocab_size, "training data")
+    _check_ids(windows, vocab_size, "training data")
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg, vocab_size).to(device)
     model.train()
     opt = _optimizer(model, cfg, device)
     steps, warmup = cfg.steps, cfg.warmup_steps
@@ -509,7 +466,7 @@ def train_proxy(
         lr = cosine_lr(step, steps, warmup, cfg.lr, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = _to_xy(windows[next(batches)], device, cfg.eot_id)
+        x, y = _to_xy(windows[next(batches)], device, eot_id)
         with _autocast(device, amp):
             _, loss = model(x, y)
         loss.backward()
@@ -527,7 +484,7 @@ def train_proxy(
     model.eval()
     evals = {
         name: eval_loss(
-            model, ids, cfg.seq_len, cfg.eot_id, eval_batch_size or cfg.batch_size, device, amp
+            model, ids, cfg.seq_len, eot_id, eval_batch_size or cfg.batch_size, device, amp
         )
         for name, ids in (eval_sets or {}).items()
     }

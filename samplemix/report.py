@@ -741,4 +741,25 @@ def write_report(inp: ReportInputs, out_dir: str, storage_options: dict | None =
     return written
 
 
-__all__ = ["PLOTS", "ReportInputs", "plot_files", "report_markdown", "table_rows", "write_report"]
+
+def write_files(out_dir: str, files: dict[str, bytes], storage_options: dict | None = None) -> None:
+    """Write ``files`` ({name: bytes}) into ``out_dir`` (a local path or any fsspec URL) in
+    the given order: put a Markdown report last, so a reader never finds it with
+    missing pictures."""
+    fs, root = fsspec.core.url_to_fs(out_dir, **(storage_options or {}))
+    # Object stores have no directories; only a local target needs one created.
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(root, exist_ok=True)
+    for name, data in files.items():
+        fs.pipe_file(posixpath.join(root, name), data)
+
+
+__all__ = [
+    "PLOTS",
+    "ReportInputs",
+    "plot_files",
+    "report_markdown",
+    "table_rows",
+    "write_files",
+    "write_report",
+]

@@ -286,7 +286,13 @@ def weights_key(
         quality_range=q_range,
         method_stats=None if method is None else method.id,
         mixing=_method_part(cfg),
+        # Only when set, so that runs without held-out documents keep their keys.
+        **({"heldout": _heldout_part(cfg)} if cfg.evaluate.heldout_fraction else {}),
     )
+
+
+def _heldout_part(cfg: Config) -> dict:
+    return {"fraction": cfg.evaluate.heldout_fraction, "seed": cfg.mixing.seed}
 
 
 def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
@@ -743,8 +749,10 @@ def run_weights(
     - quadmix: S(r̄) from every scorer's q and the ranks artifact ``method``;
     - baselines: p_m / T_m from the domains summary ``method`` (uniform in a domain).
 
-    A document dropped for its duplicate id weighs 0. ``qual``: the shard's quality
-    keys, one per scorer. Summary: wl = Σ w·len, w_sum = Σ w."""
+    A document dropped for its duplicate id weighs 0, and so does one held out for
+    evaluation (``evaluate.heldout_fraction``; ``mixing.heldout_mask`` of its final id).
+    ``qual``: the shard's quality keys, one per scorer. Summary: wl = Σ w·len,
+    w_sum = Σ w, heldout = documents held out."""
     stats = store.get_arrays(clusters, "stats.npz")
     a = store.get_table(assign, "assign.parquet")
     d = div.diversity_values(
@@ -755,7 +763,7 @@ def run_weights(
         cfg.diversity,
     )
     q = store.get_array(qual[0], "quality.npy")
-    index = store.get_table(tok, "index.parquet", columns=["domain", "tokens"])
+    index = store.get_table(tok, "index.parquet", columns=["id", "domain", "tokens"])
     n_tok = index.column("tokens").to_numpy()
     if not len(q) == len(d) == len(n_tok):
         raise ValueError(
@@ -777,15 +785,35 @@ def run_weights(
         assert isinstance(method, dict)
         shares = baseline_proportions(cfg, method)
         w = baselines.domain_weights(domains, shares, method["tokens"])
-    w[shard_duplicates(store, ids, str(tok.shard))[0]] = 0.0
+    drop, renames = shard_duplicates(store, ids, str(tok.shard))
+    w[drop] = 0.0
+    held = np.zeros(len(w), dtype=bool)
+    if cfg.evaluate.heldout_fraction:
+        held = heldout_mask(final_ids(index, renames), cfg)
+        held[drop] = False  # a dropped document is a reject, not a held-out one
+        w[held] = 0.0
     store.put_arrays(key, "weights.npz", diversity=d, weight=w)
     return store.commit(
         key,
         {
             "wl": float(np.dot(w, n_tok)),
             "w_sum": float(w.sum()),
+            "heldout": int(held.sum()),
         },
     )
+
+
+def final_ids(index: pa.Table, renames: dict[int, str]) -> list[str]:
+    """The shard's document ids after duplicate-id renames (``shard_duplicates``)."""
+    doc_ids = index.column("id").to_pylist()
+    for position, new_id in renames.items():
+        doc_ids[position] = new_id
+    return doc_ids
+
+
+def heldout_mask(doc_ids: list[str], cfg: Config) -> np.ndarray:
+    """bool (n,): the documents ``evaluate.heldout_fraction`` holds out (final ids)."""
+    return mixing.heldout_mask(doc_ids, cfg.evaluate.heldout_fraction, cfg.mixing.seed)
 
 
 def target_tokens(source_tokens: int, cfg: Config) -> int:
@@ -841,9 +869,7 @@ def run_counts(
     drop, renames = shard_duplicates(store, ids, shard.shard_id)
     keep = np.ones(index.num_rows, dtype=bool)
     keep[drop] = False
-    doc_ids = index.column("id").to_pylist()
-    for position, new_id in renames.items():
-        doc_ids[position] = new_id
+    doc_ids = final_ids(index, renames)
     wz = store.get_arrays(weights, "weights.npz")
     cluster = store.get_table(assign, "assign.parquet", columns=["cluster"])
     plan = pa.table(

@@ -253,6 +253,9 @@ class Store(Location):
     def put_table(self, key: Key, name: str, table: pa.Table) -> None:
         self._write(self._path(key, name), parquet_bytes(table))
 
+    def put_bytes(self, key: Key, name: str, data: bytes) -> None:
+        self._write(self._path(key, name), data)
+
     def put_array(self, key: Key, name: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
@@ -325,6 +328,9 @@ class Store(Location):
 
     def url(self, key: Key, name: str = "") -> str:
         return self._url(self._path(key, name))
+
+    def get_bytes(self, key: Key, name: str) -> bytes:
+        return self._read(self._path(key, name))
 
     def get_table(self, key: Key, name: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self._read(self._path(key, name))), columns=columns)

@@ -26,7 +26,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_shared_corpus_run_is_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = run_cli("run", "--input", str(SHARED), "--budget-ratio", "0.5", "--output", str(out))
+    # Embeddings at 128 tokens keep CI within its budget; the default 256 is what
+    # BENCHMARKS.md times on this corpus.
+    first = run_cli(
+        "run",
+        "--input",
+        str(SHARED),
+        "--budget-ratio",
+        "0.5",
+        "--output",
+        str(out),
+        "--set",
+        "embed.max_length=128",
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     parts = sorted((out / "mixture").glob("*.parquet"))
     plan = pq.read_table(sorted((out / "plan").glob("*.parquet")))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from samplemix.config import ProxyConfig
 from samplemix.proxy import (
     EOT,
     GPT,
-    ProxyConfig,
     cosine_lr,
     eval_loss,
     load_tokenizer,
@@ -60,8 +60,6 @@ def tok(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 def tiny_cfg(tok, **kw: object) -> ProxyConfig:  # noqa: ANN001
     base = dict(
-        vocab_size=tok.vocab_size,
-        eot_id=tok.eot_id,
         n_layer=2,
         n_head=2,
         d_model=32,
@@ -78,7 +76,7 @@ def tiny_cfg(tok, **kw: object) -> ProxyConfig:  # noqa: ANN001
 def trained(tok):  # noqa: ANN001, ANN201
     train = tok.encode_batch(sentences(200, 10))
     evals = {"A": tok.encode_batch(sentences(40, 11)), "B": tok.encode_batch(noise(40, 12))}
-    return train_proxy(train, tiny_cfg(tok), eval_sets=evals, log_every=1)
+    return train_proxy(train, tiny_cfg(tok), tok.vocab_size, tok.eot_id, evals, log_every=1)
 
 
 # (a) packing -------------------------------------------------------------------------
@@ -127,7 +125,7 @@ def test_same_seed_same_curve(tok) -> None:  # noqa: ANN001
 
     def curve(seed: int) -> list[tuple[int, float]]:
         cfg = tiny_cfg(tok, tokens=2048, seed=seed)
-        return train_proxy(train, cfg, log_every=1).loss_curve
+        return train_proxy(train, cfg, tok.vocab_size, tok.eot_id, log_every=1).loss_curve
 
     a = curve(0)
     assert len(a) == 8
@@ -165,7 +163,7 @@ def test_eval_loss_is_token_weighted(trained, tok) -> None:  # noqa: ANN001
 
 def test_model_is_causal(tok) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = GPT(tiny_cfg(tok)).eval()
+    model = GPT(tiny_cfg(tok), tok.vocab_size).eval()
     a = torch.randint(0, tok.vocab_size, (1, 16))
     b = a.clone()
     b[0, 10:] = (b[0, 10:] + 1) % tok.vocab_size
@@ -191,14 +189,14 @@ def test_cosine_schedule_by_hand() -> None:
     assert cosine_lr(99, total, warm, lr, 0.1) == pytest.approx(1e-4)  # last step: min_lr
     assert cosine_lr(0, 10, 0, lr, 0.0) == pytest.approx(1e-3)  # no warmup
 
-    cfg = ProxyConfig(vocab_size=1000)
+    cfg = ProxyConfig(tokens="2M")
     assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.seq_len) == (2, 8, 256, 256)
     assert cfg.steps == math.ceil(2_000_000 / 4096) == 489  # rounded up to whole steps
     assert cfg.warmup_steps == 24  # floor(0.05 * 489)
     with pytest.raises(ValueError):
-        ProxyConfig(vocab_size=1000, d_model=100, n_head=8)
+        ProxyConfig(d_model=100, n_head=8)
     with pytest.raises(ValueError):
-        ProxyConfig(vocab_size=1000, n_layers=3)  # extra fields are refused
+        ProxyConfig(n_layers=3)  # extra fields are refused
 
 
 # (f) tokenizer -------------------------------------------------------------------------
@@ -241,6 +239,8 @@ def test_cuda_run(tok) -> None:  # noqa: ANN001
     res = train_proxy(
         train,
         tiny_cfg(tok, device="cuda"),
+        tok.vocab_size,
+        tok.eot_id,
         eval_sets={"A": tok.encode_batch(sentences(40, 11))},
     )
     assert res.device.startswith("cuda")

@@ -1,0 +1,549 @@
+"""The proxy evaluation report: which mixture trains the better small LM (method.md §4).
+
+``samplemix.evaluate`` trains one proxy per (mixture, seed) and commits a summary per run.
+This module turns those summaries into statistics over seeds per variant (``variant_stats``),
+a plain-words verdict that weighs each margin against the seed spread (``verdict``),
+Markdown, PNG plots and a CSV, written together by ``write_evaluation``. Every number is a
+held-out loss in nats/token: lower is better.
+
+Like ``samplemix.report`` this is pure presentation and arithmetic: it never imports Prefect
+or torch, and never touches pyplot's global state (figures come from ``report.new_figure``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from samplemix.report import (
+    image_lines,
+    label_ticks,
+    markdown_table,
+    new_figure,
+    no_data_panel,
+    png_bytes,
+)
+
+#: Plot names in report order; ``evaluation_plots`` returns ``<name>.png`` for each.
+PLOTS = ("evaluate_methods", "evaluate_alpha", "evaluate_domains")
+#: Keys of ``write_evaluation``'s summary besides the variant names.
+RESERVED = ("best", "verdict")
+#: The keys of ``evaluate.run_proxy``'s summary that ``ProxyRun.from_summary`` reads.
+SUMMARY_KEYS = ("losses", "heldout", "target", "objective", "seconds", "epochs", "mixture_tokens")
+
+_COLOR = "#1f77b4"
+_BASELINE_COLOR = "#9aa5b1"
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    """One proxy trained on one mixture with one seed."""
+
+    variant: str  # e.g. "vanilla", "samplemix-a0.8"
+    seed: int
+    losses: dict[str, float]  # held-out loss per domain, nats/token
+    heldout: float  # mean of the per-domain losses
+    target: float | None  # loss on the target set, if one was given
+    objective: float  # target if given else heldout (lower is better)
+    seconds: float
+    epochs: float  # windows drawn / windows in the mixture (>1: cycled)
+    mixture_tokens: int  # proxy-tokenizer tokens in the mixture, copies counted
+    cached: bool  # came from the store, not trained in this run
+
+    @classmethod
+    def from_summary(cls, variant: str, seed: int, summary: Mapping, cached: bool) -> ProxyRun:
+        """A run from the summary ``evaluate.run_proxy`` commits; keys besides
+        ``SUMMARY_KEYS`` (curve, steps, ...) are ignored. Loss keys are domain names (a
+        ``domain/`` prefix is dropped should one be there); ``target`` may be None.
+        Raises ValueError naming the keys the summary lacks."""
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"proxy summary of {variant!r} seed {seed} lacks {missing}")
+        target = summary["target"]
+        return cls(
+            variant=variant,
+            seed=int(seed),
+            losses={str(k).removeprefix("domain/"): float(v) for k, v in summary["losses"].items()},
+            heldout=float(summary["heldout"]),
+            target=None if target is None else float(target),
+            objective=float(summary["objective"]),
+            seconds=float(summary["seconds"]),
+            epochs=float(summary["epochs"]),
+            mixture_tokens=int(summary["mixture_tokens"]),
+            cached=bool(cached),
+        )
+
+
+@dataclass(frozen=True)
+class VariantStats:
+    """A variant's results over its seeds: each pair is (mean, sample std with ddof=1),
+    the std 0.0 when n == 1 (one seed has no measurable spread)."""
+
+    variant: str
+    n: int  # seeds
+    mean: float  # of the objective
+    std: float
+    heldout: tuple[float, float]
+    target: tuple[float, float] | None
+    domains: dict[str, tuple[float, float]]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _by_variant(runs: Sequence[ProxyRun]) -> dict[str, list[ProxyRun]]:
+    groups: dict[str, list[ProxyRun]] = {}
+    for r in runs:
+        groups.setdefault(r.variant, []).append(r)
+    return groups
+
+
+def variant_stats(runs: Sequence[ProxyRun]) -> dict[str, VariantStats]:
+    """``VariantStats`` per variant, in order of first appearance in ``runs``. A domain's
+    pair is over the runs that report it. Raises ValueError when a (variant, seed) appears
+    twice (one seed would count twice) or when some runs have a target loss and others do
+    not (their objectives would measure different things)."""
+    if len({r.target is None for r in runs}) > 1:
+        raise ValueError("some proxy runs have a target loss and others not: not comparable")
+    pairs = [(r.variant, r.seed) for r in runs]
+    dup = next((p for i, p in enumerate(pairs) if p in pairs[:i]), None)
+    if dup:
+        raise ValueError(f"variant {dup[0]!r} seed {dup[1]} appears twice among the runs")
+    out = {}
+    for v, rs in _by_variant(runs).items():
+        domains = sorted({d for r in rs for d in r.losses})
+        mean, std = _mean_std([r.objective for r in rs])
+        out[v] = VariantStats(
+            variant=v,
+            n=len(rs),
+            mean=mean,
+            std=std,
+            heldout=_mean_std([r.heldout for r in rs]),
+            target=None if rs[0].target is None else _mean_std([r.target for r in rs]),
+            domains={d: _mean_std([r.losses[d] for r in rs if d in r.losses]) for d in domains},
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Verdict
+
+
+def _ranked(stats: Mapping[str, VariantStats]) -> list[VariantStats]:
+    # A diverged proxy (NaN) ranks last instead of poisoning the order; ties keep input order.
+    return sorted(stats.values(), key=lambda s: (not math.isfinite(s.mean), s.mean))
+
+
+def _margin(best: VariantStats, other: VariantStats, role: str) -> str:
+    """One sentence: ``best``'s margin over ``other`` and whether the seeds can carry it."""
+    if not math.isfinite(other.mean):
+        return f"{role} {other.variant} has no finite mean objective (a diverged proxy?)."
+    delta = other.mean - best.mean
+    pct = 100.0 * delta / other.mean if other.mean else math.nan  # a loss of 0 is degenerate
+    head = (
+        f"{best.variant} is lower than {role} {other.variant} by Δ = {delta:.4f} nats/token"
+        f" ({pct:.2f}% of {other.variant}'s {other.mean:.4f})"
+    )
+    single = [s.variant for s in (best, other) if s.n < 2]
+    if single:
+        return f"{head}; {' and '.join(single)} ran one seed, so the seed spread cannot be judged."
+    se = math.sqrt(best.std**2 / best.n + other.std**2 / other.n)
+    spread = (
+        f"seed std {best.std:.4f} (n = {best.n}) and {other.std:.4f} (n = {other.n}),"
+        f" SE of the difference {se:.4f}"
+    )
+    if delta > 2 * se:
+        return f"{head}; {spread}: Δ exceeds the seed spread (Δ > 2·SE = {2 * se:.4f})."
+    return (
+        f"{head}; {spread}: Δ is within the seed spread (Δ ≤ 2·SE = {2 * se:.4f}),"
+        " so it may be seed noise."
+    )
+
+
+def verdict(stats: Mapping[str, VariantStats], baseline: str | None) -> list[str]:
+    """Plain sentences: which variant has the lowest mean objective; its margin over the
+    runner-up and over ``baseline`` (when given and different): Δ in nats and in % of the
+    other's mean, the seed std of both, the standard error of the difference
+    SE = sqrt(s_a²/n_a + s_b²/n_b) and whether Δ exceeds 2·SE ("exceeds the seed spread" /
+    "within the seed spread"). A variant with one seed makes the spread unjudgeable."""
+    ranked = _ranked(stats)
+    if not ranked:
+        return ["No proxy runs to compare."]
+    best = ranked[0]
+    if not math.isfinite(best.mean):
+        return ["No variant has a finite mean objective (diverged proxies?)."]
+    kind = "target loss" if best.target is not None else "mean held-out loss over domains"
+    spread = f" ± {best.std:.4f} (seed std)" if best.n > 1 else ""
+    lines = [
+        f"Lowest mean objective ({kind}): {best.variant}, {best.mean:.4f}{spread} nats/token"
+        f" over {best.n} seed{'s' if best.n != 1 else ''}."
+    ]
+    if len(ranked) == 1:
+        return lines + ["Only one variant was evaluated: there is nothing to compare it with."]
+    second = ranked[1]
+    role = "the runner-up (also the baseline)" if second.variant == baseline else "the runner-up"
+    lines.append(_margin(best, second, role))
+    if baseline is None or baseline == second.variant:
+        return lines
+    if baseline not in stats:
+        lines.append(f"The baseline {baseline} was not evaluated, so there is no margin over it.")
+    elif baseline == best.variant:
+        lines.append(f"{baseline} is the baseline: no variant beats it on mean objective.")
+    else:
+        lines.append(_margin(best, stats[baseline], "the baseline"))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def _pm(pair: tuple[float, float], n: int) -> str:
+    # One seed has no spread to show; "± 0.0000" would claim there is none.
+    return f"{pair[0]:.4f}" if n < 2 else f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+
+def _name(variant: str, labels: Mapping[str, str]) -> str:
+    label = labels.get(variant, variant)
+    return label if label == variant else f"{label} ({variant})"
+
+
+def _variants_section(
+    runs: Sequence[ProxyRun], stats: Mapping[str, VariantStats], labels: Mapping[str, str]
+) -> list[str]:
+    groups = _by_variant(runs)
+    has_target = any(s.target is not None for s in stats.values())
+    finite = [s.mean for s in stats.values() if math.isfinite(s.mean)]
+    rows = []
+    for v, s in stats.items():
+        obj = _pm((s.mean, s.std), s.n)
+        row = [_name(v, labels), s.n, f"**{obj}**" if finite and s.mean == min(finite) else obj]
+        row.append(_pm(s.heldout, s.n))
+        if has_target:
+            row.append(_pm(s.target, s.n) if s.target is not None else "–")
+        row.append(f"{np.mean([r.epochs for r in groups.get(v, [])] or [math.nan]):.2f}")
+        rows.append(row)
+    headers = ["Variant", "Seeds", "Objective", "Held-out", *(["Target"] * has_target), "Epochs"]
+    lines = ["## Variants", "", markdown_table(headers, rows), ""]
+    if any(r.epochs > 1 for r in runs):
+        lines += [
+            "Epochs > 1: the proxy cycled its mixture (fewer tokens than it trains on), so"
+            " it saw repeated windows.",
+            "",
+        ]
+    return lines
+
+
+def _domains_section(stats: Mapping[str, VariantStats], labels: Mapping[str, str]) -> list[str]:
+    domains = sorted({d for s in stats.values() for d in s.domains})
+    rows = []
+    for d in domains:
+        means = [s.domains[d][0] for s in stats.values() if d in s.domains]
+        best = min((m for m in means if math.isfinite(m)), default=None)
+        cells = []
+        for s in stats.values():
+            cell = _pm(s.domains[d], s.n) if d in s.domains else "–"
+            cells.append(f"**{cell}**" if d in s.domains and s.domains[d][0] == best else cell)
+        rows.append([d, *cells])
+    headers = ["Domain", *(labels.get(v, v) for v in stats)]
+    lines = ["## Per-domain held-out loss", ""]
+    lines += ["Mean ± seed std per domain; the lowest of each row in bold.", ""]
+    return lines + [markdown_table(headers, rows) if rows else "none recorded", ""]
+
+
+def _runs_section(runs: Sequence[ProxyRun]) -> list[str]:
+    domains = sorted({d for r in runs for d in r.losses})
+    rows = [
+        [
+            r.variant,
+            r.seed,
+            f"{r.objective:.4f}",
+            *(f"{r.losses[d]:.4f}" if d in r.losses else "–" for d in domains),
+            f"{r.seconds:.1f}",
+            "yes" if r.cached else "no",
+        ]
+        for r in runs
+    ]
+    headers = ["Variant", "Seed", "Objective", *domains, "Seconds", "Cached"]
+    return ["## Runs", "", markdown_table(headers, rows), ""]
+
+
+def evaluation_markdown(
+    runs: Sequence[ProxyRun],
+    stats: Mapping[str, VariantStats],
+    labels: Mapping[str, str],
+    settings: Mapping[str, object],
+    images: Mapping[str, str] | None = None,
+    *,
+    baseline: str | None = None,
+) -> str:
+    """The report as Markdown: "# Proxy evaluation", then Verdict (``verdict(stats,
+    baseline)``), Variants, Per-domain held-out loss (best per row in bold), Runs, Settings.
+    ``labels`` maps a variant to a readable label (missing: its name). ``images`` maps a
+    plot name from ``PLOTS`` (``".png"`` may be included) to a file name relative to the
+    report; each is embedded in its section."""
+    imgs = {k.removesuffix(".png"): v for k, v in (images or {}).items()}
+    lines = ["# Proxy evaluation", ""]
+    lines += [
+        "Every variant's mixture trained the same small proxy LM (same tokenizer, schedule"
+        " and training tokens), once per seed. Numbers are held-out next-token losses in"
+        " nats/token, lower is better, as mean ± sample std (ddof = 1) over seeds. The"
+        " objective is the target-set loss when a target is given, else the mean of the"
+        " per-domain losses. A margin between proxies is evidence at proxy scale only.",
+        "",
+        "## Verdict",
+        "",
+    ]
+    lines += [f"- {s}" for s in verdict(stats, baseline)] + [""]
+    lines += _variants_section(runs, stats, labels)
+    lines += image_lines(imgs, "evaluate_methods", "Objective per variant")
+    lines += image_lines(imgs, "evaluate_alpha", "Mean objective vs SampleMix α")
+    lines += _domains_section(stats, labels)
+    lines += image_lines(imgs, "evaluate_domains", "Per-domain loss difference")
+    lines += _runs_section(runs)
+    lines += ["## Settings", ""]
+    if settings:
+        rows = [(k, f"{v:g}" if isinstance(v, float) else v) for k, v in settings.items()]
+        lines += [markdown_table(["Setting", "Value"], rows, right=2), ""]
+    else:
+        lines += ["none recorded", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def _methods_plot(
+    runs: Sequence[ProxyRun],
+    stats: Mapping[str, VariantStats],
+    labels: Mapping[str, str],
+    baseline: str | None,
+) -> Figure:
+    names = list(stats)
+    fig = new_figure(min(max(6.0, 1.1 * len(names) + 2.5), 16.0), 4.5)
+    ax = fig.subplots()
+    title = "Objective per variant (bar: mean, error bar: seed std, dots: seeds)"
+    if not names:
+        no_data_panel(ax, title, "proxy runs")
+        return fig
+    x = np.arange(len(names))
+    means = np.array([stats[v].mean for v in names])
+    stds = np.array([stats[v].std for v in names])
+    colors = [_BASELINE_COLOR if v == baseline else _COLOR for v in names]
+    ax.bar(x, means, 0.6, color=colors, alpha=0.85)
+    ax.errorbar(x, means, yerr=stds, fmt="none", ecolor="black", capsize=6, zorder=3)
+    groups = _by_variant(runs)
+    seeds = []
+    for i, v in enumerate(names):
+        ys = [r.objective for r in groups.get(v, [])]
+        # Spread the dots sideways so equal losses still show as separate seeds.
+        ax.plot(i + np.linspace(-0.12, 0.12, len(ys)) * (len(ys) > 1), ys, "o", color="k", ms=4)
+        seeds += ys
+    # Proxy losses differ in the second decimal; an axis from 0 would flatten them.
+    ends = np.array([*seeds, *(means - stds), *(means + stds)], dtype=float)
+    ends = ends[np.isfinite(ends)]
+    if ends.size:
+        pad = 0.15 * (ends.max() - ends.min()) or 0.05 * max(abs(ends.max()), 1e-3)
+        ax.set_ylim(ends.min() - pad, ends.max() + pad)
+    label_ticks(ax, [labels.get(v, v) for v in names], x)
+    ax.set_ylabel("objective (nats/token; axis not from 0)")
+    ax.set_title(title)
+    return fig
+
+
+def _alpha_plot(
+    stats: Mapping[str, VariantStats],
+    labels: Mapping[str, str],
+    alphas: Mapping[str, float],
+    baseline: str | None,
+) -> Figure:
+    fig = new_figure(6.5, 4.5)
+    ax = fig.subplots()
+    title = "Mean objective vs SampleMix α (error bar: seed std)"
+    points = sorted(
+        ((float(a), stats[v]) for v, a in alphas.items() if v in stats), key=lambda p: p[0]
+    )
+    if len({a for a, _ in points}) < 2:
+        no_data_panel(ax, title, "α sweep (fewer than 2 α values)")
+        return fig
+    xs = [a for a, _ in points]
+    means, stds = [s.mean for _, s in points], [s.std for _, s in points]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=5, color=_COLOR, label="SampleMix")
+    if baseline in stats and baseline not in alphas:
+        name = labels.get(baseline, baseline)
+        ax.axhline(stats[baseline].mean, ls="--", color=_BASELINE_COLOR, label=name)
+    ax.set_xlabel("α  (w = α·d̂ + (1 − α)·q̂: 0 quality only, 1 diversity only)")
+    ax.set_ylabel("objective (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return fig
+
+
+def _domains_plot(
+    stats: Mapping[str, VariantStats], labels: Mapping[str, str], baseline: str | None
+) -> Figure:
+    domains = sorted({d for s in stats.values() for d in s.domains})
+    fig = new_figure(min(max(6.0, (0.3 * len(stats) + 0.6) * len(domains) + 2.5), 18.0), 4.8)
+    ax = fig.subplots()
+    if baseline in stats:
+        ref = stats[baseline].domains
+        shown = [v for v in stats if v != baseline]
+        name = labels.get(baseline, baseline)
+        title = f"Per-domain loss minus {name}'s (negative = better than {name})"
+        reference = {d: ref[d][0] for d in domains if d in ref}
+    else:
+        shown = list(stats)
+        title = "Per-domain loss minus the mean over variants (negative = better than average)"
+        reference = {
+            d: float(np.mean([s.domains[d][0] for s in stats.values() if d in s.domains]))
+            for d in domains
+        }
+    if not domains or not shown:
+        no_data_panel(ax, title, "variants to compare")
+        return fig
+    x = np.arange(len(domains))
+    w = 0.8 / len(shown)
+    cmap = colormaps["tab10" if len(shown) <= 10 else "tab20"]
+    for k, v in enumerate(shown):
+        own = stats[v].domains
+        diff = [own[d][0] - reference[d] if d in own and d in reference else 0.0 for d in domains]
+        ax.bar(x - 0.4 + (k + 0.5) * w, diff, w, color=cmap(k % cmap.N), label=labels.get(v, v))
+    ax.axhline(0, color="black", lw=1)
+    label_ticks(ax, domains, x)
+    ax.set_xlabel("domain")
+    ax.set_ylabel("Δ loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False, fontsize=8, ncols=min(len(shown), 4))
+    return fig
+
+
+def evaluation_plots(
+    runs: Sequence[ProxyRun],
+    stats: Mapping[str, VariantStats],
+    labels: Mapping[str, str],
+    alphas: Mapping[str, float],
+    baseline: str | None,
+) -> dict[str, bytes]:
+    """PNG bytes for every plot in ``PLOTS``, keyed ``<name>.png``: objective per variant
+    (bar mean, error bar std, dots seeds; baseline in grey), mean objective vs α for the
+    variants in ``alphas`` (a "no α sweep" panel under 2 α values), and per-domain mean loss
+    minus the baseline's (or, without one, the mean over variants; negative = better)."""
+    figures = {
+        "evaluate_methods": _methods_plot(runs, stats, labels, baseline),
+        "evaluate_alpha": _alpha_plot(stats, labels, alphas, baseline),
+        "evaluate_domains": _domains_plot(stats, labels, baseline),
+    }
+    return {f"{name}.png": png_bytes(figures[name]) for name in PLOTS}
+
+
+# ---------------------------------------------------------------------------------------
+# CSV and writing
+
+
+def _csv_float(value: float | None) -> str:
+    return repr(float(value)) if value is not None and math.isfinite(value) else ""
+
+
+def results_csv(runs: Sequence[ProxyRun]) -> str:
+    """One row per run, in order: variant, seed, objective, heldout, target, then
+    ``loss:<domain>`` per domain (sorted), seconds, epochs, mixture_tokens, cached
+    (``true``/``false``). Floats are exact (repr); None, NaN or a missing domain is empty."""
+    domains = sorted({d for r in runs for d in r.losses})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["variant", "seed", "objective", "heldout", "target", *(f"loss:{d}" for d in domains)]
+        + ["seconds", "epochs", "mixture_tokens", "cached"]
+    )
+    for r in runs:
+        writer.writerow(
+            [r.variant, r.seed, *map(_csv_float, (r.objective, r.heldout, r.target))]
+            + [_csv_float(r.losses.get(d)) for d in domains]
+            + [_csv_float(r.seconds), _csv_float(r.epochs), r.mixture_tokens]
+            + ["true" if r.cached else "false"]
+        )
+    return buf.getvalue()
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def write_evaluation(
+    runs: Sequence[ProxyRun],
+    labels: Mapping[str, str],
+    alphas: Mapping[str, float],
+    baseline: str | None,
+    settings: Mapping[str, object],
+    out: str,
+    storage_options: dict | None = None,
+) -> dict:
+    """Write the ``PLOTS`` PNGs, ``results.csv`` and ``evaluate.md`` (last, so a reader
+    never finds it with missing pictures) under ``out``, a local folder (created) or any
+    fsspec URL; ``storage_options`` go to its filesystem.
+
+    Returns a JSON-able summary ``{variant: {"mean", "std", "n", "heldout", "target",
+    "domains": {domain: mean}}, "best": variant, "verdict": [sentences]}``; NaN is None and
+    ``target`` the mean target loss or None. Raises ValueError for no runs, for a variant
+    named like a summary key (``RESERVED``), and as ``variant_stats`` does."""
+    if not runs:
+        raise ValueError("no proxy runs to report")
+    clash = [r.variant for r in runs if r.variant in RESERVED]
+    if clash:
+        raise ValueError(f"variant name {clash[0]!r} is reserved for the summary; rename it")
+    stats = variant_stats(runs)
+    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    # Object stores have no directories; only a local target needs one created.
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(root, exist_ok=True)
+    pngs = evaluation_plots(runs, stats, labels, alphas, baseline)
+    for name, data in pngs.items():
+        fs.pipe_file(posixpath.join(root, name), data)
+    fs.pipe_file(posixpath.join(root, "results.csv"), results_csv(runs).encode("utf-8"))
+    images = {name.removesuffix(".png"): name for name in pngs}
+    text = evaluation_markdown(runs, stats, labels, settings, images, baseline=baseline)
+    fs.pipe_file(posixpath.join(root, "evaluate.md"), text.encode("utf-8"))
+
+    summary: dict = {
+        v: {
+            "mean": _json_float(s.mean),
+            "std": _json_float(s.std),
+            "n": s.n,
+            "heldout": _json_float(s.heldout[0]),
+            "target": None if s.target is None else _json_float(s.target[0]),
+            "domains": {d: _json_float(m) for d, (m, _) in s.domains.items()},
+        }
+        for v, s in stats.items()
+    }
+    summary["best"] = _ranked(stats)[0].variant
+    summary["verdict"] = verdict(stats, baseline)
+    return summary
+
+
+__all__ = [
+    "PLOTS",
+    "RESERVED",
+    "SUMMARY_KEYS",
+    "ProxyRun",
+    "VariantStats",
+    "evaluation_markdown",
+    "evaluation_plots",
+    "results_csv",
+    "variant_stats",
+    "verdict",
+    "write_evaluation",
+]
