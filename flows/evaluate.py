@@ -105,7 +105,7 @@ def _evaluate_mixtures(
             key = ev.proxy_key(mix["mixture_key"], sets_key, proxy)
             calls.append((key, (name, mix["output"], tok_key, sets_key, proxy, cfg, store, key)))
             which.append((name, seed))
-    results = _run(te.proxy, calls, store)
+    results = _run(te.proxy, calls, store, cfg.compute.gpus > 0)  # one proxy per GPU
     runs = [
         ProxyRun.from_summary(name, seed, r, r["cached"])
         for (name, seed), r in zip(which, results, strict=True)

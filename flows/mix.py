@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import dask
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -25,10 +26,11 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
 
-from samplemix import stages
+from samplemix import kmeans, stages
 from samplemix.config import Config, ConfigError
 from samplemix.corpus import CorpusError, discover_shards
 from samplemix.models import model_fingerprint
+from samplemix.static import is_static
 from samplemix.store import Key, Output, Store
 from tasks import stages as t
 
@@ -50,14 +52,18 @@ def _run_name(cfg: Config | None = None) -> str:
 Launched = list[PrefectFuture | dict]
 
 
-def _launch(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> Launched:
+def _launch(
+    task: Task, calls: list[tuple[Key, tuple]], store: Store, gpu: bool = False
+) -> Launched:
     """Start ``task(*args)`` for each (key, args): on Dask when the artifact is not in
-    the store, else right here, where serving it costs one read (a Cached run)."""
+    the store, else right here, where serving it costs one read (a Cached run). With
+    ``gpu`` each Dask task asks for the resource GPU=1, so only GPU workers run it."""
     done = store.summaries([key for key, _ in calls])
-    out: Launched = [
-        None if key in done else task.submit(*args)  # type: ignore[misc]
-        for key, args in calls
-    ]
+    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+        out: Launched = [
+            None if key in done else task.submit(*args)  # type: ignore[misc]
+            for key, args in calls
+        ]
     for i, (_, args) in enumerate(calls):
         if out[i] is None:
             out[i] = task(*args, return_state=True).result()
@@ -132,9 +138,9 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
     return results
 
 
-def _run(task: Task, calls: list[tuple[Key, tuple]], store: Store) -> list[dict]:
+def _run(task: Task, calls: list[tuple[Key, tuple]], store: Store, gpu: bool = False) -> list[dict]:
     """``_launch`` then ``_collect``: one stage's results, in order."""
-    return _collect(_launch(task, calls, store), task.name)
+    return _collect(_launch(task, calls, store, gpu), task.name)
 
 
 @flow(name="mix", flow_run_name=_run_name)
@@ -171,8 +177,13 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         return [(k[stage], (s, *args, k[stage])) for s, k in zip(shards, keys, strict=True)]
 
     method = cfg.mixing.method
-    tok_f = _launch(t.tokens, per_shard("tokens", cfg, store), store)
-    emb_f = _launch(t.embed, per_shard("embed", cfg, store), store)
+    gpus = cfg.compute.gpus > 0
+    tok_f = _launch(
+        t.tokens, per_shard("tokens", cfg, store), store, gpus and bool(cfg.corpus.domain_model)
+    )
+    emb_f = _launch(
+        t.embed, per_shard("embed", cfg, store), store, gpus and not is_static(cfg.embed.model)
+    )
     qual_f = [
         _launch(
             t.quality,
@@ -181,6 +192,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
                 for s, k in zip(shards, keys, strict=True)
             ],
             store,
+            gpus and q.scorer != "heuristic",
         )
         for n, q in enumerate(cfg.quality)
     ]
@@ -211,6 +223,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         t.kmeans,
         [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
         store,
+        gpus and kmeans.gpus() > 0,
     )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
@@ -221,6 +234,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             for s, k in zip(shards, keys, strict=True)
         ],
         store,
+        gpus and kmeans.gpus() > 0,
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
     cl = _run(
@@ -468,23 +482,66 @@ def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: AN
 
 
 def task_runner(cfg: Config) -> DaskTaskRunner:
-    """A runner on ``compute.scheduler_address``, else a LocalCluster of single-threaded
-    worker processes (one per core by default)."""
+    """A runner on ``compute.scheduler_address``, else on a local cluster (see
+    ``local_cluster``)."""
     if cfg.compute.scheduler_address:
         return DaskTaskRunner(address=cfg.compute.scheduler_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
+    cls, kwargs = local_cluster(cfg)
+    return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs)
+
+
+def local_cluster(cfg: Config) -> tuple[type, dict]:
+    """The class and arguments of the local Dask cluster: single-threaded worker
+    processes, one per core by default. With ``compute.gpus`` = G, G GPU workers (each
+    sees one device through CUDA_VISIBLE_DEVICES and advertises the resource GPU=1)
+    beside the CPU workers (cores − G by default), which see no GPU. Raises ConfigError
+    when this machine has fewer CUDA devices than G."""
+    from distributed import LocalCluster
+
+    if not cfg.compute.gpus:
+        return LocalCluster, {
             "n_workers": workers(cfg),
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": ":0",
-        },
-    )
+        }
+    import torch
+
+    have = torch.cuda.device_count()
+    if cfg.compute.gpus > have:
+        raise ConfigError(
+            f"compute.gpus = {cfg.compute.gpus} but torch sees {have} CUDA device(s) here; "
+            "set compute.gpus to at most that (0 runs everything on CPU), or install a CUDA "
+            "build of torch"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(have)]
+    return gpu_cluster(workers(cfg), devices[: cfg.compute.gpus])
+
+
+def gpu_cluster(cpu_workers: int, devices: list[str]) -> tuple[type, dict]:
+    """A SpecCluster of ``cpu_workers`` CPU workers (CUDA_VISIBLE_DEVICES empty) and one
+    worker per entry of ``devices`` (CUDA_VISIBLE_DEVICES = it, resource GPU=1), all
+    single-threaded processes. One scheduler for both kinds: dask-cuda's LocalCUDACluster
+    starts GPU workers only, so CPU stages would have to share the GPU workers' slots."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    def worker(env: str, resources: dict[str, int]) -> dict:
+        options = {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": env}, "resources": resources}
+        return {"cls": Nanny, "options": options}
+
+    spec = {f"cpu-{i}": worker("", {}) for i in range(cpu_workers)}
+    spec |= {f"gpu-{d}": worker(d, {"GPU": 1}) for d in devices}
+    return SpecCluster, {
+        "workers": spec,
+        "scheduler": {"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+    }
 
 
 def workers(cfg: Config) -> int:
-    return cfg.compute.n_workers or len(os.sched_getaffinity(0))
+    """Local CPU workers: ``compute.n_workers``, else one per core not given to a GPU."""
+    cores = len(os.sched_getaffinity(0))
+    return cfg.compute.n_workers or max(1, cores - cfg.compute.gpus)
 
 
 @contextlib.contextmanager
@@ -520,7 +577,7 @@ def share_threads(cfg: Config) -> Config:
     cores shared out among the local workers."""
     if cfg.compute.torch_threads is not None or cfg.compute.scheduler_address:
         return cfg
-    threads = max(1, len(os.sched_getaffinity(0)) // workers(cfg))
+    threads = max(1, len(os.sched_getaffinity(0)) // (workers(cfg) + cfg.compute.gpus))
     return cfg.model_copy(
         update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
     )
@@ -536,12 +593,9 @@ def shared_cluster(cfg: Config) -> Iterator[Config]:
     if cfg.compute.scheduler_address:
         yield cfg
         return
-    from distributed import LocalCluster
-
     cfg = share_threads(cfg)
-    with LocalCluster(
-        n_workers=workers(cfg), threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
+    cls, kwargs = local_cluster(cfg)
+    with cls(**kwargs) as cluster:
         compute = cfg.compute.model_copy(update={"scheduler_address": cluster.scheduler_address})
         yield cfg.model_copy(update={"compute": compute})
 

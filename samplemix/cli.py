@@ -338,6 +338,24 @@ def train_scorer(
     )
 
 
+@app.command("distill-embedder")
+def distill_embedder(
+    out: Annotated[str, typer.Option(help="Folder for the static model")],
+    base: Annotated[str, typer.Option(help="Local encoder to distill: 'minilm' or a path")] = (
+        "minilm"
+    ),
+    pca_dims: Annotated[int, typer.Option(help="Vector size after PCA; 0 = no PCA")] = 256,
+) -> None:
+    """Distill a static (model2vec) embedder from a local encoder: a fast CPU path."""
+    from samplemix.static import distill_static
+
+    try:
+        folder = distill_static(base, out, pca_dims or None)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"static embedder: {folder}\nembed with it: --set embed.model={folder}")
+
+
 def _with_credentials(cfg: Config) -> Config:
     """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
     if not cfg.storage.aws_credentials_block:

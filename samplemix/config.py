@@ -354,8 +354,17 @@ class EvaluateConfig(_Section):
 
 class ComputeConfig(_Section):
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler; else local")
-    n_workers: int | None = Field(None, gt=0, description="LocalCluster workers; default: cores")
+    n_workers: int | None = Field(
+        None, gt=0, description="Local CPU workers; default: cores (cores - gpus with gpus)"
+    )
     torch_threads: int | None = Field(None, gt=0, description="Per worker; default: cores/workers")
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="GPUs: locally, one GPU worker each (beside the CPU workers); on "
+        "scheduler_address, > 0 means its GPU workers advertise the Dask resource GPU=1. "
+        "Model stages (embed, model scorers, proxies) then request one GPU each",
+    )
 
 
 class Config(_Section):

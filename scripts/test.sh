@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/ruff check samplemix tasks flows tests bench
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
