@@ -4,7 +4,6 @@ from the saved vector table and MiniLM's tokenizer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from samplemix.models import load_tokenizer, token_lengths
 from samplemix.static import distill_static, embed_static, is_static, static_truncated
 from samplemix.tokens import token_counts, token_ids
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # distilling: 8x faster
 PCA = 16
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,18 +28,6 @@ TEXTS = [
     "[CLS] literal special tokens [SEP] and [MASK] and [unused3] in text",
     "a a a a b",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Distillation runs the encoder over ~30k one-token inputs: on a busy 2-core machine
-    two OpenMP threads were 8x slower than one (23.6 s vs 3.1 s)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
