@@ -74,6 +74,17 @@ def distill_static(base: str, out: str, pca_dims: int | None = 256) -> Path:
     for name in TOKENIZER_FILES:  # the base's files as they are (padding, truncation)
         if (src / name).is_file():
             shutil.copyfile(src / name, dest / name)
+    # model2vec records where the base was read (the packaged MiniLM's install path, which
+    # differs per machine and so would change the fingerprint) and writes a model card
+    # claiming the MIT licence: keep the base's name, and say whose licence applies.
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(config | {"tokenizer_name": base}, indent=4))
+    pca = f"PCA to {pca_dims} dimensions" if pca_dims else "no PCA"
+    (dest / "README.md").write_text(
+        f"# Static embedder distilled from {base}\n\nWritten by `samplemix distill-embedder` "
+        f"(model2vec, {pca}). The licence of {base} applies (the packaged all-MiniLM-L6-v2: "
+        "Apache-2.0).\n"
+    )
     return dest
 
 

@@ -4,6 +4,7 @@ from the saved vector table and MiniLM's tokenizer."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,6 @@ def test_cli_distill_embedder(base: str, tmp_path: Path) -> None:
     assert str(out) in result.output and f"--set embed.model={out}" in result.output
     assert is_static(str(out))
     assert embed_static(["hello world"], str(out), 16).shape == (1, 8)
+    # the base as the user named it (not where this machine installed it); no MIT card
+    assert json.loads((out / "config.json").read_text())["tokenizer_name"] == base
+    assert "mit" not in (out / "README.md").read_text().lower().split()
