@@ -20,6 +20,7 @@ Usage: python -m bench.bench_gpu [--corpus ../shared/corpus] [--small]
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.bench_pipeline import print_table
 from samplemix import kmeans, models
 from samplemix.config import EmbedConfig, QualityConfig, load_config
 from samplemix.corpus import discover_shards
@@ -177,9 +179,7 @@ def main() -> None:
         spent += time.perf_counter() - t0
     rows.append((f"kmeans assign {n_assign:,} vectors (chunks of {chunk:,}), s", f"{spent:.1f}"))
 
-    print("\n| measure | value |\n| --- | ---: |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_table(rows, len(os.sched_getaffinity(0)))
 
 
 if __name__ == "__main__":

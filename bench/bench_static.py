@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.metrics import adjusted_mutual_info_score as ami
 from sklearn.metrics import adjusted_rand_score as ari
 
+from bench.bench_pipeline import print_table
 from samplemix import kmeans, stages
 from samplemix.config import Config, load_config
 from samplemix.corpus import discover_shards
@@ -131,9 +132,7 @@ def main() -> None:
         ("AMI static clusters vs domains", f"{ami(domains, stat0):.3f}"),
     ]
     tmp.cleanup()
-    print("| measure | value |\n| --- | --- |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_table(rows, cores)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
 
     method = cfg.mixing.method
     gpus = cfg.compute.gpus > 0
+    faiss_gpu = gpus and kmeans.gpus() > 0  # k-means and assignments on GPU workers
     tok_f = _launch(
         t.tokens, per_shard("tokens", cfg, store), store, gpus and bool(cfg.corpus.domain_model)
     )
@@ -223,7 +224,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         t.kmeans,
         [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
         store,
-        gpus and kmeans.gpus() > 0,
+        faiss_gpu,
     )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
@@ -234,7 +235,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             for s, k in zip(shards, keys, strict=True)
         ],
         store,
-        gpus and kmeans.gpus() > 0,
+        faiss_gpu,
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
     cl = _run(

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from samplemix import baselines, kmeans, materialise, mixing, quadmix
 from samplemix import diversity as div
@@ -619,16 +618,17 @@ def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     e = embed_texts(texts, cfg.embed)
     store.put_array(key, "embeddings.npy", e)
     if is_static(cfg.embed.model):  # a table lookup in numpy
-        device, dtype = torch.device("cpu"), "float32"
+        device, dtype = "cpu", "float32"
     else:
-        device = resolve_device(cfg.embed.device)
-        dtype = str(resolve_dtype(cfg.embed.dtype, device)).removeprefix("torch.")
+        resolved = resolve_device(cfg.embed.device)
+        device = resolved.type
+        dtype = str(resolve_dtype(cfg.embed.dtype, resolved)).removeprefix("torch.")
     return store.commit(
         key,
         {
             "docs": int(e.shape[0]),
             "dim": int(e.shape[1]),
-            "device": device.type,
+            "device": device,
             "dtype": dtype,
             "truncated": truncated_count(texts, cfg.embed),
         },
