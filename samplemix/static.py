@@ -9,7 +9,6 @@ model's own tokenizer files and one vector per base token id, so the budget toke
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samplemix.models import prefixes, resolve_model
+from samplemix.models import model_cached, prefixes, resolve_model
 
 if TYPE_CHECKING:
     from model2vec import StaticModel
@@ -101,29 +100,37 @@ def is_static(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=4)
 def load_static(name: str) -> StaticModel:
-    """The model2vec model in ``resolve_model(name)``, once per process, its vectors
-    as float32 (numpy's float16 arithmetic is slow and imprecise)."""
-    from model2vec import StaticModel
+    """The model2vec model in ``resolve_model(name)``, once per process and state of its
+    files (models.model_cached), its vectors as float32 (numpy's float16 arithmetic is slow
+    and imprecise)."""
 
-    model = StaticModel.from_pretrained(resolve_model(name), normalize=True, force_download=False)
-    if np.issubdtype(model.embedding.dtype, np.floating):
-        model.embedding = model.embedding.astype(np.float32)
-    return model
+    def load() -> StaticModel:
+        from model2vec import StaticModel
+
+        path = resolve_model(name)
+        model = StaticModel.from_pretrained(path, normalize=True, force_download=False)
+        if np.issubdtype(model.embedding.dtype, np.floating):
+            model.embedding = model.embedding.astype(np.float32)
+        return model
+
+    return model_cached(("static", name), name, load)
 
 
-@functools.lru_cache(maxsize=8)
 def _truncating_tokenizer(name: str, max_length: int) -> Tokenizer:
     """The static model's tokenizer keeping at most ``max_length`` tokens, unpadded;
-    built once per process and length (rebuilding it costs ~40 ms, a fifth of the time
-    a 400-document shard takes to embed)."""
-    from tokenizers import Tokenizer
+    built once per process, length and state of the files (rebuilding it costs ~40 ms,
+    a fifth of the time a 400-document shard takes to embed)."""
 
-    tok = Tokenizer.from_str(load_static(name).tokenizer.to_str())
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    return tok
+    def build() -> Tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(load_static(name).tokenizer.to_str())
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+        return tok
+
+    return model_cached(("static-tokenizer", name, max_length), name, build)
 
 
 def first_tokens(name: str, texts: list[str], max_length: int) -> list[np.ndarray]:

@@ -66,16 +66,18 @@ def write_tiny_corpus(root: Path, docs_per_domain: int = 16, shards_per_domain: 
     return root
 
 
-def save_tiny_classifier(path: Path, num_labels: int, id2label: dict[int, str] | None = None):  # noqa: ANN201
-    """A 2-layer BERT classifier (random weights, MiniLM's tokenizer) saved to ``path``;
-    returns the model (transformers BertForSequenceClassification)."""
+def save_tiny_classifier(  # noqa: ANN201
+    path: Path, num_labels: int, id2label: dict[int, str] | None = None, seed: int = 0
+):
+    """A 2-layer BERT classifier (random weights drawn with ``seed``, MiniLM's tokenizer)
+    saved to ``path``; returns the model (transformers BertForSequenceClassification)."""
     import torch
     from transformers import BertForSequenceClassification
 
     from samplemix.models import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = tiny_bert_config(
         len(tokenizer),
         num_labels=num_labels,

@@ -112,6 +112,11 @@ def history(
     refit = alpha.model_copy(deep=True)
     refit.kmeans.refit_new_share = 0.1
     h["plan_added_refit"] = planned(refit)
+    # The scorer retrained into the same folder: same files, same sizes, new weights.
+    save_tiny_classifier(root / "scorer", num_labels=1, seed=1)
+    h["plan_retrained"] = planned(alpha)
+    save_tiny_classifier(root / "scorer", num_labels=1, seed=0)  # and put back
+    h["plan_restored"] = planned(alpha)
     h["configs"] = {"cold": cold, "alpha": alpha}
     return h
 
@@ -233,6 +238,16 @@ def test_added_shard_computes_its_stages_and_keeps_the_centroids(history: dict) 
         "weights": 7,
     }
     assert history["added"]["documents"] == 56
+
+
+def test_retrained_scorer_in_the_same_folder_recomputes_its_scores(history: dict) -> None:
+    p = history["plan_retrained"]
+    assert p["quality"] == [(7, "compute", "model weights changed")]
+    for stage in ("tokens", "embed", "kmeans", "assign", "clusters"):
+        assert [status for _, status, _ in p[stage]] == ["cached"], stage
+    # The old weights' bytes back in place: their stored scores serve again.
+    restored = history["plan_restored"]
+    assert {status for rows in restored.values() for _, status, _ in rows} == {"cached"}
 
 
 def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:

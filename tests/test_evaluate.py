@@ -159,9 +159,7 @@ def test_evaluate_without_heldout_documents_fails_clearly(tmp_path: Path) -> Non
         run_evaluate(cfg, ["vanilla"], [])
 
 
-def test_search_writes_a_config_that_reproduces_its_choice(
-    evaluated: dict, tmp_path: Path
-) -> None:
+def test_search_writes_a_config_that_reproduces_its_choice(evaluated: dict, tmp_path: Path) -> None:
     root = evaluated["root"]
     cfg = tiny_config(root / "corpus", tmp_path / "out", **(PROXY | {"evaluate.seeds": [0]}))
     result = run_search(cfg, "samplemix", draws=3, validation=1, candidates=500, top=2)

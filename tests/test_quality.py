@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from samplemix.config import QualityConfig
-from samplemix.models import load_model, load_tokenizer
+from samplemix.models import load_tokenizer
 from samplemix.quality import heuristic_score, make_scorer, rule_scores
 
 CLEAN = (
@@ -46,16 +46,6 @@ TEXTS = [
     "word " * 80,
     "Tiny.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _clear_model_caches():
-    """Models and tokenizers are cached per process by path; start each test clean."""
-    load_model.cache_clear()
-    load_tokenizer.cache_clear()
-    yield
-    load_model.cache_clear()
-    load_tokenizer.cache_clear()
 
 
 # ---------------------------------------------------------------- heuristic

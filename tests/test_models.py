@@ -1,0 +1,68 @@
+"""Model identity: fingerprints follow the weights' bytes, and a process reloads a model
+whose files were replaced behind the same path (a long-lived Dask worker would
+otherwise score with the old one under the new model's cache keys)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_classifier
+from transformers import AutoModelForSequenceClassification
+
+from samplemix.models import load_model, load_tokenizer, local_version, model_fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TEXTS = ["The committee met on Tuesday.", "def f(x):\n    return x + 1"]
+
+
+def logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
+    enc = load_tokenizer(str(path))(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**enc).logits
+
+
+def sizes(path: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in path.iterdir()}
+
+
+def test_retrained_weights_of_the_same_size_change_the_fingerprint(tmp_path: Path) -> None:
+    path = tmp_path / "scorer"
+    save_tiny_classifier(path, num_labels=1, seed=0)
+    before, before_sizes = model_fingerprint(str(path)), sizes(path)
+    copy = shutil.copytree(path, tmp_path / "copy")
+    save_tiny_classifier(path, num_labels=1, seed=1)
+    assert sizes(path) == before_sizes  # nothing but the weights' bytes tells them apart
+    model_fingerprint.cache_clear()  # as every flow run and plan does when it starts
+    assert model_fingerprint(str(path)) != before
+    # The same bytes elsewhere (another machine's copy) hash the same.
+    assert model_fingerprint(str(copy)) == before
+
+
+def test_a_model_replaced_behind_its_path_is_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "scorer"
+    save_tiny_classifier(path, num_labels=1, seed=0)
+    first = load_model(str(path), "classifier", "cpu")
+    assert load_model(str(path), "classifier", "cpu") is first  # unchanged: kept
+    version = local_version(str(path))
+    save_tiny_classifier(path, num_labels=1, seed=1)
+    assert local_version(str(path)) != version
+    second = load_model(str(path), "classifier", "cpu")
+    assert second is not first
+    fresh = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    assert torch.equal(logits(second, path), logits(fresh, path))
+    assert not torch.allclose(logits(first, path), logits(second, path))
+
+
+def test_loading_leaves_the_model_folder_as_it_was(tmp_path: Path) -> None:
+    """A load that wrote into the folder would make every later call reload."""
+    path = tmp_path / "scorer"
+    save_tiny_classifier(path, num_labels=2)
+    version = local_version(str(path))
+    load_model(str(path), "classifier", "cpu")
+    load_tokenizer(str(path))
+    assert local_version(str(path)) == version
+    assert local_version("minilm") == local_version("minilm")
+    assert local_version("some-org/some-hub-model") == ()
