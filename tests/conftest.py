@@ -26,6 +26,23 @@ def prefect_server() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def cluster(prefect_server: str) -> Iterator[dict]:
+    """One local Dask cluster for the session's flow tests, as a team's long-lived
+    cluster (``compute.scheduler_address``): its workers start, import torch and load
+    MiniLM once instead of once per run (~10 s of a tiny run's ~30 s). Yields the
+    overrides that point a ``tiny_config`` at it. Tests that kill workers, set
+    environment variables for them or vary the worker count start their own."""
+    from flows.mix import shared_cluster
+
+    with shared_cluster(tiny_config(Path("corpus"), Path("out"))) as cfg:
+        c = cfg.compute
+        yield {
+            "compute.scheduler_address": c.scheduler_address,
+            "compute.torch_threads": c.torch_threads,
+        }
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module's tests (use with pytest.mark.usefixtures): tiny

@@ -70,14 +70,12 @@ def mixture_bytes(moto: MotoServer) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def history(
-    moto: MotoServer, tmp_path_factory: pytest.TempPathFactory, prefect_server: str
-) -> dict:
+def history(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory, cluster: dict) -> dict:
     """Runs the steps in order and records each plan and run summary."""
     root = tmp_path_factory.mktemp("cache")
     fs(moto).put(str(write_tiny_corpus(root / "corpus")) + "/", "mix/corpus/", recursive=True)
     h: dict = {"root": root}
-    cold = s3_config(moto)
+    cold = s3_config(moto, **cluster)
     h["plan_cold"] = planned(cold)
     h["cold"] = run_mix(cold)
     h["mixture_cold"] = mixture_bytes(moto)
@@ -89,7 +87,9 @@ def history(
 
     save_tiny_classifier(root / "scorer", num_labels=1)
     scorer = s3_config(
-        moto, **{"quality.scorer": "hf-classifier", "quality.model": str(root / "scorer")}
+        moto,
+        **cluster,
+        **{"quality.scorer": "hf-classifier", "quality.model": str(root / "scorer")},
     )
     h["plan_scorer"] = planned(scorer)
     h["scorer"] = run_mix(scorer)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_annotate_train_and_mix_with_the_trained_scorer(
     server: ChatServer,  # noqa: F811 - the fixture imported from test_annotate
     tmp_path: Path,
-    prefect_server: str,
+    cluster: dict,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -70,6 +70,7 @@ def test_annotate_train_and_mix_with_the_trained_scorer(
         tmp_path / "mix",
         **{"quality.scorer": "hf-classifier", "quality.model": str(model_dir)},
         **{"quality.max_length": 64},
+        **cluster,
     )
     summary = run_mix(cfg)
     assert summary["computed"]["quality"] == 6

@@ -19,11 +19,12 @@ def read_dir(path: Path):  # noqa: ANN201 - a pyarrow Table
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> dict:
+def first_run(tmp_path_factory: pytest.TempPathFactory, cluster: dict) -> dict:
     root = tmp_path_factory.mktemp("flow")
     corpus = write_tiny_corpus(root / "corpus")
-    cfg = tiny_config(corpus, root / "out")
-    return {"cfg": cfg, "root": root, "corpus": corpus, "summary": run_mix(cfg)}
+    cfg = tiny_config(corpus, root / "out", **cluster)
+    summary = run_mix(cfg)
+    return {"cfg": cfg, "root": root, "corpus": corpus, "summary": summary, "cluster": cluster}
 
 
 def test_mixture_meets_budget_and_matches_plan(first_run: dict) -> None:
@@ -86,6 +87,7 @@ def test_budget_beyond_max_repeats_is_a_clear_error(first_run: dict) -> None:
         first_run["corpus"],
         first_run["root"] / "out-cap",
         **{"mixing.budget_ratio": 3.0, "mixing.max_repeats": 2, "mixing.epsilon": 0.1},
+        **first_run["cluster"],
     )
     with pytest.raises(BudgetError, match="max_repeats"):
         run_mix(cfg)
@@ -109,6 +111,6 @@ def test_corpus_with_no_usable_rows_is_a_clear_error(first_run: dict) -> None:
     corpus = first_run["root"] / "empty-corpus" / "web"
     corpus.mkdir(parents=True)
     pq.write_table(pa.table({"text": ["", "   ", None]}), corpus / "part-000.parquet")
-    cfg = tiny_config(corpus.parent, first_run["root"] / "out-empty")
+    cfg = tiny_config(corpus.parent, first_run["root"] / "out-empty", **first_run["cluster"])
     with pytest.raises(CorpusError, match="no usable documents.*3 rows rejected"):
         run_mix(cfg)

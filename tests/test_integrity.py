@@ -38,9 +38,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "x": books[0], "y": books[3]}
 
 
-def run(corpus: dict, name: str, **overrides: object) -> tuple[Path, dict]:
+def run(corpus: dict, name: str, cluster: dict, **overrides: object) -> tuple[Path, dict]:
     out = corpus["root"].parent / name
-    settings = {"output.store": str(corpus["root"].parent / "store"), **overrides}
+    settings = {"output.store": str(corpus["root"].parent / "store"), **cluster, **overrides}
     return out, run_mix(tiny_config(corpus["root"], out, **settings))
 
 
@@ -62,10 +62,8 @@ EXPECTED_DROPS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["keep_first", "reject", "disambiguate"])
-def test_duplicate_ids_are_resolved_and_counted(
-    corpus: dict, policy: str, prefect_server: str
-) -> None:
-    out, summary = run(corpus, f"out-{policy}", **{"corpus.duplicate_ids": policy})
+def test_duplicate_ids_are_resolved_and_counted(corpus: dict, policy: str, cluster: dict) -> None:
+    out, summary = run(corpus, f"out-{policy}", cluster, **{"corpus.duplicate_ids": policy})
     drops = EXPECTED_DROPS[policy]
     assert summary["read"] == 48
     assert summary["documents"] == 48 - len(drops)
@@ -95,10 +93,8 @@ def test_duplicate_ids_are_resolved_and_counted(
 
 
 @pytest.mark.slow
-def test_huge_documents_are_kept_and_counted_as_truncated(
-    corpus: dict, prefect_server: str
-) -> None:
-    out, _ = run(corpus, "out-disambiguate")
+def test_huge_documents_are_kept_and_counted_as_truncated(corpus: dict, cluster: dict) -> None:
+    out, _ = run(corpus, "out-disambiguate", cluster)
     plan = read_dir(out / "plan")
     where = plan.select(["shard", "row"]).to_pylist()
     huge = plan.column("tokens")[where.index({"shard": REF, "row": HUGE_ROW})].as_py()

@@ -32,16 +32,23 @@ def config(root: Path, **extra: object):  # noqa: ANN201 - a Config
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> dict:
+def compared(tmp_path_factory: pytest.TempPathFactory, cluster: dict) -> dict:
     root = tmp_path_factory.mktemp("methods")
     write_tiny_corpus(root / "corpus")
-    cfg = config(root)
+    cfg = config(root, **cluster)
     first = run_compare(cfg, METHODS, [])
     folder = root / "out" / "compare"
     written = {name: (folder / name).read_text() for name in ("compare.md", "compare.csv")}
     # Again, with two of the methods: everything, outputs included, is reused.
     second = run_compare(cfg, ["quadmix", "ce"], [])
-    return {"root": root, "cfg": cfg, "first": first, "second": second, "written": written}
+    return {
+        "root": root,
+        "cfg": cfg,
+        "first": first,
+        "second": second,
+        "written": written,
+        "cluster": cluster,
+    }
 
 
 def plan(compared: dict, name: str) -> pa.Table:
@@ -204,6 +211,7 @@ def test_domain_labels_from_a_classifier(compared: dict, tmp_path: Path) -> None
         tmp_path / "out",
         **{"corpus.domain_model": str(tmp_path / "dom"), "corpus.domain_max_length": 32},
         **{"mixing.method": "vanilla", "output.store": str(compared["root"] / "out" / "store")},
+        **compared["cluster"],
     )
     run = run_mix(cfg)
     assert run["computed"]["embed"] == 0  # the domains change the index, not the embeddings
