@@ -59,20 +59,26 @@ def local_version(name: str) -> tuple:
 
 
 _loaded: dict[tuple, tuple[tuple, object]] = {}  # key -> (local_version, value)
+# Loads run one at a time: transformers' lazy module fails when two threads first touch
+# it at once ("cannot import name 'AutoTokenizer'"), as on a Dask worker with several
+# threads. Re-entrant, as a static model's tokenizer is built from the loaded model.
+_load_lock = threading.RLock()
 
 
 def model_cached(key: tuple, name: str, load: Callable[[], T]) -> T:
     """``load()``'s value for ``key``, kept while the files behind model ``name`` stay
     as they were (local_version); reloaded once they change, so a long-lived Dask
-    worker never computes with a model that was replaced behind the same path."""
+    worker never computes with a model that was replaced behind the same path.
+    Thread-safe; each key loads once."""
     version = local_version(name)
-    hit = _loaded.get(key)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    _loaded.pop(key, None)  # free the stale copy (GPU memory) before loading its successor
-    value = load()
-    _loaded[key] = (version, value)
-    return value
+    with _load_lock:
+        hit = _loaded.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        _loaded.pop(key, None)  # free the stale copy (GPU memory) before loading the new
+        value = load()
+        _loaded[key] = (version, value)
+        return value
 
 
 @functools.lru_cache(maxsize=16)

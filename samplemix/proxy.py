@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplemix.config import ProxyConfig
+from samplemix.models import load_tokenizer as hf_tokenizer
 from samplemix.models import resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
@@ -264,9 +265,7 @@ def load_tokenizer(path_or_name: str | Path) -> ProxyTokenizer:
         if eot is None:
             raise ValueError(f"{file} has no {EOT} token; use a directory with its HF config")
         return ProxyTokenizer(backend, eot, name)
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(path))
+    hf = hf_tokenizer(name)
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"{name}: a fast tokenizer (tokenizer.json) is needed")
     backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())  # a copy we may reconfigure

@@ -46,13 +46,13 @@ PROXY = {
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> dict:
+def evaluated(tmp_path_factory: pytest.TempPathFactory, cluster: dict) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     write_tiny_corpus(root / "corpus")
-    cfg = tiny_config(root / "corpus", root / "out", **PROXY)
+    cfg = tiny_config(root / "corpus", root / "out", **(PROXY | cluster))
     first = run_evaluate(cfg, ["vanilla"], [0.8, 0.0])
     again = run_evaluate(cfg, ["vanilla"], [0.8, 0.0])  # every mix and proxy from the store
-    return {"root": root, "cfg": cfg, "first": first, "again": again}
+    return {"root": root, "cfg": cfg, "first": first, "again": again, "cluster": cluster}
 
 
 def only_key(root: Path, stage: str) -> Key:
@@ -161,7 +161,8 @@ def test_evaluate_without_heldout_documents_fails_clearly(tmp_path: Path) -> Non
 
 def test_search_writes_a_config_that_reproduces_its_choice(evaluated: dict, tmp_path: Path) -> None:
     root = evaluated["root"]
-    cfg = tiny_config(root / "corpus", tmp_path / "out", **(PROXY | {"evaluate.seeds": [0]}))
+    settings = PROXY | {"evaluate.seeds": [0]} | evaluated["cluster"]
+    cfg = tiny_config(root / "corpus", tmp_path / "out", **settings)
     result = run_search(cfg, "samplemix", draws=3, validation=1, candidates=500, top=2)
     out = tmp_path / "out" / "search"
     chosen = load_config(out / "chosen.yaml")

@@ -34,10 +34,10 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path:
+def clean(tmp_path_factory: pytest.TempPathFactory, cluster: dict) -> Path:
     """The tiny corpus and an uninterrupted run's output, under one folder."""
     root = tmp_path_factory.mktemp("faults")
-    run_mix(tiny_config(write_tiny_corpus(root / "corpus"), root / "clean"))
+    run_mix(tiny_config(write_tiny_corpus(root / "corpus"), root / "clean", **cluster))
     return root
 
 
@@ -239,10 +239,10 @@ def test_outage_longer_than_the_retries_is_a_clear_error(proxy: FlakyProxy) -> N
 
 @pytest.mark.slow
 def test_run_survives_store_outages(
-    tmp_path: Path, moto: MotoServer, proxy: FlakyProxy, prefect_server: str
+    tmp_path: Path, moto: MotoServer, proxy: FlakyProxy, cluster: dict
 ) -> None:
     corpus = write_tiny_corpus(tmp_path / "corpus")
-    cfg = tiny_config(corpus, tmp_path / "out")
+    cfg = tiny_config(corpus, tmp_path / "out", **cluster)
     cfg.output.store = "s3://mix/outage-store"
     cfg.storage.endpoint_url = proxy.endpoint
     cfg.storage.region = REGION
@@ -267,7 +267,7 @@ def test_run_survives_store_outages(
     finally:
         stop.set()
         flapper.join()
-    reference = run_mix(tiny_config(corpus, tmp_path / "reference"))
+    reference = run_mix(tiny_config(corpus, tmp_path / "reference", **cluster))
     assert summary["realised_tokens"] == reference["realised_tokens"]
     assert file_bytes(tmp_path / "out" / "mixture") == file_bytes(
         tmp_path / "reference" / "mixture"

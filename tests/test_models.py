@@ -5,6 +5,8 @@ otherwise score with the old one under the new model's cache keys)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,31 @@ def test_loading_leaves_the_model_folder_as_it_was(tmp_path: Path) -> None:
     assert local_version(str(path)) == version
     assert local_version("minilm") == local_version("minilm")
     assert local_version("some-org/some-hub-model") == ()
+
+
+RACE = """
+import threading
+from samplemix import models
+errors = []
+def run(load):
+    try:
+        load()
+    except Exception as e:
+        errors.append(repr(e))
+def model():
+    return models.load_model("minilm", "encoder", "cpu")
+loads = [lambda: models.load_tokenizer("minilm"), model]
+threads = [threading.Thread(target=run, args=(f,)) for f in loads * 2]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert model() is model()
+print(errors)
+"""
+
+
+def test_threads_loading_models_at_once_in_a_fresh_process() -> None:
+    """A Dask worker with several threads starts its first tasks together; transformers
+    fails when two threads first touch it at once, unless loads take turns."""
+    res = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
