@@ -15,6 +15,7 @@ import importlib.util
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -58,7 +59,10 @@ def local_version(name: str) -> tuple:
     )
 
 
-_loaded: dict[tuple, tuple[tuple, object]] = {}  # key -> (local_version, value)
+# key -> (local_version, value), least recently used first; at most LOADED_MAX kept, so
+# a long-lived worker that meets scorer after scorer does not hold them all in memory.
+_loaded: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
+LOADED_MAX = 8  # a run uses up to 6: embedder, scorer, domain model, each with its tokenizer
 # Loads run one at a time: transformers' lazy module fails when two threads first touch
 # it at once ("cannot import name 'AutoTokenizer'"), as on a Dask worker with several
 # threads. Re-entrant, as a static model's tokenizer is built from the loaded model.
@@ -74,8 +78,11 @@ def model_cached(key: tuple, name: str, load: Callable[[], T]) -> T:
     with _load_lock:
         hit = _loaded.get(key)
         if hit is not None and hit[0] == version:
+            _loaded.move_to_end(key)
             return hit[1]
         _loaded.pop(key, None)  # free the stale copy (GPU memory) before loading the new
+        while len(_loaded) >= LOADED_MAX:
+            _loaded.popitem(last=False)
         value = load()
         _loaded[key] = (version, value)
         return value

@@ -14,7 +14,14 @@ import torch
 from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
-from samplemix.models import load_model, load_tokenizer, local_version, model_fingerprint
+from samplemix.models import (
+    LOADED_MAX,
+    _loaded,
+    load_model,
+    load_tokenizer,
+    local_version,
+    model_fingerprint,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXTS = ["The committee met on Tuesday.", "def f(x):\n    return x + 1"]
@@ -96,3 +103,18 @@ def test_threads_loading_models_at_once_in_a_fresh_process() -> None:
     res = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_long_lived_process_keeps_only_the_recently_used_models(tmp_path: Path) -> None:
+    """A worker meeting scorer after scorer (versioned folders) must not hold them all."""
+    first = tmp_path / "v0"
+    save_tiny_classifier(first, num_labels=1)
+    kept = load_model(str(first), "classifier", "cpu")
+    for v in range(1, LOADED_MAX + 1):
+        save_tiny_classifier(tmp_path / f"v{v}", num_labels=1, seed=v)
+        load_model(str(tmp_path / f"v{v}"), "classifier", "cpu")
+    assert len(_loaded) <= LOADED_MAX
+    assert load_model(str(first), "classifier", "cpu") is not kept  # evicted, loaded again
+    newest = tmp_path / f"v{LOADED_MAX}"
+    again = load_model(str(newest), "classifier", "cpu")
+    assert load_model(str(newest), "classifier", "cpu") is again
