@@ -26,7 +26,7 @@ from samplemix import stages
 from samplemix.config import load_config
 from samplemix.corpus import discover_shards
 from samplemix.embed import embed_texts, truncated_count
-from samplemix.models import local_version, model_fingerprint, resolve_model, set_torch_threads
+from samplemix.models import local_version, model_fingerprint, set_torch_threads
 from samplemix.quality import make_scorer
 from samplemix.tokens import token_counts
 
@@ -69,8 +69,7 @@ def main() -> None:
     model_fingerprint.cache_clear()
     fingerprint = seconds(model_fingerprint, cfg.embed.model)
     stat = seconds(local_version, cfg.embed.model)
-    folder = Path(resolve_model(cfg.embed.model))
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    size = sum(entry[1] for entry in local_version(cfg.embed.model))  # (path, size, ...)
     rows = [
         ("documents, shards", f"{docs:,}, {len(shards)}"),
         ("read every shard, s", f"{cost['read']:.1f}"),

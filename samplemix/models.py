@@ -44,6 +44,11 @@ def resolve_model(name: str) -> str:
     return str(Path(spec.origin).parent / "model")
 
 
+def _files(folder: Path) -> list[tuple[str, Path]]:
+    """Every file under ``folder`` as (path relative to it, posix; path), sorted."""
+    return [(f.relative_to(folder).as_posix(), f) for f in sorted(folder.rglob("*")) if f.is_file()]
+
+
 def local_version(name: str) -> tuple:
     """What tells one state of the files behind ``name`` from another without reading
     them: each file's path, size, inode, modification and change time (a change time
@@ -53,8 +58,8 @@ def local_version(name: str) -> tuple:
     if not path.is_dir():
         return ()
     return tuple(
-        (f.relative_to(path).as_posix(), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        for f in sorted(p for p in path.rglob("*") if p.is_file())
+        (rel, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        for rel, f in _files(path)
         for st in [f.stat()]
     )
 
@@ -108,12 +113,12 @@ def model_fingerprint(name: str) -> str:
         return hashlib.sha256(name.encode()).hexdigest()[:16]
 
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for rel, f in _files(path):
         digest = hashlib.sha256()
         with open(f, "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
-        h.update(f"{f.relative_to(path).as_posix()}:{digest.hexdigest()}\n".encode())
+        h.update(f"{rel}:{digest.hexdigest()}\n".encode())
     return h.hexdigest()[:16]
 
 
