@@ -84,17 +84,22 @@ def cli_run(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def on_cluster(cluster: dict) -> list[str]:
+    """``samplemix run`` options that put a run on the session's cluster."""
+    return [a for k, v in cluster.items() for a in ("--set", f"{k}={v}")]
+
+
 @pytest.mark.slow
-def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path) -> None:
+def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path, cluster: dict) -> None:
     """While one run holds the output's lease, a second fails at once with wait 0, and
     with a longer wait runs after it, finding everything done."""
     out = tmp_path / "out"
-    first = cli_run(clean / "corpus", out)
+    first = cli_run(clean / "corpus", out, *on_cluster(cluster))
     deadline = time.monotonic() + 120
     while not (out / "_lease.json").exists():
         assert first.poll() is None and time.monotonic() < deadline, "first run did not start"
         time.sleep(0.1)
-    cfg = tiny_config(clean / "corpus", out)
+    cfg = tiny_config(clean / "corpus", out, **cluster)
     cfg.output.lease_wait_s = 0
     with pytest.raises(StoreError, match="is being written by another run"):
         run_mix(cfg)
@@ -107,16 +112,18 @@ def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_runs_sharing_a_store_at_once(clean: Path, tmp_path: Path) -> None:
-    """Two runs with their own outputs and one store, started together, compute the
-    same artifacts side by side: both finish with the clean run's mixture, and a third
-    run on that store finds every artifact complete and computes nothing."""
-    store = ["--set", f"output.store={tmp_path / 'store'}"]
+def test_two_runs_sharing_a_store_at_once(clean: Path, tmp_path: Path, cluster: dict) -> None:
+    """Two runs with their own outputs and one store, started together on one cluster,
+    compute the same artifacts side by side: both finish with the clean run's mixture,
+    and a third run on that store finds every artifact complete and computes nothing."""
+    store = ["--set", f"output.store={tmp_path / 'store'}", *on_cluster(cluster)]
     runs = [cli_run(clean / "corpus", tmp_path / name, *store) for name in ("a", "b")]
     assert [r.wait(timeout=600) for r in runs] == [0, 0]
     for name in ("a", "b"):
         assert file_bytes(tmp_path / name / "mixture") == file_bytes(clean / "clean" / "mixture")
-    cfg = tiny_config(clean / "corpus", tmp_path / "c", **{"output.store": str(tmp_path / "store")})
+    cfg = tiny_config(
+        clean / "corpus", tmp_path / "c", **{"output.store": str(tmp_path / "store")}, **cluster
+    )
     third = run_mix(cfg)
     computed = {stage: n for stage, n in third["computed"].items() if n}
     assert computed == {"materialise": third["mixture_parts"]}  # only its own output
