@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.bench_pipeline import print_table
+from bench.flops import flops_per_token, matmul_rate, sync
 from samplemix import kmeans, models
 from samplemix.config import EmbedConfig, QualityConfig, load_config
 from samplemix.corpus import discover_shards
@@ -37,36 +38,6 @@ from samplemix.quality import make_scorer
 from samplemix.stages import read_docs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def peak_bf16_flops(device: torch.device, n: int) -> float:
-    """Measured bf16 (fp32 on CPU) matmul FLOP/s on n × n GEMMs."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync()
-    reps, t0 = 20 if device.type == "cuda" else 3, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def flops_per_token(model: torch.nn.Module, seq: int) -> float:
-    """Forward FLOPs per real token of a BERT-style encoder at sequence length ``seq``."""
-    c = model.config
-    linear = sum(
-        m.weight.numel()
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and "encoder" in name
-    )
-    return 2.0 * linear + 4.0 * c.num_hidden_layers * seq * c.hidden_size
 
 
 def long_texts(corpus: str, tokenizer, seq: int, n: int) -> list[str]:  # noqa: ANN001
@@ -118,7 +89,7 @@ def main() -> None:
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     ]
 
-    peak = peak_bf16_flops(device, 1024 if small else 8192)
+    peak = matmul_rate(device, 1024 if small else 8192)
     rows.append(("peak matmul TFLOP/s (bf16 on GPU)", f"{peak / 1e12:.1f}"))
 
     tok = models.load_tokenizer("minilm")

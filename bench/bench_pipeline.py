@@ -7,7 +7,7 @@
 3. memory: peak RSS of each Dask worker on 1x and 4x the data (same shard size).
 
 Usage: python -m bench.bench_pipeline [--corpus ../shared/corpus] [--skip overhead memory]
-       [--batch-tokens 1024 4096] [--rounds 3]
+       [--batch-tokens 4096 1024] [--rounds 3] [--compile]
 Prints a Markdown table to paste into BENCHMARKS.md.
 """
 
@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from distributed import Client
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from bench.bench_gpu import flops_per_token, peak_bf16_flops  # noqa: E402
+from bench.flops import flops_per_token, matmul_rate  # noqa: E402
 from flows.mix import run_mix  # noqa: E402
 from samplemix import stages  # noqa: E402
-from samplemix.config import Config, load_config  # noqa: E402
+from samplemix.config import Config, EmbedConfig, load_config  # noqa: E402
 from samplemix.corpus import discover_shards  # noqa: E402
 from samplemix.embed import embed_texts  # noqa: E402
 from samplemix.models import (  # noqa: E402
@@ -62,7 +63,7 @@ def padded_tokens(cfg: Config, texts: list[str], batch_tokens: int) -> dict:
     """Real and padded tokens of both batchings (what the forward pass computes on):
     plain ``encode`` sorts by characters and pads batches of 32, samplemix sorts by
     tokens and fills ``batch_tokens``. Their ratio is the speed-up padding alone gives.
-    ``flops`` is the forward FLOPs of the real tokens (bench_gpu.flops_per_token)."""
+    ``flops`` is the forward FLOPs of the real tokens (bench.flops.flops_per_token)."""
     enc = load_tokenizer(cfg.embed.model)(texts, truncation=True, max_length=cfg.embed.max_length)
     lengths = np.array([len(ids) for ids in enc["input_ids"]])
     by_chars = np.argsort([-len(t) for t in texts], kind="stable")
@@ -74,36 +75,72 @@ def padded_tokens(cfg: Config, texts: list[str], batch_tokens: int) -> dict:
     return {"real": int(lengths.sum()), "plain": plain, "ours": ours, "flops": flops}
 
 
-def bench_embed(cfg: Config, n_docs: int, batch_tokens: list[int], rounds: int) -> list[Row]:
-    """Same documents, same threads, same truncation; all warm (model loaded once).
+def embedded_chunk(texts: list[str], embed: EmbedConfig) -> np.ndarray:
+    """On a Dask worker: embed ``texts`` with one torch thread, as an embed task does."""
+    set_torch_threads(1)
+    return embed_texts(texts, embed)
 
-    Each round times every variant once, in an order rotated round by round, so that a
-    slow spell of this shared machine falls on all of them; medians over the rounds are
-    reported, and the ratio to plain ``encode`` is taken within each round.
+
+def on_workers(client: Client, texts: list[str], embed: EmbedConfig) -> np.ndarray:
+    """``texts`` embedded in 8 chunks (shards) over the client's workers, in order."""
+    chunks = np.array_split(np.arange(len(texts)), 8)
+    futures = [client.submit(embedded_chunk, [texts[i] for i in c], embed) for c in chunks]
+    return np.concatenate(client.gather(futures))
+
+
+def bench_embed(
+    cfg: Config, n_docs: int, batch_tokens: list[int], rounds: int, compiled: bool
+) -> list[Row]:
+    """Same documents, same cores, same truncation; all warm (models loaded).
+
+    Variants: plain ``encode`` and ``embed_texts`` at each of ``batch_tokens`` in this
+    process on every core's thread; ``embed_texts`` as a CPU run lays it out (one
+    single-threaded Dask worker per core, flows.mix.local_cluster, the documents in 8
+    shards); with ``compiled``, ``embed.compile`` at the first of ``batch_tokens`` (its
+    compile time reported, not timed in the rounds). Each round times every variant
+    once, in an order rotated round by round, so that a slow spell of this shared
+    machine falls on all of them; the ratio to plain ``encode`` is taken within each
+    round and medians over the rounds are reported. The GEMM rate (the most of one
+    2048² fp32 GEMM per round) is what the FLOPs of the real tokens are set against.
     """
+    from distributed import LocalCluster
     from sentence_transformers import SentenceTransformer
+
+    from flows.mix import local_cluster
 
     texts = sampled_texts(cfg, n_docs)
     st = SentenceTransformer(resolve_model(cfg.embed.model), device="cpu")
     st.max_seq_length = cfg.embed.max_length
+    first = cfg.embed.model_copy(update={"batch_tokens": batch_tokens[0]})
     variants: dict[str, Callable[[list[str]], np.ndarray]] = {
         "plain": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True)
     }
     for b in batch_tokens:
         e = cfg.embed.model_copy(update={"batch_tokens": b})
         variants[f"batch_tokens {b}"] = lambda t, e=e: embed_texts(t, e)
-    for run in variants.values():
-        run(texts[:64])  # warm: loads, first-call allocations
-    names = list(variants)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    outputs: dict[str, np.ndarray] = {}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    if compiled:
+        e = first.model_copy(update={"compile": True})
+        variants[f"batch_tokens {first.batch_tokens}, compiled"] = lambda t: embed_texts(t, e)
+    _, kwargs = local_cluster(cfg)
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        layout = f"batch_tokens {first.batch_tokens}, {kwargs['n_workers']} workers x 1 thread"
+        variants[layout] = lambda t: on_workers(client, t, first)
+        warm = {}
+        for name, run in variants.items():
             t0 = time.perf_counter()
-            outputs[name] = variants[name](texts)
-            seconds[name].append(time.perf_counter() - t0)
+            run(texts[:64] if name != layout else texts[:64] * 4)  # loads, compiling
+            warm[name] = time.perf_counter() - t0
+        names = list(variants)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        outputs: dict[str, np.ndarray] = {}
+        gemm = 0.0
+        for r in range(rounds):
+            gemm = max(gemm, matmul_rate(torch.device("cpu"), 2048))
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                outputs[name] = variants[name](texts)
+                seconds[name].append(time.perf_counter() - t0)
     pads = padded_tokens(cfg, texts, max(batch_tokens))
-    gemm = peak_bf16_flops(torch.device("cpu"), 2048)  # fp32 on CPU
     ideal_s = pads["flops"] / gemm  # every real token's FLOPs at the GEMM rate
 
     def rate(s: np.ndarray) -> str:
@@ -113,7 +150,7 @@ def bench_embed(cfg: Config, n_docs: int, batch_tokens: list[int], rounds: int) 
     plain_s = np.array(seconds["plain"])
     rows = [
         ("embed: documents, rounds", f"{len(texts)}, {rounds}"),
-        ("embed: fp32 GEMM rate (2048²), GFLOP/s", f"{gemm / 1e9:.0f}"),
+        ("embed: fp32 GEMM rate (2048², best of rounds), GFLOP/s", f"{gemm / 1e9:.0f}"),
         ("embed: plain SentenceTransformer.encode docs/s (share of GEMM rate)", rate(plain_s)),
     ]
     for name in names[1:]:
@@ -127,6 +164,9 @@ def bench_embed(cfg: Config, n_docs: int, batch_tokens: list[int], rounds: int) 
                 f"{np.median(ratio):.2f} [{ratio.min():.2f}, {ratio.max():.2f}]; {cos:.5f}",
             )
         )
+    if compiled:
+        name = f"batch_tokens {first.batch_tokens}, compiled"
+        rows.append((f"embed: {name}: first call on 64 documents, s", f"{warm[name]:.1f}"))
     bound = f"{pads['plain']:,} / {pads['ours']:,} = {pads['plain'] / pads['ours']:.3f}"
     rows.append((f"embed: padded tokens plain / samplemix (real {pads['real']:,})", bound))
     ceiling = float(np.median(plain_s)) / ideal_s
@@ -297,6 +337,7 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
     ap.add_argument("--embed-docs", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each embed variant")
+    ap.add_argument("--compile", action="store_true", help="add an embed.compile variant")
     ap.add_argument(
         "--batch-tokens",
         type=int,
@@ -314,7 +355,7 @@ def main() -> None:
         set_torch_threads(cores)
         cfg = load_config(None, {"corpus.input": args.corpus})
         batch_tokens = args.batch_tokens or [resolve_batch_tokens(None, torch.device("cpu"))]
-        embed_rows = bench_embed(cfg, args.embed_docs, batch_tokens, args.rounds)
+        embed_rows = bench_embed(cfg, args.embed_docs, batch_tokens, args.rounds, args.compile)
         rows += embed_rows
         print(embed_rows, flush=True)
 

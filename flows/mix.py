@@ -34,6 +34,14 @@ from samplemix.static import is_static
 from samplemix.store import Key, Output, Store
 from tasks import stages as t
 
+# Dask's nannies give each worker MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc malloc
+# threshold freezes its mmap threshold at 128 KiB, so every activation tensor is mapped
+# and unmapped again (page faults on each allocation): MiniLM embedded 15-25% slower on
+# one thread, and two 1-thread workers ran slower than one process with two threads
+# (BENCHMARKS.md). Workers started from this process keep glibc's adaptive default;
+# infra/dask.yaml does the same for the `dask worker` processes of infra/.
+dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
 
 def _run_name(cfg: Config | None = None) -> str:
     """``mix-<corpus folder>-<method>-<budget>``, from ``cfg`` or else the running

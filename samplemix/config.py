@@ -46,6 +46,10 @@ def parse_count(value: int | float | str) -> int:
 
 
 _BATCH = "Padded tokens per batch; default 4096 on CPU, 65536 on GPU"
+_COMPILE = (
+    "torch.compile the model (dynamic shapes): fused kernels for long runs, after a "
+    "minute or more of compiling in each worker; needs a C++ compiler on CPU"
+)
 
 
 class _Section(BaseModel):
@@ -168,6 +172,7 @@ class QualityConfig(_Section):
     )
     max_length: int = Field(512, gt=1)
     batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
+    compile: bool = Field(False, description=_COMPILE)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
     @property
@@ -183,6 +188,7 @@ class EmbedConfig(_Section):
     model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2")
     max_length: int = Field(256, gt=1)
     batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
+    compile: bool = Field(False, description=_COMPILE)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 

@@ -38,7 +38,7 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     if is_static(cfg.model):
         return embed_static(texts, cfg.model, cfg.max_length)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, "encoder", cfg.device)
+    model = load_model(cfg.model, "encoder", cfg.device, compile=cfg.compile)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     batch_tokens = resolve_batch_tokens(cfg.batch_tokens, device)

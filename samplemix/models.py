@@ -152,9 +152,16 @@ def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer
     return model_cached(("tokenizer", name), name, load)
 
 
-def load_model(name: str, kind: str, device: str = "auto", gguf_file: str | None = None):  # noqa: ANN201
+def load_model(  # noqa: ANN201
+    name: str,
+    kind: str,
+    device: str = "auto",
+    gguf_file: str | None = None,
+    compile: bool = False,  # noqa: A002 - the config field's name
+):
     """A transformers model in eval mode on ``device``, loaded once per process and
-    state of its files (model_cached).
+    state of its files (model_cached); wrapped in ``torch.compile(dynamic=True)`` with
+    ``compile`` (kernels are built at its first call, and again for a new dtype).
 
     kind: 'encoder' (AutoModel), 'classifier' (AutoModelForSequenceClassification)
     or 'causal-lm' (AutoModelForCausalLM).
@@ -170,9 +177,11 @@ def load_model(name: str, kind: str, device: str = "auto", gguf_file: str | None
         }[kind]
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         model = cls.from_pretrained(resolve_model(name), **kwargs)
-        return model.to(resolve_device(device)).eval()
+        model = model.to(resolve_device(device)).eval()
+        # dynamic: every batch has its own (rows, width); one graph serves them all.
+        return torch.compile(model, dynamic=True) if compile else model
 
-    return model_cached(("model", name, kind, device, gguf_file), name, load)
+    return model_cached(("model", name, kind, device, gguf_file, compile), name, load)
 
 
 def resolve_batch_tokens(batch_tokens: int | None, device: torch.device) -> int:

@@ -240,7 +240,7 @@ class _BatchedModel:
     def __init__(self, cfg: QualityConfig, kind: str, gguf_file: str | None = None) -> None:
         name = _require_model(cfg)
         self.device = resolve_device(cfg.device)
-        self.model = load_model(name, kind, cfg.device, gguf_file)
+        self.model = load_model(name, kind, cfg.device, gguf_file, cfg.compile)
         self.tokenizer = _right_padding(load_tokenizer(name))
         self.max_length = cfg.max_length
         self.batch_tokens = resolve_batch_tokens(cfg.batch_tokens, self.device)

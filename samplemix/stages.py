@@ -121,7 +121,7 @@ def domains_key(tokens: list[Key], ids: Key, bigrams: list[Key] | None) -> Key:
 
 def quality_key(shard: Shard, scorer: QualityConfig, cfg: Config) -> Key:
     """The key of one scorer's q(x) on ``shard``: each scorer is cached on its own."""
-    q = scorer.model_dump(exclude={"name", "batch_tokens", "device"})
+    q = scorer.model_dump(exclude={"name", "batch_tokens", "compile", "device"})
     fp = model_fingerprint(q["model"]) if q["model"] else None
     return artifact_key(
         "quality",
@@ -136,8 +136,9 @@ def quality_key(shard: Shard, scorer: QualityConfig, cfg: Config) -> Key:
 def embed_key(shard: Shard, cfg: Config) -> Key:
     # The configured dtype, not the one a machine resolves "auto" to: keys must not
     # depend on where they are computed (a laptop planning a GPU cluster's run). bf16
-    # and fp32 embeddings agree to cosine >= 0.999, and a rerun reuses whichever exists.
-    e = cfg.embed.model_dump(exclude={"batch_tokens", "device"})
+    # and fp32 embeddings agree to cosine >= 0.999, and a rerun reuses whichever exists;
+    # so do compiled and eager ones (cosine 0.99999).
+    e = cfg.embed.model_dump(exclude={"batch_tokens", "compile", "device"})
     return artifact_key(
         "embed",
         VERSIONS["embed"],

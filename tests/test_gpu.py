@@ -10,7 +10,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import EXAMPLES, save_tiny_classifier, tiny_config, write_tiny_corpus
+from conftest import (
+    EXAMPLES,
+    save_tiny_classifier,
+    save_tiny_encoder,
+    tiny_config,
+    write_tiny_corpus,
+)
 
 from flows.mix import gpu_cluster, local_cluster, run_mix
 from samplemix import kmeans, models
@@ -147,11 +153,43 @@ def test_model_stages_run_on_gpu_workers_only(tmp_path: Path, prefect_server: st
         assert cpu_stages - {gpu_worker}  # the CPU worker took the CPU stages' work
 
 
+def test_compiled_models_give_the_eager_results_under_the_same_keys(tmp_path: Path) -> None:
+    """``compile: true`` runs torch.compile'd models (a tiny one here, on the CPU) that
+    embed as the eager ones do; it is an execution setting, so the cache keys do not
+    change."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from samplemix.config import load_config
+    from samplemix.corpus import discover_shards
+    from samplemix.stages import embed_key, quality_key
+
+    texts = example_texts(24)
+    encoder = save_tiny_encoder(tmp_path / "enc")
+    eager = EmbedConfig(model=encoder, max_length=64)
+    compiled = eager.model_copy(update={"compile": True})
+    cos = np.sum(embed_texts(texts, eager) * embed_texts(texts, compiled), axis=1)
+    assert isinstance(models.load_model(encoder, "encoder", compile=True), OptimizedModule)
+    assert cos.min() >= 0.9999
+
+    save_tiny_classifier(tmp_path / "clf", num_labels=1)
+    q = QualityConfig(scorer="hf-classifier", model=str(tmp_path / "clf"), max_length=64)
+    qc = q.model_copy(update={"compile": True})
+    # The scorer's model is loaded the same way; compiling it too would double the cost.
+    assert isinstance(make_scorer(qc)._runner.model, OptimizedModule)
+
+    cfg = load_config(None, {"corpus.input": str(EXAMPLES), "embed.model": encoder})
+    shard = discover_shards(cfg.corpus)[0]
+    on = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"compile": True})})
+    assert embed_key(shard, on) == embed_key(shard, cfg)
+    assert quality_key(shard, qc, cfg) == quality_key(shard, q, cfg)
+
+
 @needs_cuda
-def test_gpu_bf16_embeddings_match_cpu_fp32() -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_bf16_embeddings_match_cpu_fp32(compile: bool) -> None:  # noqa: A002
     texts = example_texts(200)
     cpu = embed_texts(texts, EmbedConfig(device="cpu", dtype="float32"))
-    gpu = embed_texts(texts, EmbedConfig(device="cuda", dtype="bfloat16"))
+    gpu = embed_texts(texts, EmbedConfig(device="cuda", dtype="bfloat16", compile=compile))
     assert np.sum(cpu * gpu, axis=1).min() >= 0.999
 
 

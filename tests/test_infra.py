@@ -250,3 +250,21 @@ def test_dockerfile_installs_the_project_where_the_deployments_run() -> None:
     # The build context (the repository root) leaves out local environments and outputs.
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "out"} <= set(ignored)
+
+
+def test_image_workers_keep_glibcs_adaptive_malloc() -> None:
+    """The image's Dask config (infra/dask.yaml, copied to /etc/dask) unsets the
+    MALLOC_TRIM_THRESHOLD_ that Dask's nannies would give each worker (flows/mix.py)."""
+    import dask
+    from distributed.nanny import _get_env_variables
+
+    assert "COPY infra/dask.yaml /etc/dask/" in (INFRA / "Dockerfile").read_text()
+    image = dask.config.collect(paths=[str(INFRA / "dask.yaml")], env={})
+    # Dask's own default (importing flows.mix unset it in this process).
+    trim = {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536}}}}
+    base = dask.config.merge(dask.config.config, trim)
+    for config, trimmed in ((base, True), (dask.config.merge(base, image), False)):
+        with dask.config.set(config):
+            spawned = _get_env_variables("distributed.nanny.pre-spawn-environ")
+        assert ("MALLOC_TRIM_THRESHOLD_" in spawned) == trimmed
+        assert spawned["OMP_NUM_THREADS"] == "1"
