@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from distributed import Client
+from distributed import Client, LocalCluster
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.flops import flops_per_token, matmul_rate  # noqa: E402
-from flows.mix import run_mix  # noqa: E402
+from flows.mix import local_cluster, run_mix  # noqa: E402
 from samplemix import stages  # noqa: E402
 from samplemix.config import Config, EmbedConfig, load_config  # noqa: E402
 from samplemix.corpus import discover_shards  # noqa: E402
@@ -103,10 +103,7 @@ def bench_embed(
     round and medians over the rounds are reported. The GEMM rate (the most of one
     2048² fp32 GEMM per round) is what the FLOPs of the real tokens are set against.
     """
-    from distributed import LocalCluster
     from sentence_transformers import SentenceTransformer
-
-    from flows.mix import local_cluster
 
     texts = sampled_texts(cfg, n_docs)
     st = SentenceTransformer(resolve_model(cfg.embed.model), device="cpu")
@@ -118,9 +115,10 @@ def bench_embed(
     for b in batch_tokens:
         e = cfg.embed.model_copy(update={"batch_tokens": b})
         variants[f"batch_tokens {b}"] = lambda t, e=e: embed_texts(t, e)
+    compiled_name = f"batch_tokens {first.batch_tokens}, compiled"
     if compiled:
         e = first.model_copy(update={"compile": True})
-        variants[f"batch_tokens {first.batch_tokens}, compiled"] = lambda t: embed_texts(t, e)
+        variants[compiled_name] = lambda t: embed_texts(t, e)
     _, kwargs = local_cluster(cfg)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         layout = f"batch_tokens {first.batch_tokens}, {kwargs['n_workers']} workers x 1 thread"
@@ -165,8 +163,8 @@ def bench_embed(
             )
         )
     if compiled:
-        name = f"batch_tokens {first.batch_tokens}, compiled"
-        rows.append((f"embed: {name}: first call on 64 documents, s", f"{warm[name]:.1f}"))
+        first_call = f"{warm[compiled_name]:.1f}"
+        rows.append((f"embed: {compiled_name}: first call on 64 documents, s", first_call))
     bound = f"{pads['plain']:,} / {pads['ours']:,} = {pads['plain'] / pads['ours']:.3f}"
     rows.append((f"embed: padded tokens plain / samplemix (real {pads['real']:,})", bound))
     ceiling = float(np.median(plain_s)) / ideal_s
