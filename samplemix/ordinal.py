@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from samplemix.models import resolve_device, resolve_model
+from samplemix.models import pretrained, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,10 @@ def _build_model(base: str, head: Head, K: int, train_levels: np.ndarray):  # no
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized weights" is the point here
+    source, revision = pretrained(base)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(base), ignore_mismatched_sizes=True, **_head_config(head, K)
+            source, ignore_mismatched_sizes=True, **revision, **_head_config(head, K)
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -369,7 +370,8 @@ def train_scorer(
 
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base))
+    source, revision = pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(source, **revision)
     pad_id = tokenizer.pad_token_id or 0
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     encoded = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}

@@ -105,6 +105,7 @@ class _Walker:
 def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     """Every task a run of ``cfg`` would start, cached or to compute, with the reason."""
     model_fingerprint.cache_clear()  # a model replaced since the last call must show
+    cfg = stages.pinned_config(cfg)
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     ids: list[str | None] = [s.shard_id for s in shards]
     w = _Walker(store)

@@ -25,7 +25,7 @@ from samplemix import ids as dup
 from samplemix.config import Config, QualityConfig
 from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, ShardDocs, read_shard
 from samplemix.embed import embed_texts, truncated_count
-from samplemix.models import model_fingerprint, resolve_device, resolve_dtype
+from samplemix.models import model_fingerprint, pinned, resolve_device, resolve_dtype
 from samplemix.quality import DomainClassifier, make_scorer
 from samplemix.static import is_static
 from samplemix.store import Key, Output, Store, artifact_key
@@ -56,6 +56,31 @@ REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the repo
 
 def tokenizer_name(cfg: Config) -> str:
     return cfg.tokens.tokenizer or cfg.embed.model
+
+
+def pinned_config(cfg: Config) -> Config:
+    """``cfg`` with every hub model it names pinned to its commit now (models.pinned).
+
+    Flows pin once when they start, so the cache keys and the workers that load the
+    models agree on the weights, and a model pushed to the hub since the last run
+    recomputes what it feeds. A scorer keeps the name it had unpinned.
+    """
+
+    def pin(name: str | None) -> str | None:
+        return None if name is None else pinned(name)
+
+    quality = [
+        q if model == q.model else q.model_copy(update={"model": model, "name": q.label})
+        for q, model in zip(cfg.quality, [pin(q.model) for q in cfg.quality], strict=True)
+    ]
+    return cfg.model_copy(
+        update={
+            "corpus": cfg.corpus.model_copy(update={"domain_model": pin(cfg.corpus.domain_model)}),
+            "tokens": cfg.tokens.model_copy(update={"tokenizer": pin(cfg.tokens.tokenizer)}),
+            "embed": cfg.embed.model_copy(update={"model": pinned(cfg.embed.model)}),
+            "quality": quality,
+        }
+    )
 
 
 def _corpus_part(shard: Shard, cfg: Config) -> dict:

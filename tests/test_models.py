@@ -14,6 +14,7 @@ import torch
 from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
+from samplemix.config import Config
 from samplemix.models import (
     LOADED_MAX,
     _loaded,
@@ -21,6 +22,7 @@ from samplemix.models import (
     load_tokenizer,
     local_version,
     model_fingerprint,
+    pinned,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,3 +120,98 @@ def test_a_long_lived_process_keeps_only_the_recently_used_models(tmp_path: Path
     newest = tmp_path / f"v{LOADED_MAX}"
     again = load_model(str(newest), "classifier", "cpu")
     assert load_model(str(newest), "classifier", "cpu") is again
+
+
+# ---------------------------------------------------------------- hub ids
+
+A, B = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - publish(commit, seed)
+    """A Hugging Face cache on disk, read offline, as huggingface_hub lays it out: each
+    commit's files under snapshots/<commit>/, the commit ``main`` points to in refs/main.
+    Returns publish(commit, seed): a tiny classifier at that commit, made ``main``."""
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # for worker processes started now
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = cache / "models--org--scorer"
+
+    def publish(commit: str, seed: int) -> Path:
+        save_tiny_classifier(repo / "snapshots" / commit, num_labels=1, seed=seed)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return repo / "snapshots" / commit
+
+    return publish
+
+
+def test_a_hub_id_is_pinned_to_the_commit_main_points_to(hub) -> None:  # noqa: ANN001
+    """Fingerprinting a hub id by its name kept scores of replaced weights: the name
+    is now pinned to a commit, which names the weights, and loads read that commit."""
+    folder_a = hub(A, seed=0)
+    assert pinned("org/scorer") == f"org/scorer@{A}"
+    assert pinned(f"org/scorer@{A}") == f"org/scorer@{A}"
+    assert pinned("org/scorer@main") == f"org/scorer@{A}"
+    assert pinned("minilm") == "minilm"
+    fp_a = model_fingerprint(f"org/scorer@{A}")
+    model_a = load_model(f"org/scorer@{A}", "classifier", "cpu")
+    fresh_a = AutoModelForSequenceClassification.from_pretrained(folder_a).eval()
+    assert torch.equal(logits(model_a, folder_a), logits(fresh_a, folder_a))
+
+    folder_b = hub(B, seed=1)  # new weights pushed to main
+    assert pinned("org/scorer") == f"org/scorer@{B}"
+    assert model_fingerprint(f"org/scorer@{B}") != fp_a
+    model_b = load_model(f"org/scorer@{B}", "classifier", "cpu")
+    assert not torch.allclose(logits(model_b, folder_b), logits(model_a, folder_a))
+    # The old commit still loads its own weights.
+    assert load_model(f"org/scorer@{A}", "classifier", "cpu") is model_a
+
+
+def test_a_hub_id_that_cannot_be_resolved_is_a_clear_error(hub) -> None:  # noqa: ANN001
+    hub(A, seed=0)
+    with pytest.raises(RuntimeError, match=r"'org/other'.*hub id.*org/model@<commit>"):
+        pinned("org/other")
+    with pytest.raises(RuntimeError, match=r"'org/scorer@v2'.*could not be found"):
+        pinned("org/scorer@v2")
+
+
+def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
+    hub,  # noqa: ANN001
+    tmp_path: Path,
+    prefect_server: str,
+) -> None:
+    """Rebuilds on a schedule with a hub scorer: a new commit on main recomputes the
+    scores (and what follows them), nothing else. Its own worker, to read the cache."""
+    from conftest import tiny_config, write_tiny_corpus
+
+    from flows.mix import run_mix, shared_cluster
+    from samplemix import stages
+    from samplemix.plan import plan_rows, plan_steps
+
+    def plan(cfg: Config) -> dict[str, tuple[str, str]]:
+        steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
+        return {stage: (status, why) for stage, _, status, why in plan_rows(steps)}
+
+    hub(A, seed=0)
+    unpinned = tiny_config(
+        write_tiny_corpus(tmp_path / "corpus"),
+        tmp_path / "out",
+        **{"quality.scorer": "hf-classifier", "quality.model": "org/scorer"},
+        **{"compute.n_workers": 1},
+    )
+    with shared_cluster(unpinned) as cfg:  # one worker for both runs
+        assert run_mix(cfg)["computed"]["quality"] == 6
+        assert {status for status, _ in plan(cfg).values()} == {"cached"}
+        hub(B, seed=1)
+        moved = plan(cfg)
+        assert moved["quality"] == ("compute", "config changed: quality.model")
+        assert moved["embed"][0] == moved["tokens"][0] == "cached"
+        computed = run_mix(cfg)["computed"]
+        assert computed["quality"] == computed["weights"] == 6
+        assert computed["embed"] == computed["tokens"] == 0
+        assert {status for status, _ in plan(cfg).values()} == {"cached"}
