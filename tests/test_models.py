@@ -4,6 +4,7 @@ otherwise score with the old one under the new model's cache keys)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
+from samplemix import models
 from samplemix.config import Config
 from samplemix.models import (
     LOADED_MAX,
@@ -77,6 +79,33 @@ def test_loading_leaves_the_model_folder_as_it_was(tmp_path: Path) -> None:
     assert local_version(str(path)) == version
     assert local_version("minilm") == local_version("minilm")
     assert local_version("some-org/some-hub-model") == ()
+
+
+def test_a_later_run_reads_the_stored_fingerprint_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a 14 GB scorer took ~12 s at every run's start; the hash is stored with
+    the files' local_version and read back while no file changed."""
+    monkeypatch.setattr(models, "FINGERPRINTS", tmp_path / "fingerprints")
+    path = tmp_path / "scorer"
+    save_tiny_classifier(path, num_labels=1)
+    fingerprint = model_fingerprint(str(path))
+    (record,) = (tmp_path / "fingerprints").iterdir()
+    # The record answers the next run, not the bytes: a value written into it is believed
+    stored = json.loads(record.read_text())
+    record.write_text(json.dumps(stored | {"fingerprint": "f" * 16}))
+    model_fingerprint.cache_clear()  # as every flow run and plan does when it starts
+    assert model_fingerprint(str(path)) == "f" * 16
+    # until a file changes, even to the same bytes: then the folder is hashed again.
+    weights = next(path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    model_fingerprint.cache_clear()
+    assert model_fingerprint(str(path)) == fingerprint
+    assert json.loads(record.read_text())["fingerprint"] == fingerprint
+    # Nowhere to store it (a read-only home): hashed at every run, no error.
+    monkeypatch.setattr(models, "FINGERPRINTS", record / "not-a-folder")
+    model_fingerprint.cache_clear()
+    assert model_fingerprint(str(path)) == fingerprint
 
 
 RACE = """
