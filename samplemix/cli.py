@@ -395,7 +395,7 @@ def plan(
     cfg = _with_credentials(_load(config, set_, **{"corpus.input": input, "output.path": output}))
     try:
         steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
-    except (CorpusError, StoreError) as e:
+    except (CorpusError, StoreError, ConfigError) as e:
         raise _fail(e) from None
     table = Table("stage", "shard" if shards else "tasks", "status", "reason", box=None)
     if shards:
@@ -490,7 +490,7 @@ def gc(
         store = this
         try:
             steps = plan_steps(cfg, store, stages.output_for(cfg))
-        except (CorpusError, StoreError) as e:
+        except (CorpusError, StoreError, ConfigError) as e:
             raise _fail(e) from None
         for st in steps:
             if st.key is None:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import queue
 import re
@@ -27,6 +28,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from samplemix.config import ConfigError
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHARS_PER_TOKEN = 16  # a text is read up to this many characters per token kept
 CUT_MARGIN = 8  # tokens past the budget that make a cut prefix's count conclusive
@@ -67,25 +71,45 @@ def pinned(name: str) -> str:
     """``name`` with a hub id pinned to the commit its revision (default ``main``) points
     to now, ``org/model`` -> ``org/model@<commit>``; any other name unchanged.
 
-    The Hub answers, or the local Hugging Face cache offline (``HF_HUB_OFFLINE=1``, no
-    network); only the model's config.json is downloaded. A name pinned to a commit is
-    returned as it is, without a look-up.
+    The Hub answers; offline (``HF_HUB_OFFLINE=1``) the local Hugging Face cache does,
+    and when the Hub cannot be reached the cache does with a warning, as its commit may
+    be behind. A name pinned to a commit is returned as it is, without a look-up.
+    Raises ConfigError when neither knows the model or the revision.
     """
     hub = hub_id(name)
     if hub is None or (hub[1] is not None and COMMIT.fullmatch(hub[1])):
         return name
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     repo, revision = hub
-    try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=["config.json"])
-    except (OSError, ValueError) as e:  # not found, not reachable and not cached, bad id
-        raise RuntimeError(
+
+    def error(why: str, e: Exception) -> ConfigError:
+        return ConfigError(
             f"model {name!r} is not a local folder, so it is read as a Hugging Face hub id, "
-            f"and its commit could not be found ({type(e).__name__}: {e}); check the name, "
-            "the network or the Hugging Face cache, or pin it as 'org/model@<commit>' or "
-            "use a local folder"
-        ) from e
+            f"and {why} ({type(e).__name__}: {e}); check the name and the network, or pin "
+            "it as 'org/model@<commit>', or use a local folder"
+        )
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return f"{repo}@{HfApi().model_info(repo, revision=revision).sha}"
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # the Hub said no
+            raise error("the Hub has no such model or revision", e) from e
+        except Exception as e:  # noqa: BLE001 - network errors are httpx's own types
+            log.warning(
+                "model %r: the Hugging Face Hub could not be reached (%s: %s); using the "
+                "commit the local cache has, which may be behind the Hub's",
+                name,
+                type(e).__name__,
+                e,
+            )
+    try:
+        folder = snapshot_download(
+            repo, revision=revision, local_files_only=True, allow_patterns=["config.json"]
+        )
+    except (OSError, ValueError) as e:  # not cached, or not a valid repo id
+        raise error("the local Hugging Face cache does not have it", e) from e
     return f"{repo}@{Path(folder).name}"
 
 
@@ -94,7 +118,7 @@ def pretrained(name: str) -> tuple[str, dict[str, str]]:
     ``{"revision": ...}`` for a hub id with a revision)."""
     hub = hub_id(name)
     if hub is None or hub[1] is None:
-        return resolve_model(name), {}
+        return str(Path(resolve_model(name)).expanduser()), {}
     return hub[0], {"revision": hub[1]}
 
 
@@ -158,13 +182,13 @@ def model_fingerprint(name: str) -> str:
 
     Cache keys include it, so weights retrained into the same folder recompute (their
     file has the same size), while a copy of the same model elsewhere hashes the same.
-    Raises FileNotFoundError for a local-looking path that does not exist here.
+    Raises ConfigError for a local-looking path that does not exist here.
     """
     if hub_id(name) is not None:
         return hashlib.sha256(name.encode()).hexdigest()[:16]
     path = Path(resolve_model(name)).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model {name!r} is not a folder on this machine; cache keys are computed "
             "from the model's files, so it must be readable where the flow runs"
         )
@@ -185,7 +209,8 @@ def model_fingerprint(name: str) -> str:
     try:  # written whole, then renamed: a reader sees the old record or the new
         record.parent.mkdir(parents=True, exist_ok=True)
         part = record.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
-        part.write_text(json.dumps({"version": version, "fingerprint": fingerprint}))
+        record_text = {"format": 1, "version": version, "fingerprint": fingerprint}
+        part.write_text(json.dumps(record_text))
         part.replace(record)
     except OSError:
         pass  # a read-only home: every run hashes
@@ -194,13 +219,15 @@ def model_fingerprint(name: str) -> str:
 
 def stored_fingerprint(record: Path, version: tuple) -> str | None:
     """The fingerprint in ``record`` when it was taken at ``version`` (local_version),
-    else None. Not trusted where the file system gives no change times (0)."""
+    else None. Not trusted where the file system gives no change times (0). On NFS a
+    client's attribute cache can show a file rewritten on another host as unchanged
+    for up to its ``acregmax`` (60 s by default)."""
     if any(st_mtime == 0 or st_ctime == 0 for *_, st_mtime, st_ctime in version):
         return None
     try:
         stored = json.loads(record.read_text())
         same = stored["version"] == json.loads(json.dumps(version))  # tuples as JSON lists
-        return stored["fingerprint"] if same else None
+        return stored["fingerprint"] if same and stored["format"] == 1 else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -59,26 +59,36 @@ def tokenizer_name(cfg: Config) -> str:
 
 
 def pinned_config(cfg: Config) -> Config:
-    """``cfg`` with every hub model it names pinned to its commit now (models.pinned).
+    """``cfg`` with every hub model it names pinned to its commit now (models.pinned),
+    each looked up once.
 
     Flows pin once when they start, so the cache keys and the workers that load the
     models agree on the weights, and a model pushed to the hub since the last run
     recomputes what it feeds. A scorer keeps the name it had unpinned.
     """
+    commits: dict[str, str] = {}
 
     def pin(name: str | None) -> str | None:
-        return None if name is None else pinned(name)
+        if name is None:
+            return None
+        if name not in commits:
+            commits[name] = pinned(name)
+        return commits[name]
 
     quality = [
         q if model == q.model else q.model_copy(update={"model": model, "name": q.label})
         for q, model in zip(cfg.quality, [pin(q.model) for q in cfg.quality], strict=True)
     ]
+    e = cfg.evaluate
     return cfg.model_copy(
         update={
             "corpus": cfg.corpus.model_copy(update={"domain_model": pin(cfg.corpus.domain_model)}),
             "tokens": cfg.tokens.model_copy(update={"tokenizer": pin(cfg.tokens.tokenizer)}),
-            "embed": cfg.embed.model_copy(update={"model": pinned(cfg.embed.model)}),
+            "embed": cfg.embed.model_copy(update={"model": pin(cfg.embed.model)}),
             "quality": quality,
+            "evaluate": e
+            if e.tokenizer == "train"
+            else e.model_copy(update={"tokenizer": pin(e.tokenizer)}),
         }
     )
 

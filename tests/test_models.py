@@ -16,7 +16,7 @@ from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
 from samplemix import models
-from samplemix.config import Config
+from samplemix.config import Config, ConfigError
 from samplemix.models import (
     LOADED_MAX,
     _loaded,
@@ -203,10 +203,57 @@ def test_a_hub_id_is_pinned_to_the_commit_main_points_to(hub) -> None:  # noqa: 
 
 def test_a_hub_id_that_cannot_be_resolved_is_a_clear_error(hub) -> None:  # noqa: ANN001
     hub(A, seed=0)
-    with pytest.raises(RuntimeError, match=r"'org/other'.*hub id.*org/model@<commit>"):
+    with pytest.raises(ConfigError, match=r"'org/other'.*hub id.*org/model@<commit>"):
         pinned("org/other")
-    with pytest.raises(RuntimeError, match=r"'org/scorer@v2'.*could not be found"):
+    with pytest.raises(ConfigError, match=r"'org/scorer@v2'.*cache does not have it"):
         pinned("org/scorer@v2")
+
+
+def test_an_unreachable_hub_pins_to_the_cached_commit_and_says_so(
+    hub,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not offline, but the Hub does not answer (a closed port here): the cache's commit
+    may be behind the Hub's, so the run goes on with it and a warning."""
+    import huggingface_hub.constants as hf
+
+    hub(A, seed=0)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")
+    with caplog.at_level("WARNING", logger="samplemix.models"):
+        assert pinned("org/scorer") == f"org/scorer@{A}"
+    assert "could not be reached" in caplog.text and "may be behind" in caplog.text
+
+
+def test_a_config_is_pinned_in_every_field_that_names_a_model(hub) -> None:  # noqa: ANN001
+    from samplemix.config import load_config
+    from samplemix.stages import pinned_config
+
+    hub(A, seed=0)
+    cfg = load_config(
+        None,
+        {
+            "corpus.input": "x",
+            "corpus.domain_model": "org/scorer",
+            "tokens.tokenizer": "org/scorer",
+            "quality": [
+                {"scorer": "hf-classifier", "model": "org/scorer"},
+                {"scorer": "heuristic"},
+            ],
+            "evaluate.tokenizer": "org/scorer",
+        },
+    )
+    p = pinned_config(cfg)
+    at_a = f"org/scorer@{A}"
+    assert (p.corpus.domain_model, p.tokens.tokenizer, p.evaluate.tokenizer) == (at_a,) * 3
+    assert p.quality[0].model == at_a and p.quality[0].label == "hf-classifier:scorer"
+    assert p.quality[1] == cfg.quality[1] and p.embed == cfg.embed  # nothing to pin
+    assert pinned_config(p) == p
+    untrained = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"tokenizer": "train"})}
+    )
+    assert pinned_config(untrained).evaluate.tokenizer == "train"
 
 
 def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
