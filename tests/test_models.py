@@ -263,7 +263,7 @@ def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
 ) -> None:
     """Rebuilds on a schedule with a hub scorer: a new commit on main recomputes the
     scores (and what follows them), nothing else. Its own worker, to read the cache."""
-    from conftest import tiny_config, write_tiny_corpus
+    from conftest import save_tiny_encoder, tiny_config, write_tiny_corpus
 
     from flows.mix import run_mix, shared_cluster
     from samplemix import stages
@@ -275,19 +275,19 @@ def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
 
     hub(A, seed=0)
     unpinned = tiny_config(
-        write_tiny_corpus(tmp_path / "corpus"),
+        write_tiny_corpus(tmp_path / "corpus", docs_per_domain=8, shards_per_domain=1),
         tmp_path / "out",
         **{"quality.scorer": "hf-classifier", "quality.model": "org/scorer"},
-        **{"compute.n_workers": 1},
+        **{"embed.model": save_tiny_encoder(tmp_path / "encoder"), "compute.n_workers": 1},
     )
     with shared_cluster(unpinned) as cfg:  # one worker for both runs
-        assert run_mix(cfg)["computed"]["quality"] == 6
+        assert run_mix(cfg)["computed"]["quality"] == 3
         assert {status for status, _ in plan(cfg).values()} == {"cached"}
         hub(B, seed=1)
         moved = plan(cfg)
         assert moved["quality"] == ("compute", "config changed: quality.model")
         assert moved["embed"][0] == moved["tokens"][0] == "cached"
         computed = run_mix(cfg)["computed"]
-        assert computed["quality"] == computed["weights"] == 6
+        assert computed["quality"] == computed["weights"] == 3
         assert computed["embed"] == computed["tokens"] == 0
         assert {status for status, _ in plan(cfg).values()} == {"cached"}
