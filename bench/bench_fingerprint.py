@@ -14,7 +14,6 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,18 +22,13 @@ from pathlib import Path
 
 from bench.bench_pipeline import print_table
 from samplemix import models
-from samplemix.models import model_fingerprint, resolve_model
+from samplemix.models import content_hash, model_fingerprint, resolve_model
 
 
 def hashed(folder: Path) -> float:
-    """Seconds to sha256 every file under ``folder`` in 1 MiB blocks."""
+    """Seconds to hash every byte under ``folder`` (models.content_hash)."""
     t0 = time.perf_counter()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    digest.update(block)
+    content_hash(folder)
     return time.perf_counter() - t0
 
 

@@ -198,14 +198,7 @@ def model_fingerprint(name: str) -> str:
     stored = stored_fingerprint(record, version)
     if stored is not None:
         return stored
-    h = hashlib.sha256()
-    for rel, f in _files(path):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        h.update(f"{rel}:{digest.hexdigest()}\n".encode())
-    fingerprint = h.hexdigest()[:16]
+    fingerprint = content_hash(path)
     try:  # written whole, then renamed: a reader sees the old record or the new
         record.parent.mkdir(parents=True, exist_ok=True)
         part = record.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
@@ -215,6 +208,18 @@ def model_fingerprint(name: str) -> str:
     except OSError:
         pass  # a read-only home: every run hashes
     return fingerprint
+
+
+def content_hash(folder: Path) -> str:
+    """A short sha256 over every file's path under ``folder`` and the sha256 of its bytes."""
+    h = hashlib.sha256()
+    for rel, f in _files(folder):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        h.update(f"{rel}:{digest.hexdigest()}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def stored_fingerprint(record: Path, version: tuple) -> str | None:
