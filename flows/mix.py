@@ -100,7 +100,7 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
             else None
         )
         every = max(1, n // 20)  # about 20 progress lines per stage, however many shards
-        t0 = time.monotonic()
+        t0 = shown = time.monotonic()
         for done, fut in enumerate(as_completed(pending), 1):
             try:
                 results[futures[id(fut)]] = fut.result()
@@ -126,8 +126,10 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
                     if not e.args[0].startswith(where):
                         e.args = (f"{where}: {e.args[0]}",)
                 raise
-            if artifact is not None:
+            # An update is an API call (~40 ms): at most one a second, and the last.
+            if artifact is not None and (done == n or time.monotonic() - shown >= 1.0):
                 update_progress_artifact(artifact, 100.0 * done / n)
+                shown = time.monotonic()
             if done % every == 0 or done == n:
                 log.info(
                     "%s: %d/%d computed (%.0f%%, %.0f s)",
