@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,17 +85,21 @@ def reuse_task_context() -> bool:
     if getattr(hydrate, "reuses_settings", False):
         return True
 
-    last: list[Any] = []  # [context, include_secrets, its serialization]
+    last: list[tuple] = [(None, None, None)]  # (context, include_secrets, serialization)
 
     def serialized(self: Any, include_secrets: bool = True) -> dict[str, Any]:  # noqa: ANN401
-        # A SettingsContext is immutable: changed settings come as a new one.
-        if last and last[0] is self and last[1] == include_secrets:
-            return last[2]
+        # A SettingsContext is immutable: changed settings come as a new one. One tuple
+        # read and one written, so that threads never see one context's serialization
+        # paired with another context.
+        ctx, secrets, out = last[0]
+        if ctx is self and secrets == include_secrets:
+            return out
         out = _SerializedSettings(serialize(self, include_secrets=include_secrets))
-        last[:] = [self, include_secrets, out]
+        last[0] = (self, include_secrets, out)
         return out
 
     built: dict[str, object] = {}
+    lock = threading.Lock()  # a worker may run several tasks at once (threads, GPUs)
 
     @contextmanager
     def hydrated_context(
@@ -103,12 +108,14 @@ def reuse_task_context() -> bool:
         sc = (serialized_context or {}).get("settings_context")
         if isinstance(sc, dict) and isinstance(sc.get("settings"), dict):
             key = json.dumps(sc, sort_keys=True, default=str)
-            if key not in built:
-                if len(built) >= _SETTINGS_KEPT:
-                    built.pop(next(iter(built)))
-                built[key] = context.SettingsContext(**sc).settings
+            with lock:
+                if key not in built:
+                    if len(built) >= _SETTINGS_KEPT:
+                        built.pop(next(iter(built)))
+                    built[key] = context.SettingsContext(**sc).settings
+                settings = built[key]
             # A built Settings is taken as it is (pydantic does not revalidate instances).
-            sc = {**sc, "settings": built[key]}
+            sc = {**sc, "settings": settings}
             serialized_context = {**serialized_context, "settings_context": sc}  # type: ignore[dict-item]
         with hydrate(serialized_context, client):  # type: ignore[arg-type]
             yield
