@@ -107,9 +107,10 @@ def main() -> None:
         rows.append((f"{label}, Prefect as shipped, ms (median)", f"{plain:.0f}"))
         rows.append((f"{label}, with the reuse, ms (median)", f"{reuse:.0f}"))
         rows.append((f"{label}: as shipped / reuse", f"{plain / reuse:.2f}"))
-    print("| measure (2 cores) | value |\n| --- | ---: |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    # Imported here, not at the top: it imports ``tasks``, which the plain children must not.
+    from bench.bench_pipeline import print_table
+
+    print_table(rows, len(os.sched_getaffinity(0)))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ That is more than most shards' work on the small stages, and ~12 worker-hours pe
 not for Dask.
 
 ``reuse_task_context`` makes a process serialize each settings context once (and
-Dask name it by one token), build
-each distinct settings model once, and create one verified SSL context per
-certificate file. It runs when ``tasks`` is imported: in the flow, and on a worker as
-it unpickles its first task. A task still runs under exactly the flow's settings (they
-are looked up by their full content); a Prefect without these internals is left alone.
+Dask name it by one token), build each distinct settings model once, and create one
+verified SSL context per certificate file. It runs when ``tasks`` is imported: in the
+flow, and on a worker as it unpickles its first task. A task still runs under exactly
+the flow's settings (they are looked up by their full content); a Prefect without
+these internals is left alone.
 """
 
 from __future__ import annotations
