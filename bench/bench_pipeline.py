@@ -41,6 +41,7 @@ from samplemix.models import (  # noqa: E402
     load_tokenizer,
     padded_batches,
     resolve_batch_tokens,
+    resolve_dtype,
     resolve_model,
     set_torch_threads,
 )
@@ -97,21 +98,38 @@ def bench_embed(
     process on every core's thread; ``embed_texts`` as a CPU run lays it out (one
     single-threaded Dask worker per core, flows.mix.local_cluster, the documents in 8
     shards); with ``compiled``, ``embed.compile`` at the first of ``batch_tokens`` (its
-    compile time reported, not timed in the rounds). Each round times every variant
-    once, in an order rotated round by round, so that a slow spell of this shared
-    machine falls on all of them; the ratio to plain ``encode`` is taken within each
-    round and medians over the rounds are reported. The GEMM rate (the most of one
-    2048² fp32 GEMM per round) is what the FLOPs of the real tokens are set against.
+    compile time reported, not timed in the rounds). Where ``embed.dtype: auto`` is
+    bf16 on this CPU (AVX-512 bf16 or AMX), two more variants keep precision apart from
+    the method: plain ``encode`` under bf16 autocast, and ``embed_texts`` with
+    ``embed.dtype: float32``; every variant's ratio is given to plain fp32 ``encode``
+    (what a user runs without samplemix) and to the plain variant of its own precision.
+
+    Each round times every variant once, in an order rotated round by round, so that a
+    slow spell of this shared machine falls on all of them; ratios are taken within each
+    round and medians over the rounds are reported. The GEMM rate of each precision (the
+    most of one 2048² GEMM per round) is what the FLOPs of the real tokens are set against.
     """
     from sentence_transformers import SentenceTransformer
 
+    cpu = torch.device("cpu")
+    auto = resolve_dtype(cfg.embed.dtype, cpu)
     texts = sampled_texts(cfg, n_docs)
     st = SentenceTransformer(resolve_model(cfg.embed.model), device="cpu")
     st.max_seq_length = cfg.embed.max_length
     first = cfg.embed.model_copy(update={"batch_tokens": batch_tokens[0]})
+
+    def plain(t: list[str], dtype: torch.dtype) -> np.ndarray:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return st.encode(t, batch_size=32, normalize_embeddings=True)
+
     variants: dict[str, Callable[[list[str]], np.ndarray]] = {
-        "plain": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True)
+        "plain": lambda t: plain(t, torch.float32)
     }
+    precision = {"plain": torch.float32}  # what each variant computes in
+    reference = {torch.float32: "plain"}  # the plain variant of each precision
+    if auto != torch.float32:
+        variants["plain, bf16 autocast"] = lambda t: plain(t, auto)
+        precision["plain, bf16 autocast"], reference[auto] = auto, "plain, bf16 autocast"
     for b in batch_tokens:
         e = cfg.embed.model_copy(update={"batch_tokens": b})
         variants[f"batch_tokens {b}"] = lambda t, e=e: embed_texts(t, e)
@@ -119,6 +137,10 @@ def bench_embed(
     if compiled:
         e = first.model_copy(update={"compile": True})
         variants[compiled_name] = lambda t: embed_texts(t, e)
+    if auto != torch.float32:
+        e = first.model_copy(update={"dtype": "float32"})
+        variants[f"batch_tokens {first.batch_tokens}, float32"] = lambda t: embed_texts(t, e)
+        precision[f"batch_tokens {first.batch_tokens}, float32"] = torch.float32
     _, kwargs = local_cluster(cfg)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         layout = f"batch_tokens {first.batch_tokens}, {kwargs['n_workers']} workers x 1 thread"
@@ -131,44 +153,68 @@ def bench_embed(
         names = list(variants)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         outputs: dict[str, np.ndarray] = {}
-        gemm = 0.0
+        gemm = dict.fromkeys(reference, 0.0)
         for r in range(rounds):
-            gemm = max(gemm, matmul_rate(torch.device("cpu"), 2048))
+            for dtype in gemm:
+                gemm[dtype] = max(gemm[dtype], matmul_rate(cpu, 2048, dtype))
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 outputs[name] = variants[name](texts)
                 seconds[name].append(time.perf_counter() - t0)
+    print({name: [round(t, 2) for t in s] for name, s in seconds.items()}, flush=True)
     pads = padded_tokens(cfg, texts, max(batch_tokens))
-    ideal_s = pads["flops"] / gemm  # every real token's FLOPs at the GEMM rate
+    ideal_s = {dtype: pads["flops"] / rate for dtype, rate in gemm.items()}
 
-    def rate(s: np.ndarray) -> str:
-        t = float(np.median(s))
-        return f"{len(texts) / t:.1f} ({ideal_s / t:.0%})"
+    def label(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
 
-    plain_s = np.array(seconds["plain"])
+    def rate(name: str) -> str:
+        t = float(np.median(seconds[name]))
+        share = ideal_s[precision.get(name, auto)] / t
+        return f"{len(texts) / t:.1f} ({share:.0%} of {label(precision.get(name, auto))})"
+
+    def ratio(name: str, to: str) -> str:
+        r = np.array(seconds[to]) / np.array(seconds[name])
+        return f"{np.median(r):.2f} [{r.min():.2f}, {r.max():.2f}]"
+
     rows = [
-        ("embed: documents, rounds", f"{len(texts)}, {rounds}"),
-        ("embed: fp32 GEMM rate (2048², best of rounds), GFLOP/s", f"{gemm / 1e9:.0f}"),
-        ("embed: plain SentenceTransformer.encode docs/s (share of GEMM rate)", rate(plain_s)),
+        (
+            "embed: documents, rounds; embed.dtype auto on this CPU",
+            f"{len(texts)}, {rounds}; {label(auto)}",
+        )
     ]
+    rows += [
+        (f"embed: {label(d)} GEMM rate (2048², best of rounds), GFLOP/s", f"{g / 1e9:.0f}")
+        for d, g in gemm.items()
+    ]
+    rows.append(
+        ("embed: plain SentenceTransformer.encode docs/s (share of GEMM rate)", rate("plain"))
+    )
     for name in names[1:]:
-        s = np.array(seconds[name])
-        ratio = plain_s / s
+        own = reference[precision.get(name, auto)]
         cos = float(np.sum(outputs[name] * outputs["plain"], axis=1).min())
-        rows.append((f"embed: samplemix {name} docs/s (share of GEMM rate)", rate(s)))
+        rows.append((f"embed: {name} docs/s (share of GEMM rate)", rate(name)))
         rows.append(
             (
-                f"embed: ratio to plain, {name} (median [min, max]); min cosine",
-                f"{np.median(ratio):.2f} [{ratio.min():.2f}, {ratio.max():.2f}]; {cos:.5f}",
+                f"embed: {name}: ratio to plain (median [min, max]); min cosine",
+                f"{ratio(name, 'plain')}; {cos:.5f}",
             )
         )
+        if own not in ("plain", name):
+            rows.append((f"embed: {name}: ratio to {own}", ratio(name, own)))
     if compiled:
         first_call = f"{warm[compiled_name]:.1f}"
         rows.append((f"embed: {compiled_name}: first call on 64 documents, s", first_call))
     bound = f"{pads['plain']:,} / {pads['ours']:,} = {pads['plain'] / pads['ours']:.3f}"
     rows.append((f"embed: padded tokens plain / samplemix (real {pads['real']:,})", bound))
-    ceiling = float(np.median(plain_s)) / ideal_s
-    rows.append(("embed: ratio to plain of a run at the full GEMM rate", f"{ceiling:.2f}"))
+    for dtype, ideal in ideal_s.items():
+        ceiling = float(np.median(seconds["plain"])) / ideal
+        rows.append(
+            (
+                f"embed: ratio to plain of a run at the full {label(dtype)} GEMM rate",
+                f"{ceiling:.2f}",
+            )
+        )
     return rows
 
 

@@ -17,6 +17,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
+def example_texts(n: int) -> list[str]:
+    """``n`` documents of examples/corpus, a quarter from each of four domains."""
+    texts: list[str] = []
+    for domain in ("books", "code", "reference", "techdocs"):
+        table = pq.read_table(EXAMPLES / domain / "part-000.parquet", columns=["text"])
+        texts += table.column("text").to_pylist()[: n // 4]
+    return texts
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fingerprint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Model fingerprints stored for the session's temporary models go to a temporary

@@ -7,11 +7,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
     EXAMPLES,
+    example_texts,
     save_tiny_classifier,
     save_tiny_encoder,
     tiny_config,
@@ -26,14 +26,6 @@ from samplemix.quality import make_scorer
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
-
-def example_texts(n: int) -> list[str]:
-    texts: list[str] = []
-    for domain in ("books", "code", "reference", "techdocs"):
-        table = pq.read_table(EXAMPLES / domain / "part-000.parquet", columns=["text"])
-        texts += table.column("text").to_pylist()[: n // 4]
-    return texts
 
 
 def test_prefetched_keeps_order_and_raises_the_producers_error() -> None:

@@ -26,6 +26,7 @@ from samplemix.models import (
     model_fingerprint,
     pinned,
 )
+from samplemix.onednn import with_onednn_linears
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXTS = ["The committee met on Tuesday.", "def f(x):\n    return x + 1"]
@@ -35,6 +36,12 @@ def logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
     enc = load_tokenizer(str(path))(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():
         return model(**enc).logits
+
+
+def fresh_classifier(path: Path) -> torch.nn.Module:
+    """The classifier saved at ``path``, loaded by transformers alone, with the CPU
+    linears load_model gives it (samplemix.onednn), so that logits compare bit for bit."""
+    return with_onednn_linears(AutoModelForSequenceClassification.from_pretrained(path).eval())
 
 
 def sizes(path: Path) -> dict[str, int]:
@@ -64,7 +71,7 @@ def test_a_model_replaced_behind_its_path_is_reloaded(tmp_path: Path) -> None:
     assert local_version(str(path)) != version
     second = load_model(str(path), "classifier", "cpu")
     assert second is not first
-    fresh = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    fresh = fresh_classifier(path)
     assert torch.equal(logits(second, path), logits(fresh, path))
     assert not torch.allclose(logits(first, path), logits(second, path))
 
@@ -189,7 +196,7 @@ def test_a_hub_id_is_pinned_to_the_commit_main_points_to(hub) -> None:  # noqa: 
     assert pinned("minilm") == "minilm"
     fp_a = model_fingerprint(f"org/scorer@{A}")
     model_a = load_model(f"org/scorer@{A}", "classifier", "cpu")
-    fresh_a = AutoModelForSequenceClassification.from_pretrained(folder_a).eval()
+    fresh_a = fresh_classifier(folder_a)
     assert torch.equal(logits(model_a, folder_a), logits(fresh_a, folder_a))
 
     folder_b = hub(B, seed=1)  # new weights pushed to main
