@@ -14,8 +14,9 @@ plain ``SentenceTransformer.encode`` on the same GPU, quality scoring, and FAISS
 
 Usage: python -m bench.bench_gpu [--corpus ../shared/corpus] [--small] [--kmeans-only]
 ``--small`` shrinks every size so that the script runs on a CPU in about a minute
-(a check that it works, not a measurement); ``--kmeans-only`` runs step 5 alone at full
-size (8.4 minutes on 2 Zen 5 cores: a CPU reference for the GPU times). Prints a Markdown table.
+(a check that it works, not a measurement); ``--kmeans-only`` runs step 5 alone, at
+full size without ``--small`` (8.4 minutes on 2 Zen 5 cores: a CPU reference for the GPU
+times). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument(
         "--kmeans-only",
         action="store_true",
-        help="only the k-means part at full size: a CPU reference for the GPU times",
+        help="only the k-means part (full size without --small): a CPU reference",
     )
     args = ap.parse_args()
     device = models.resolve_device("auto")

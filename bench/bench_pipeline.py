@@ -161,7 +161,6 @@ def bench_embed(
                 t0 = time.perf_counter()
                 outputs[name] = variants[name](texts)
                 seconds[name].append(time.perf_counter() - t0)
-    print({name: [round(t, 2) for t in s] for name, s in seconds.items()}, flush=True)
     pads = padded_tokens(cfg, texts, max(batch_tokens))
     ideal_s = {dtype: pads["flops"] / rate for dtype, rate in gemm.items()}
 

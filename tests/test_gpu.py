@@ -157,7 +157,8 @@ def test_compiled_models_give_the_eager_results_under_the_same_keys(tmp_path: Pa
 
     texts = example_texts(24)
     encoder = save_tiny_encoder(tmp_path / "enc")
-    eager = EmbedConfig(model=encoder, max_length=64)
+    # fp32 on every CPU: the precision CPU scorers always run in, on OneDNNLinear layers.
+    eager = EmbedConfig(model=encoder, max_length=64, dtype="float32")
     compiled = eager.model_copy(update={"compile": True})
     cos = np.sum(embed_texts(texts, eager) * embed_texts(texts, compiled), axis=1)
     assert isinstance(models.load_model(encoder, "encoder", compile=True), OptimizedModule)

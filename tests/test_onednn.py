@@ -16,7 +16,14 @@ from samplemix.config import EmbedConfig
 from samplemix.embed import embed_texts
 from samplemix.onednn import OneDNNLinear
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "amd")
+
+
+@pytest.fixture
+def amd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap as on the AMD CPUs it is made for, whatever CPU runs the tests (oneDNN's
+    linear runs on any x86-64 or Arm CPU)."""
+    monkeypatch.setattr(onednn, "_amd", lambda: True)
 
 
 def linear_types(model: torch.nn.Module) -> list[type]:
@@ -49,7 +56,8 @@ def test_loaded_models_run_their_linears_on_onednn_with_the_same_results(
 
 
 def test_a_row_does_not_depend_on_the_rest_of_its_batch() -> None:
-    """Batches differ by shard and worker layout; a document's output must not."""
+    """A document's output does not depend on the batch it is in (of two rows or more;
+    see samplemix.onednn for single rows)."""
     g = torch.Generator().manual_seed(1)
     layer = torch.nn.Linear(384, 1536)
     layer.__class__ = OneDNNLinear
@@ -85,6 +93,12 @@ def test_a_disagreeing_kernel_leaves_the_model_on_nn_linear(
         model = models.load_model(path, "encoder", "cpu")
     assert set(linear_types(model)) == {torch.nn.Linear}
     assert "using nn.Linear" in caplog.text
+
+
+def test_other_cpus_keep_nn_linear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn, "_amd", lambda: False)
+    model = models.load_model(save_tiny_encoder(tmp_path / "enc"), "encoder", "cpu")
+    assert set(linear_types(model)) == {torch.nn.Linear}
 
 
 def test_minilm_embeddings_match_plain_sentence_transformers() -> None:
