@@ -277,7 +277,7 @@ def load_model(  # noqa: ANN201
     compile: bool = False,  # noqa: A002 - the config field's name
 ):
     """A transformers model in eval mode on ``device``, loaded once per process and
-    state of its files (model_cached); on CPU its linears run on oneDNN
+    state of its files (model_cached); on an AMD CPU its linears run on oneDNN
     (onednn.with_onednn_linears); wrapped in ``torch.compile(dynamic=True)`` with
     ``compile`` (kernels are built at its first call, and again for a new dtype).
 
