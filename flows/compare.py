@@ -35,10 +35,12 @@ def variants(cfg: Config, methods: list[str], alphas: list[float]) -> dict[str, 
 def run_compare(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     """Run every variant (``variants``) and write OUT/compare/ (compare.md, .csv, PNGs).
     Returns {"runs": {name: run summary}, "comparison": the comparison's summary}."""
-    from flows.mix import prefect_api, run_mix, shared_cluster, with_block_credentials
+    from flows.mix import check_inputs, run_mix, shared_cluster, with_block_credentials
+    from flows.server import prefect_api
     from samplemix.compare import write_comparison
     from samplemix.stages import pinned_config
 
+    check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as shared:
         configs = variants(pinned_config(shared), methods, alphas)  # one commit for all
         runs = {name: run_mix(c) for name, c in configs.items()}

@@ -27,12 +27,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.compare import variants
 from flows.mix import (
     _run,
-    prefect_api,
+    check_inputs,
     run_mix,
     shared_cluster,
     task_runner,
     with_block_credentials,
 )
+from flows.server import prefect_api
 from samplemix import evaluate as ev
 from samplemix import stages
 from samplemix.config import Config, config_to_yaml
@@ -194,6 +195,7 @@ def evaluate(config: Config, methods: list[str], alphas: list[float]) -> dict:
 
 def run_evaluate(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     """Run the ``evaluate`` flow on the task runner ``cfg.compute`` asks for."""
+    check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as cfg:
         return evaluate.with_options(task_runner=task_runner(cfg))(cfg, methods, alphas)
 
@@ -302,6 +304,7 @@ def run_search(
     cfg: Config, space: str, draws: int, validation: int, candidates: int, top: int
 ) -> dict:
     """Run the ``search`` flow on the task runner ``cfg.compute`` asks for."""
+    check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as cfg:
         flow_ = search.with_options(task_runner=task_runner(cfg))
         return flow_(cfg, space, draws, validation, candidates, top)

@@ -22,10 +22,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture, as_completed
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
 
+from flows.server import prefect_api
 from samplemix import kmeans, stages
 from samplemix.config import Config, ConfigError
 from samplemix.corpus import CorpusError, discover_shards
@@ -555,34 +555,6 @@ def workers(cfg: Config) -> int:
     return cfg.compute.n_workers or max(1, cores - cfg.compute.gpus)
 
 
-@contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
-    """Yield the Prefect API URL, starting a temporary local server when none is set.
-
-    Prefect's own ephemeral mode would start one more server inside every Dask worker
-    process, and their task runs would never reach the flow's database; one server
-    whose URL the workers inherit through the environment keeps a run in one place.
-    """
-    url = get_current_settings().api.url
-    if url:
-        yield url
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        from prefect.logging.handlers import APILogHandler
-
-        APILogHandler().flush()  # send queued logs while the server still listens
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
-
-
 def share_threads(cfg: Config) -> Config:
     """``cfg`` with ``compute.torch_threads`` (when unset, on a local cluster) set to the
     cores shared out among the local workers."""
@@ -615,6 +587,7 @@ def run_mix(cfg: Config) -> dict:
     """Run the flow with the task runner ``cfg.compute`` asks for; torch threads per
     worker default to the cores shared out among the local workers."""
     cfg = share_threads(cfg)
+    check_inputs(cfg)
     with prefect_api():
         cfg = with_block_credentials(cfg)
         state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)
@@ -622,6 +595,18 @@ def run_mix(cfg: Config) -> dict:
         runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
         _await_recorded(state.state_details.flow_run_id, runs)
         return summary
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail before any server or cluster starts when the corpus has no shards or the
+    store or output cannot be written (CorpusError, StoreError: one line, what to do).
+    A config whose storage credentials come from a Prefect block is checked by the
+    flow instead, once the block can be read."""
+    if cfg.storage.aws_credentials_block:
+        return
+    discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
+    stages.store_for(cfg).check()
+    stages.output_for(cfg).check()
 
 
 def with_block_credentials(cfg: Config) -> Config:

@@ -213,13 +213,14 @@ def _evaluation_config(
 
 def _guarded(call):  # noqa: ANN001, ANN202
     """``call()``, with the errors a user can fix printed instead of a traceback."""
+    from flows.server import ServerStartError
     from samplemix.corpus import CorpusError
     from samplemix.mixing import BudgetError
     from samplemix.store import StoreError
 
     try:
         return call()
-    except (CorpusError, BudgetError, ConfigError, StoreError, ValueError) as e:
+    except (CorpusError, BudgetError, ConfigError, StoreError, ServerStartError, ValueError) as e:
         raise _fail(e) from None
 
 
@@ -360,7 +361,8 @@ def _with_credentials(cfg: Config) -> Config:
     """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
     if not cfg.storage.aws_credentials_block:
         return cfg
-    from flows.mix import prefect_api, with_block_credentials
+    from flows.mix import with_block_credentials
+    from flows.server import prefect_api
 
     try:
         with prefect_api():

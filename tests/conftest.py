@@ -37,8 +37,8 @@ def fingerprint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
-    """A real Prefect API on 127.0.0.1 for the whole session (flows.mix.prefect_api)."""
-    from flows.mix import prefect_api
+    """A real Prefect API on 127.0.0.1 for the whole session (flows.server.prefect_api)."""
+    from flows.server import prefect_api
 
     with prefect_api() as url:
         yield url
