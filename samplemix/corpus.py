@@ -1,7 +1,8 @@
 """Corpus shards: discovery and reading into a normalised Arrow table.
 
 A shard is one Parquet or JSON Lines file (plain, .gz or .zst) under a local
-folder, a glob, or an s3:// URL. Reading a shard yields the accepted documents
+folder, a glob, or an s3:// URL; every other file found there is passed over and
+listed with the reason (``discover``). Reading a shard yields the accepted documents
 (columns ``row, id, domain, text``) and the rejected rows with their reason; every
 row of the file lands in exactly one of the two.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ from samplemix.store import transient
 
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
+# Suffixes that name a compression: the extension of "x.csv.gz" is ".csv.gz", not ".gz".
+_COMPRESSION = (".gz", ".zst", ".bz2", ".xz", ".zip")
 DOCS_SCHEMA = pa.schema(
     [("row", pa.int64()), ("id", pa.string()), ("domain", pa.string()), ("text", pa.string())]
 )
@@ -47,15 +51,60 @@ class Shard:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class PassedOver:
+    """A file (or a folder a glob matched) under ``corpus.input`` that discovery did
+    not take as a shard. ``path`` is its URL (as ``Shard.path``), ``reason`` says why
+    and what to do."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What ``discover`` found: the shards, sorted by shard id, and the other files,
+    sorted by path."""
+
+    shards: list[Shard]
+    passed_over: list[PassedOver]
+
+
 @dataclass
 class ShardDocs:
+    """One shard read: ``read`` = docs + rejects rows. A shard skipped whole
+    (``skipped``, under ``corpus.on_bad_shard: skip``) has read = 0, no documents and
+    one rejects record for the file (row −1) that is not a row of it."""
+
     docs: pa.Table  # DOCS_SCHEMA
     rejects: pa.Table  # REJECTS_SCHEMA
-    read: int  # rows in the file (Parquet rows; JSONL non-blank lines) = docs + rejects
+    read: int  # rows read from the file (Parquet rows; JSONL non-blank lines)
+    skipped: bool = False
 
 
 def _is_shard(path: str) -> bool:
     return path.lower().endswith(PARQUET + JSONL)
+
+
+def _extension(path: str) -> str:
+    """The file's extension, with the one before a compression suffix ("" if none)."""
+    stem, ext = posixpath.splitext(posixpath.basename(path).lower())
+    if ext in _COMPRESSION:
+        ext = posixpath.splitext(stem)[1] + ext
+    return ext
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """Every folder above ``path``, nearest first."""
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        yield path
+
+
+def _not_a_shard(path: str) -> str:
+    ext = _extension(path)
+    what = f"extension {ext}" if ext else "no extension"
+    return f"not a shard: {what}; expected {', '.join(PARQUET + JSONL)}"
 
 
 def _fingerprint(info: dict) -> str:
@@ -63,18 +112,25 @@ def _fingerprint(info: dict) -> str:
     return f"{info.get('size')}:{stamp}"
 
 
-def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) -> list[Shard]:
-    """All shard files under ``cfg.input`` (a folder, a glob, or one file), sorted by
-    shard id.
+def discover(cfg: CorpusConfig, options: dict[str, Any] | None = None) -> Discovery:
+    """The shard files under ``cfg.input`` (a folder, a glob, or one file), sorted by
+    shard id, and every other file found there with the reason it was passed over,
+    and the folders a glob matched without matching files in them.
     ``options`` are fsspec's (``StorageConfig.fsspec_options``).
 
-    Raises CorpusError when nothing matches.
+    Raises CorpusError when the input does not exist or holds no shard; the message
+    names the first path passed over, with its reason.
     """
     fs, root = fsspec.core.url_to_fs(cfg.input, **(options or {}))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    folders: list[str] = []  # matched by a glob whose files it does not match
     if any(c in root for c in "*?["):
-        paths = fs.glob(root)
+        found = fs.glob(root, detail=True)
+        paths = [p for p, info in found.items() if info.get("type") != "directory"]
         base = root[: min(root.index(c) for c in "*?[" if c in root)].rsplit("/", 1)[0]
+        reached = {a for p in paths for a in _ancestors(p)}
+        folders = [p for p, info in found.items() if info.get("type") == "directory"]
+        folders = [p for p in folders if p not in reached]
     elif fs.isdir(root):
         paths = fs.find(root)
         base = root
@@ -82,21 +138,59 @@ def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) ->
         paths, base = [root], posixpath.dirname(root)
     else:
         raise CorpusError(f"corpus.input {cfg.input!r} does not exist")
+
+    def url(p: str) -> str:
+        return p if protocol in ("file", "local") else f"{protocol}://{p}"
+
+    folder = (
+        "a folder matched by the glob; the files in it are not read: make the pattern "
+        "reach them (e.g. end it in /*/* rather than /*)"
+    )
+    passed = sorted(
+        [PassedOver(url(p), _not_a_shard(p)) for p in paths if not _is_shard(p)]
+        + [PassedOver(url(p), folder) for p in folders],
+        key=lambda f: f.path,
+    )
     paths = [p for p in paths if _is_shard(p)]
     if not paths:
+        seen = (
+            f"; passed over {len(passed)}, e.g. {passed[0].path}: {passed[0].reason}"
+            if passed
+            else ""
+        )
         raise CorpusError(
             f"no shards under corpus.input {cfg.input!r}: expected files ending in "
-            f"{', '.join(PARQUET + JSONL)}"
+            f"{', '.join(PARQUET + JSONL)}{seen}"
         )
     shards = []
     for p in paths:
         rel = posixpath.relpath(p, base) if base else p
         parent = posixpath.basename(posixpath.dirname(p)) or "default"
-        url = p if protocol in ("file", "local") else f"{protocol}://{p}"
-        shards.append(Shard(url, rel, parent, _fingerprint(fs.info(p))))
+        shards.append(Shard(url(p), rel, parent, _fingerprint(fs.info(p))))
     # Shard order fixes the order of every reduce's inputs (float sums, which of two
     # documents sharing an id comes first); a listing's order must not.
-    return sorted(shards, key=lambda s: s.shard_id)
+    return Discovery(sorted(shards, key=lambda s: s.shard_id), passed)
+
+
+def discover_shards(cfg: CorpusConfig, options: dict[str, Any] | None = None) -> list[Shard]:
+    """``discover(cfg, options).shards``: the shards alone, for callers that do not
+    report the files passed over. Raises CorpusError as ``discover`` does."""
+    return discover(cfg, options).shards
+
+
+def passed_over_lines(passed: list[PassedOver], shown: int = 20) -> list[str]:
+    """Log lines for the files discovery passed over: a count, then per reason the
+    files (at most ``shown`` of each, then how many more). Empty when there are none."""
+    if not passed:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for f in passed:
+        by_reason.setdefault(f.reason, []).append(f.path)
+    lines = [f"{len(passed)} paths under corpus.input are not shards and were not read:"]
+    for reason, paths in by_reason.items():
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        lines.append(f"  {', '.join(paths[:shown])}{more}: {reason}")
+    return lines
 
 
 def read_shard(shard: Shard, cfg: CorpusConfig, options: dict[str, Any] | None = None) -> ShardDocs:
@@ -164,13 +258,35 @@ def _unzstd(data: bytes) -> bytes:
     return b"".join(out)
 
 
-def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple]:  # noqa: ANN001
-    """(row, text, id, domain, reject_reason) per non-blank line; row = 0-based line number."""
+def _jsonl_lines(fs, path: str) -> list[bytes]:  # noqa: ANN001
+    """The file's lines, decompressed by its suffix, a leading UTF-8 BOM removed."""
     zst = path.lower().endswith(".zst")
     with fs.open(path, "rb", compression=None if zst else "infer") as f:
         data = f.read()
     data = _unzstd(data) if zst else data
-    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a UTF-8 BOM is not text
+    return data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a UTF-8 BOM is not text
+
+
+def count_rows(shard: Shard, options: dict[str, Any] | None = None) -> int | None:
+    """The rows ``read_shard`` counts in the file, without reading them: a Parquet
+    file's footer (num_rows), a JSONL file's non-blank lines once decompressed. None
+    when the file cannot tell (no readable footer, data that does not decompress).
+    For shards ``read_shard`` refused; transient (network) errors propagate."""
+    fs, path = fsspec.core.url_to_fs(shard.path, **(options or {}))
+    try:
+        if shard.path.lower().endswith(PARQUET):
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        return sum(1 for line in _jsonl_lines(fs, path) if line.strip())
+    except Exception as e:  # noqa: BLE001 - a file that cannot tell its rows: None
+        if transient(e):
+            raise
+        return None
+
+
+def _jsonl_records(fs, path: str, shard: Shard, cfg: CorpusConfig) -> list[tuple]:  # noqa: ANN001
+    """(row, text, id, domain, reject_reason) per non-blank line; row = 0-based line number."""
+    lines = _jsonl_lines(fs, path)
     records: list[tuple] = []
     keys_seen: set[str] = set()
     for row, raw in enumerate(lines):

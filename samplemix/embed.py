@@ -3,13 +3,12 @@ static model (samplemix/static.py) when ``embed.model`` is one."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from samplemix.config import EmbedConfig
 from samplemix.models import (
+    batch_outputs,
     count_truncated,
     device_batches,
     load_model,
@@ -46,16 +45,15 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
         return out
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
-        for idx, enc in device_batches(tokenizer, texts, cfg.max_length, batch_tokens, device):
-            hidden = model(**enc).last_hidden_state
-            pooled = mean_pooled(hidden.float(), enc["attention_mask"])
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+    def forward(enc: dict[str, torch.Tensor]) -> np.ndarray:
+        pooled = mean_pooled(model(**enc).last_hidden_state.float(), enc["attention_mask"])
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+    batches = device_batches(tokenizer, texts, cfg.max_length, batch_tokens, device)
+    amp = dtype if dtype != torch.float32 else None
+    for idx, rows in batch_outputs(batches, forward, device, amp, concurrent=not cfg.compile):
+        out[idx] = rows
     return out
 
 

@@ -11,6 +11,7 @@ name is a local directory or a Hugging Face hub id, ``org/model`` or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -20,8 +21,9 @@ import os
 import queue
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -459,6 +461,59 @@ def device_batches(
 
     for idx, enc in prefetched(produce(), depth=4):
         yield idx, {k: v.to(device, non_blocking=pin) for k, v in enc.items()}
+
+
+def batch_outputs(
+    batches: Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]],
+    forward: Callable[[dict[str, torch.Tensor]], T],
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    concurrent: bool = True,
+) -> Iterator[tuple[np.ndarray, T]]:
+    """``(indices, forward(batch))`` for each of ``batches``, in their order, each call
+    under inference mode and, with ``amp``, autocast to that dtype.
+
+    On CPU every batch is computed on one intra-op thread, and up to
+    ``torch.get_num_threads()`` batches run at once (threads of this process; with
+    ``concurrent`` False, one at a time, as a compiled model needs). A GEMM split over
+    more threads adds its reduction in another order: MiniLM's embeddings differed by
+    up to 6e-4 (bf16 oneDNN) and a 384-wide fp32 linear by 2e-6 (MKL) between 1 and 2
+    threads on an AMX Xeon. One thread per batch makes every output independent of
+    ``compute.torch_threads`` and of the worker layout (the same bytes under one cache
+    key). On CUDA, batches run in turn.
+    """
+
+    def call(enc: dict[str, torch.Tensor]) -> T:
+        amp_ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp_ctx:  # both are per thread
+            return forward(enc)
+
+    if device.type != "cpu":
+        for idx, enc in batches:
+            yield idx, call(enc)
+        return
+    before = torch.get_num_threads()
+    workers = before if concurrent else 1
+    torch.set_num_threads(1)  # process-wide: every batch below runs one-thread kernels
+    try:
+        if workers == 1:
+            for idx, enc in batches:
+                yield idx, call(enc)
+            return
+        # Each pool thread sets its own OpenMP thread count as well: that setting is per
+        # thread, and oneDNN reads it before torch's first parallel loop would set it.
+        with ThreadPoolExecutor(workers, "batch", torch.set_num_threads, (1,)) as pool:
+            pending: deque[tuple[np.ndarray, Future[T]]] = deque()
+            for idx, enc in batches:  # the next batches are tokenised while the pool works
+                pending.append((idx, pool.submit(call, enc)))
+                if len(pending) > 2 * workers:
+                    first, fut = pending.popleft()
+                    yield first, fut.result()
+            while pending:
+                first, fut = pending.popleft()
+                yield first, fut.result()
+    finally:
+        torch.set_num_threads(before)
 
 
 def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:

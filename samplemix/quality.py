@@ -54,17 +54,17 @@ one of three:
     score and gets -log(vocab size), the value of a uniform model.
 
 Model scorers run length-sorted batches of at most ``quality.batch_tokens`` padded
-tokens, in bf16 autocast on CUDA and fp32 elsewhere; padding never changes a score.
+tokens, in bf16 autocast on CUDA and fp32 elsewhere; padding never changes a score, and
+on CPU neither does the thread count (models.batch_outputs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from samplemix.config import QualityConfig
 from samplemix.models import (
+    batch_outputs,
     count_truncated,
     device_batches,
     load_model,
@@ -79,6 +80,8 @@ from samplemix.models import (
     resolve_batch_tokens,
     resolve_device,
 )
+
+T = TypeVar("T")
 
 
 class Scorer(Protocol):
@@ -244,6 +247,7 @@ class _BatchedModel:
         self.tokenizer = _right_padding(load_tokenizer(name))
         self.max_length = cfg.max_length
         self.batch_tokens = resolve_batch_tokens(cfg.batch_tokens, self.device)
+        self.compiled = cfg.compile  # a compiled model is called from one thread
 
     def batches(self, texts: list[str]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """Yield (indices into ``texts``, encoded batch on the model's device); on CUDA
@@ -256,11 +260,15 @@ class _BatchedModel:
         """Texts longer than ``quality.max_length`` tokens."""
         return count_truncated(self.tokenizer, texts, self.max_length)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA; fp32 elsewhere, where bf16 would only lose precision."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def outputs(
+        self, texts: list[str], forward: Callable[[dict[str, torch.Tensor]], T]
+    ) -> Iterator[tuple[np.ndarray, T]]:
+        """(indices into ``texts``, ``forward(batch)``) per batch (models.batch_outputs):
+        bf16 autocast on CUDA; fp32 elsewhere, where bf16 would only lose precision."""
+        amp = torch.bfloat16 if self.device.type == "cuda" else None
+        yield from batch_outputs(
+            self.batches(texts), forward, self.device, amp, concurrent=not self.compiled
+        )
 
 
 Readout = Callable[[torch.Tensor], torch.Tensor]
@@ -336,11 +344,12 @@ class HFClassifierScorer:
         out = np.zeros(len(texts), dtype=np.float64)
         if not texts:
             return out
-        with torch.inference_mode():
-            for idx, enc in self._runner.batches(texts):
-                with self._runner.autocast():
-                    logits = self._runner.model(**enc).logits
-                out[idx] = self._readout(logits.float()).cpu().numpy()
+
+        def forward(enc: dict[str, torch.Tensor]) -> np.ndarray:
+            return self._readout(self._runner.model(**enc).logits.float()).cpu().numpy()
+
+        for idx, scores in self._runner.outputs(texts, forward):
+            out[idx] = scores
         return out
 
 
@@ -362,17 +371,20 @@ class PerplexityScorer:
         out = np.full(len(texts), self.floor, dtype=np.float64)
         if not texts:
             return out
-        with torch.inference_mode():
-            for idx, enc in self._runner.batches(texts):
-                if enc["input_ids"].shape[1] < 2:  # nothing to predict in this batch
-                    continue
-                with self._runner.autocast():
-                    # Only ids and mask: GPT-2 would add token_type_ids from a BERT-style
-                    # tokenizer as extra embeddings, changing the model's predictions.
-                    logits = self._runner.model(
-                        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
-                    ).logits
-                out[idx] = self._mean_log_likelihood(logits, enc)
+
+        def forward(enc: dict[str, torch.Tensor]) -> np.ndarray | None:
+            if enc["input_ids"].shape[1] < 2:  # nothing to predict in this batch
+                return None
+            # Only ids and mask: GPT-2 would add token_type_ids from a BERT-style
+            # tokenizer as extra embeddings, changing the model's predictions.
+            logits = self._runner.model(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+            ).logits
+            return self._mean_log_likelihood(logits, enc)
+
+        for idx, scores in self._runner.outputs(texts, forward):
+            if scores is not None:
+                out[idx] = scores
         return out
 
     def _mean_log_likelihood(
@@ -405,8 +417,10 @@ class DomainClassifier:
 
     def labels(self, texts: list[str]) -> list[str]:
         out = np.zeros(len(texts), dtype=np.int64)
-        with torch.inference_mode():
-            for idx, enc in self._runner.batches(texts):
-                with self._runner.autocast():
-                    out[idx] = self._runner.model(**enc).logits.argmax(-1).cpu().numpy()
+
+        def forward(enc: dict[str, torch.Tensor]) -> np.ndarray:
+            return self._runner.model(**enc).logits.argmax(-1).cpu().numpy()
+
+        for idx, labels in self._runner.outputs(texts, forward):
+            out[idx] = labels
         return [str(self._names[int(i)]) for i in out]

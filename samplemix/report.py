@@ -35,6 +35,10 @@ DPI = 110
 #: ``images`` argument of ``report_markdown`` is keyed by these names.
 PLOTS = ("budget", "domain_shares", "quality", "diversity", "counts", "overlap")
 
+#: A realised total further than this share of T_tgt from it gets a warning
+#: (``budget_warning``), whatever the rounding spread says.
+BUDGET_TOLERANCE = 0.05
+
 _BEFORE_COLOR = "#9aa5b1"
 _AFTER_COLOR = "#1f77b4"
 
@@ -47,7 +51,11 @@ class ReportInputs:
     selected). ``overlap[i, j]`` is the share in [0, 1] of domain i's clusters that also
     contain domain j, rows and columns in ``overlap_domains`` order. ``shards`` has one
     row per source shard: shard, read, accepted, rejected, renamed (duplicate ids
-    renamed); ``truncated`` counts the documents each model read only a prefix of.
+    renamed) and skipped_rows (None for a shard that was read; for a shard skipped whole,
+    read 0, its rows or "unknown"); ``truncated`` counts the documents each model read
+    only a prefix of. ``passed_over`` lists the files under corpus.input that are not
+    shards ({path, reason}); ``spread`` the documents with the largest rounding variance
+    f(1−f)·len², largest first ({id, shard, tokens, expected, count, variance}).
     """
 
     target_tokens: int
@@ -69,6 +77,8 @@ class ReportInputs:
     settings: dict[str, object]
     shards: list[dict] = field(default_factory=list)
     truncated: dict[str, int] = field(default_factory=dict)
+    passed_over: list[dict] = field(default_factory=list)
+    spread: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.overlap = np.asarray(self.overlap, dtype=float)
@@ -163,6 +173,102 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# Warnings: one line each, for the report, the run's log and the terminal
+
+
+def budget_warning(inp: ReportInputs) -> str | None:
+    """One line when the realised total is more than ``BUDGET_TOLERANCE`` of T_tgt off
+    it: by how much, the cause and the fix; None when it is within (or T_tgt is 0).
+
+    The cause comes from ``inp``: the budget not allocated in full (Σ c·len off T_tgt)
+    when that is most of the miss; else the rounding draws, naming the fewest
+    documents of ``inp.spread`` that hold half of the rounding variance σ², or saying
+    that no few documents do.
+    """
+    target = inp.target_tokens
+    dev = inp.realised_tokens - target
+    if not target or abs(dev) <= BUDGET_TOLERANCE * target:
+        return None
+    head = (
+        f"realised {inp.realised_tokens:,} tokens, {100.0 * dev / target:+.1f}% off the target "
+        f"T_tgt = {target:,} (more than ±{BUDGET_TOLERANCE:.0%})"
+    )
+    gap = inp.expected_tokens - target
+    if abs(gap) > abs(inp.realised_tokens - inp.expected_tokens):
+        return (
+            f"{head}: only {inp.expected_tokens:,.0f} tokens were allocated (Σ c·len), the "
+            "repeat cap leaving the rest; raise mixing.max_repeats or lower the budget"
+        )
+    variance = inp.sigma_tokens**2
+    held = np.cumsum([d["variance"] for d in inp.spread])
+    k = int(np.searchsorted(held, 0.5 * variance)) + 1  # the fewest holding half of σ²
+    if variance > 0 and k <= len(inp.spread):
+        top = inp.spread[0]
+        # A capped count is whole and does not round: the cap helps documents expected
+        # at least one copy, not one expected 0.9.
+        cap = (
+            ", or cap copies with mixing.max_repeats (a capped count is whole)"
+            if top["expected"] >= 1
+            else ""
+        )
+        shortest = min(d["tokens"] for d in inp.spread[:k])
+        few = f"{k} documents hold" if k > 1 else "1 document holds"
+        return (
+            f"{head}: {few} {held[k - 1] / variance:.0%} of the rounding spread σ² (largest: "
+            f"{top['id']!r} in {top['shard']}, {top['tokens']:,} tokens, expected "
+            f"{top['expected']:.2f} copies, drew {top['count']}); split documents of "
+            f"{shortest:,}+ tokens into smaller ones, or raise the budget (mixing.budget or "
+            f"mixing.budget_ratio) so that each is expected many copies{cap}"
+        )
+    return (
+        f"{head}: the rounding spread σ = {inp.sigma_tokens:,.0f} tokens is "
+        f"{inp.sigma_tokens / target:.1%} of T_tgt, spread over many documents; raise the "
+        "budget (mixing.budget or mixing.budget_ratio) or add documents: σ shrinks relative "
+        "to T_tgt as they grow"
+    )
+
+
+def skipped_shards_line(shards: list[dict]) -> str | None:
+    """One line on the shards skipped whole (rows of ``ReportInputs.shards`` whose
+    skipped_rows is set): how many, their rows where known, how many could not tell;
+    None when none was skipped."""
+    skipped = [r["skipped_rows"] for r in shards if r.get("skipped_rows") is not None]
+    if not skipped:
+        return None
+    rows = sum(n for n in skipped if n != "unknown")
+    unknown = sum(n == "unknown" for n in skipped)
+    cannot = f"; {unknown:,} shard{'s' if unknown > 1 else ''} unknown" if unknown else ""
+    return (
+        f"{len(skipped):,} unreadable shard{'s' if len(skipped) > 1 else ''} skipped "
+        f"(corpus.on_bad_shard: skip): {rows:,} rows in skipped shards{cannot}; each is "
+        "listed in rejects/rejects.parquet (row -1) with its error: fix or remove the file"
+    )
+
+
+def passed_over_line(passed_over: list[dict]) -> str | None:
+    """One line on the files under corpus.input that are not shards; None when none."""
+    if not passed_over:
+        return None
+    first = passed_over[0]
+    return (
+        f"{len(passed_over):,} path{'s' if len(passed_over) > 1 else ''} under corpus.input "
+        f"not read as shards (e.g. {first['path']}: {first['reason']}); every one is listed "
+        "in report/passed_over.csv"
+    )
+
+
+def run_warnings(inp: ReportInputs) -> list[str]:
+    """The report's warnings, one line each, for the run's log and the terminal:
+    budget missed (``budget_warning``), shards skipped, files passed over."""
+    lines = (
+        budget_warning(inp),
+        skipped_shards_line(inp.shards),
+        passed_over_line(inp.passed_over),
+    )
+    return [line for line in lines if line]
+
+
+# ---------------------------------------------------------------------------------------
 # Markdown
 
 
@@ -230,7 +336,11 @@ def _budget_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
         ("Source T_src = Σ len", f"{inp.source_tokens:,}"),
         ("T_tgt / T_src", ratio),
     ]
-    lines = ["## Budget", "", markdown_table(["Quantity", "Value"], rows), ""]
+    lines = ["## Budget", ""]
+    warning = budget_warning(inp)
+    if warning:
+        lines += [f"**Warning:** {warning}.", ""]
+    lines += [markdown_table(["Quantity", "Value"], rows), ""]
     lines.append(
         f"Floor + Bernoulli rounding leaves σ = {inp.sigma_tokens:,.1f} tokens of spread around"
         " Σ c·len (σ = √Σ f(1−f)·len², f = c − ⌊c⌋), so the realised total is expected within"
@@ -393,6 +503,29 @@ def _rows_section(inp: ReportInputs) -> list[str]:
                 f"{renamed:,} documents with a duplicate id were renamed `<id>#<shard>:<row>`.",
                 "",
             ]
+        skipped = skipped_shards_line(inp.shards)
+        if skipped:
+            body = [
+                (r["shard"], _count(r["skipped_rows"]))
+                for r in inp.shards
+                if r.get("skipped_rows") is not None
+            ]
+            shown = f" ({SHARD_ROWS} of {len(body)} listed)" if len(body) > SHARD_ROWS else ""
+            lines += [
+                f"**Skipped shards:** {skipped}. Their rows are in none of the counts above"
+                f"{shown}.",
+                "",
+                markdown_table(["Skipped shard", "Rows"], body[:SHARD_ROWS]),
+                "",
+            ]
+    if inp.passed_over:
+        shown = inp.passed_over[:SHARD_ROWS]
+        title = (
+            f"Files under corpus.input that are not shards, not read ({len(shown)} of "
+            f"{len(inp.passed_over)}; every one: `passed_over.csv`):"
+        )
+        body = [(f["path"], f["reason"]) for f in shown]
+        lines += [title, "", markdown_table(["File", "Reason"], body, right=2), ""]
     for model, n in inp.truncated.items():
         if n:
             lines += [
@@ -431,24 +564,44 @@ def _rows_section(inp: ReportInputs) -> list[str]:
     return lines
 
 
+def _count(n: int | str) -> str:
+    return f"{n:,}" if isinstance(n, int) else n
+
+
 def shards_csv(inp: ReportInputs) -> str:
-    """The per-shard row accounting as CSV (header: shard,read,accepted,rejected,renamed)."""
+    """The per-shard row accounting as CSV (header: shard,read,accepted,rejected,renamed,
+    and skipped_rows when a shard was skipped: empty for the shards read, the rows or
+    ``unknown`` for the skipped ones)."""
+    columns = ["shard", "read", "accepted", "rejected", "renamed"]
+    # Only when needed, so that readers of the five columns keep working on clean runs.
+    if any(r.get("skipped_rows") is not None for r in inp.shards):
+        columns.append("skipped_rows")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ["shard", "read", "accepted", "rejected", "renamed"])
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(inp.shards)
+    return buf.getvalue()
+
+
+def passed_over_csv(inp: ReportInputs) -> str:
+    """The files under corpus.input that are not shards as CSV (header: path,reason)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["path", "reason"])
+    writer.writeheader()
+    writer.writerows(inp.passed_over)
     return buf.getvalue()
 
 
 def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> str:
     """Render the report as Markdown.
 
-    Sections in order: Budget, Settings, Domains, Scores (quality, diversity), Count
-    distribution, Clusters, Cross-domain cluster overlap, Rows read, accepted and
-    rejected. ``images``
-    maps a plot name from ``PLOTS`` (e.g. ``"budget"``) to a file name relative to the
-    report; each is embedded in its section. Names outside ``PLOTS`` go to a final
-    "Other figures" section rather than being dropped.
+    Sections in order: Budget (opening with ``budget_warning`` when there is one),
+    Settings, Domains, Scores (quality, diversity), Count distribution, Clusters,
+    Cross-domain cluster overlap, Rows read, accepted and rejected (with the shards
+    skipped and the files passed over). ``images`` maps a plot name from ``PLOTS``
+    (e.g. ``"budget"``) to a file name relative to the report; each is embedded in its
+    section. Names outside ``PLOTS`` go to a final "Other figures" section rather than
+    being dropped.
     """
     images = dict(images or {})
     method = inp.settings.get("method")
@@ -735,6 +888,10 @@ def write_report(inp: ReportInputs, out_dir: str, storage_options: dict | None =
     if inp.shards:
         fs.pipe_file(posixpath.join(root, "shards.csv"), shards_csv(inp).encode("utf-8"))
         written.append(f"{base}/shards.csv")
+    if inp.passed_over:
+        data = passed_over_csv(inp).encode("utf-8")
+        fs.pipe_file(posixpath.join(root, "passed_over.csv"), data)
+        written.append(f"{base}/passed_over.csv")
     text = report_markdown(inp, images)
     fs.pipe_file(posixpath.join(root, "report.md"), text.encode("utf-8"))
     written.append(f"{base}/report.md")
@@ -754,10 +911,15 @@ def write_files(out_dir: str, files: dict[str, bytes], storage_options: dict | N
 
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "PLOTS",
     "ReportInputs",
+    "budget_warning",
+    "passed_over_line",
     "plot_files",
     "report_markdown",
+    "run_warnings",
+    "skipped_shards_line",
     "table_rows",
     "write_files",
     "write_report",

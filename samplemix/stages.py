@@ -23,7 +23,16 @@ from samplemix import baselines, kmeans, materialise, mixing, quadmix
 from samplemix import diversity as div
 from samplemix import ids as dup
 from samplemix.config import Config, QualityConfig
-from samplemix.corpus import DOCS_SCHEMA, REJECTS_SCHEMA, CorpusError, Shard, ShardDocs, read_shard
+from samplemix.corpus import (
+    DOCS_SCHEMA,
+    REJECTS_SCHEMA,
+    CorpusError,
+    PassedOver,
+    Shard,
+    ShardDocs,
+    count_rows,
+    read_shard,
+)
 from samplemix.embed import embed_texts, truncated_count
 from samplemix.models import model_fingerprint, pinned, resolve_device, resolve_dtype
 from samplemix.quality import DomainClassifier, make_scorer
@@ -33,25 +42,31 @@ from samplemix.tokens import token_counts, token_ids
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
-    "tokens": "2",  # 2: rows read
+    "tokens": "3",  # 2: rows read; 3: a skipped shard reads 0 rows and counts its own
     "ids": "1",
     "bigrams": "1",
     "domains": "1",
-    "quality": "2",  # 2: truncated documents counted
-    "embed": "2",
+    "quality": "3",  # 2: truncated documents counted; 3: one thread per batch (below)
+    # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
+    # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
+    "embed": "3",
     "kmeans": "1",
     "assign": "1",
     "clusters": "1",
     "ranks": "1",
     "weights": "3",  # 2: duplicate ids; 3: methods
     "budget": "1",
-    "counts": "2",
+    "counts": "3",  # 3: the documents that hold most of the rounding spread
     "output": "1",
 }
 # The stages with artifacts in the store, in pipeline order ("output" is the published
 # files, whose key lives in the output's manifest).
 STAGES = tuple(s for s in VERSIONS if s != "output")
 REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the report's plots
+# Documents kept with the largest rounding variance f(1−f)·len², per shard and then
+# overall (the overall top ones are among the shards' top ones), so that the report can
+# name the few that make a realised total miss its target.
+SPREAD_DOCS = 10
 
 
 def tokenizer_name(cfg: Config) -> str:
@@ -372,8 +387,9 @@ def quality_range(quality: list[dict]) -> list[float]:
 
 
 def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
-    """The shard's documents; an unreadable shard under ``on_bad_shard: skip`` reads as
-    no documents and one reject row (row −1, reason ``unreadable_shard``)."""
+    """The shard's documents; an unreadable shard under ``on_bad_shard: skip`` is
+    ``skipped``: no rows read, no documents, and one rejects record for the file (row
+    −1, reason ``unreadable_shard``, the error as detail)."""
     try:
         return read_shard(shard, cfg.corpus, cfg.storage.fsspec_options(shard.path))
     except CorpusError as e:
@@ -388,7 +404,7 @@ def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
             },
             schema=REJECTS_SCHEMA,
         )
-        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=1)  # the file, as one row
+        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=0, skipped=True)
 
 
 def _texts(shard: Shard, cfg: Config) -> list[str]:
@@ -398,8 +414,11 @@ def _texts(shard: Shard, cfg: Config) -> list[str]:
 def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """Index the shard (row, id, domain, tokens) and record its rejects.
 
-    Summary: read (rows in the file = docs + rejects), docs, tokens, rejects
-    {reason: count}, domain_docs, domain_tokens.
+    Summary: read (rows read = docs + rejected rows), docs, tokens, rejects
+    {reason: count} of rejected rows, domain_docs, domain_tokens, skipped (the shard
+    was skipped whole, ``read_docs``) and skipped_rows (a skipped shard's rows counted
+    without reading them, ``corpus.count_rows``; None when it cannot tell, or not
+    skipped).
     """
     sd = read_docs(shard, cfg)
     texts = sd.docs.column("text").to_pylist()
@@ -415,15 +434,20 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     domain_tokens: Counter[str] = Counter()
     for d, t in zip(domains, n_tok.tolist(), strict=True):
         domain_tokens[d] += t
+    # A skipped shard's record names the file, not a row: it is not a rejected row.
+    rejects = {} if sd.skipped else dict(Counter(sd.rejects.column("reason").to_pylist()))
+    skipped_rows = count_rows(shard, cfg.storage.fsspec_options(shard.path)) if sd.skipped else None
     return store.commit(
         key,
         {
             "read": sd.read,
             "docs": len(texts),
             "tokens": int(n_tok.sum()),
-            "rejects": dict(Counter(sd.rejects.column("reason").to_pylist())),
+            "rejects": rejects,
             "domain_docs": dict(Counter(domains)),
             "domain_tokens": dict(domain_tokens),
+            "skipped": sd.skipped,
+            "skipped_rows": skipped_rows,
         },
     )
 
@@ -903,8 +927,10 @@ def run_counts(
     new id.
 
     Summary: sums for the budget check (expected, realised, variance), per-domain
-    documents and tokens in, copies and tokens selected, the histogram of n, and a
-    bounded sample of raw q and d per domain for the report.
+    documents and tokens in, copies and tokens selected, the histogram of n, a
+    bounded sample of raw q and d per domain for the report, and spread: the
+    ``SPREAD_DOCS`` documents with the largest rounding variance (id, shard, tokens,
+    expected, count, variance), largest first.
     """
     index = store.get_table(tok, "index.parquet")
     drop, renames = shard_duplicates(store, ids, shard.shard_id)
@@ -963,10 +989,25 @@ def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
             "diversity": plan.column("diversity").to_numpy()[keep].tolist(),
         }
     values, freq = np.unique(n, return_counts=True)
+    frac = c - np.floor(c)
+    doc_variance = frac * (1 - frac) * n_tok**2  # the terms of mixing.rounding_variance
+    top = [i for i in np.argsort(-doc_variance, kind="stable")[:SPREAD_DOCS] if doc_variance[i] > 0]
+    shard_ids = plan.column("shard").to_pylist()
     return {
         "expected_tokens": float(np.dot(c, n_tok)),
         "realised_tokens": int(np.dot(n, n_tok)),
         "variance": mixing.rounding_variance(c, n_tok),
+        "spread": [
+            {
+                "id": ids[i],
+                "shard": shard_ids[i],
+                "tokens": int(n_tok[i]),
+                "expected": float(c[i]),
+                "count": int(n[i]),
+                "variance": float(doc_variance[i]),
+            }
+            for i in top
+        ],
         "histogram": {str(v): int(f) for v, f in zip(values.tolist(), freq.tolist(), strict=True)},
         "domains": per_domain,
     }
@@ -1033,16 +1074,21 @@ def source_tokens(tokens: list[dict], ids: dict) -> int:
 
 def shard_accounting(shards: list[str], tokens: list[dict], ids: dict) -> list[dict]:
     """Per shard: rows read, accepted (planned) and rejected, with read = accepted +
-    rejected; a shard where they disagree lost rows, which raises."""
+    rejected (a shard where they disagree lost rows, which raises), renamed, and
+    skipped_rows: None for a shard that was read; for one skipped whole
+    (``corpus.on_bad_shard: skip``, read 0) its rows, or "unknown" when the file
+    cannot tell (``run_tokens``)."""
     rows = []
     for shard, t in zip(shards, tokens, strict=True):
         dropped = ids["dropped"].get(shard, 0)
+        skipped = t["skipped_rows"] if t["skipped_rows"] is not None else "unknown"
         row = {
             "shard": shard,
             "read": t["read"],
             "accepted": t["docs"] - dropped,
             "rejected": sum(t["rejects"].values()) + dropped,
             "renamed": ids["renamed"].get(shard, 0),
+            "skipped_rows": skipped if t["skipped"] else None,
         }
         if row["read"] != row["accepted"] + row["rejected"]:
             raise RuntimeError(f"shard {shard}: rows read != accepted + rejected: {row}")
@@ -1059,10 +1105,12 @@ def report_inputs(
     clusters: dict,
     target: int,
     settings: dict,
+    passed_over: list[PassedOver] | None = None,
 ):  # noqa: ANN201 - ReportInputs, imported lazily (matplotlib is slow to import)
     """Combine the stage summaries (per shard in ``shards`` order: tokens, counts;
     the ids and clusters reduces) into the report's inputs. ``truncated``: documents
-    each model read a prefix of, {"quality": n, "embed": n}."""
+    each model read a prefix of, {"quality": n, "embed": n}; ``passed_over``: the
+    files discovery did not take as shards (``corpus.discover``)."""
     from samplemix.report import ReportInputs
 
     rejects: Counter = Counter()
@@ -1089,6 +1137,8 @@ def report_inputs(
             q[d] += v["quality"]
             dv[d] += v["diversity"]
         hist.update({int(k): v for k, v in c["histogram"].items()})
+    # Stable: among equal variances the earlier shard's documents come first.
+    spread = sorted((d for c in counts for d in c["spread"]), key=lambda d: -d["variance"])
     return ReportInputs(
         target_tokens=target,
         source_tokens=source_tokens(tokens, ids),
@@ -1109,4 +1159,6 @@ def report_inputs(
         settings=settings,
         shards=shard_accounting(shards, tokens, ids),
         truncated=truncated,
+        passed_over=[{"path": f.path, "reason": f.reason} for f in passed_over or []],
+        spread=spread[:SPREAD_DOCS],
     )

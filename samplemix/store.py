@@ -469,16 +469,38 @@ class Output(Location):
 
     LEASE = "_lease.json"
     LEASE_TTL = 120.0  # seconds a lease lives without renewal; renewed every TTL/4
+    _lease_run: str | None = None  # the run id of the lease this object holds, if any
 
     @contextlib.contextmanager
-    def lease(self, wait_s: float, log: Callable[[str], None]) -> Iterator[None]:
+    def lease(
+        self,
+        wait_s: float,
+        log: Callable[[str], None],
+        warn: Callable[[str], None] | None = None,
+    ) -> Iterator[None]:
         """Hold ``_lease.json`` while the block runs, so that one run at a time writes
         this output. A lease held by another run is waited for (polled every 2 s) up
         to ``wait_s`` seconds, then StoreError names its holder. A lease whose
         holder stopped renewing it (expired), or whose process is gone from this
-        host, is taken over."""
+        host, is taken over.
+
+        While the block runs, a thread renews the lease every TTL/4 s. It never
+        raises: a renewal that fails (the store unreachable) is told to ``warn``
+        (default ``log``) and tried again every TTL/16 s until it succeeds. The lease
+        is lost only when a renewal finds it held by another run, or gone, which
+        another run can cause only after it went unrenewed for longer than
+        ``LEASE_TTL``: ``warn`` then gets one line naming the output and what to do,
+        renewals stop, and ``seal`` raises StoreError with that line. Releasing the
+        lease never replaces the block's own exception: a release that fails is a
+        warning, the lease expiring by itself.
+        """
         path = f"{self._base}/{self.LEASE}"
         me = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        warn = warn or log
+
+        def say(message: str) -> None:
+            with contextlib.suppress(Exception):  # a log handler must not stop the renewals
+                warn(message)
 
         def stamp() -> bytes:
             now = time.time()
@@ -502,24 +524,99 @@ class Output(Location):
                 )
             log(f"output {self.root} is being written by another run; waiting")
             time.sleep(2.0)
+        self._lease_run = me["run"]
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(self.LEASE_TTL / 4):
-                self._write(path, stamp())
+            renewed = time.monotonic()
+            failing: str | None = None  # the first error of the current failed spell
+            told_expired = False
+            # Renewing well before expiry; retrying more often once a renewal failed.
+            while not stop.wait(self.LEASE_TTL / (16 if failing else 4)):
+                unrenewed = time.monotonic() - renewed
+                try:
+                    holder = self._renew(path, me["run"], stamp)
+                except Exception as e:  # noqa: BLE001 - the renewals must outlive any failure
+                    if failing is None:
+                        failing = f"{type(e).__name__}: {e}"
+                        say(
+                            f"output {self.root}: cannot renew its lease {self.LEASE} ({failing}); "
+                            f"retrying every {self.LEASE_TTL / 16:g} s (it expires "
+                            f"{self.LEASE_TTL:g} s after the last renewal)"
+                        )
+                    elif unrenewed > self.LEASE_TTL and not told_expired:
+                        told_expired = True
+                        say(
+                            f"output {self.root}: its lease {self.LEASE} went unrenewed for "
+                            f"{unrenewed:.0f} s and has expired ({failing}); still retrying"
+                        )
+                    continue
+                if holder is not None:
+                    say(self._lease_lost(holder))
+                    return
+                if failing is not None:
+                    say(f"output {self.root}: lease {self.LEASE} renewed after {unrenewed:.0f} s")
+                renewed, failing, told_expired = time.monotonic(), None, False
 
-        renewer = threading.Thread(target=renew, daemon=True)
+        renewer = threading.Thread(target=renew, name=f"lease {self.root}", daemon=True)
         renewer.start()
         try:
             yield
         finally:
             stop.set()
             renewer.join()
-            if (self._json(path) or {}).get("run") == me["run"]:
+            self._lease_run = None
+            try:
+                self._release(path, me["run"])
+            except StoreError as e:
+                say(
+                    f"output {self.root}: could not remove its lease {self.LEASE} ({e}); it "
+                    f"expires {self.LEASE_TTL:g} s after its last renewal, and is taken over "
+                    "at once by a run on this host when this process has ended"
+                )
+
+    def _renew(self, path: str, run: str, stamp: Callable[[], bytes]) -> dict[str, Any] | None:
+        """One try at renewing the lease of ``run`` (the renewal loop is the retry):
+        None when renewed, else the lease found instead ({} when there is none)."""
+        try:
+            held = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return {}
+        if held.get("run") != run:
+            return held
+        put_bytes(self.fs, path, stamp())
+        return None
+
+    def _release(self, path: str, run: str) -> None:
+        """Remove the lease if ``run`` still holds it (never another run's)."""
+        if (self._json(path) or {}).get("run") == run:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to do
                 self._retry(lambda: self.fs.rm_file(path), self._url(path))
+
+    def _lease_lost(self, holder: dict[str, Any]) -> str:
+        """The line that tells a run its lease was taken (``holder``: the lease found
+        instead, {} when none)."""
+        now = (
+            f"host {holder.get('host')}, pid {holder.get('pid')} holds it now"
+            if holder
+            else "it is gone (another run took it over and ended, or it was removed)"
+        )
+        return (
+            f"output {self.root}: this run no longer holds its lease {self.LEASE}: {now} (a "
+            f"lease expires when unrenewed for {self.LEASE_TTL:g} s, e.g. while the store is "
+            "unreachable); its files there may be mixed with another run's: when no other run "
+            "writes this output, run again (cached stages are not recomputed), or use another "
+            "output.path"
+        )
 
     def seal(self, key: Key, summary: dict[str, Any]) -> None:
         """Write the manifest: the published files with their sizes, and the run summary.
-        Written last, so a run killed before it leaves no manifest."""
+        Written last, so a run killed before it leaves no manifest. Under a lease
+        (``lease``) that another run has taken since, raises StoreError instead (the
+        files may be mixed with that run's)."""
+        if self._lease_run is not None:
+            held = self._json(f"{self._base}/{self.LEASE}") or {}
+            if held.get("run") != self._lease_run:
+                raise StoreError(self._lease_lost(held))
         doc = {"key": key.id, "files": dict(sorted(self._files().items())), "summary": summary}
         self._write(f"{self._base}/{self.MANIFEST}", json.dumps(doc, indent=1).encode())

@@ -33,7 +33,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -286,9 +285,7 @@ def test_write_comparison_files_and_summary(tmp_path):
         "vanilla": write_run(tmp_path / "vanilla", plan(COUNTS["B"]).take([4, 0, 2, 1, 3])),
     }
     out = tmp_path / "cmp"
-    start = time.perf_counter()
     summary = write_comparison(outputs, str(out), target_tokens=60)
-    assert time.perf_counter() - start < 10
 
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["compare.md", "compare.csv", *(f"{n}.png" for n in PLOTS)])

@@ -109,13 +109,18 @@ def test_huge_documents_are_kept_and_counted_as_truncated(corpus: dict, cluster:
 
 @pytest.mark.slow
 def test_whole_output_is_identical_across_worker_counts(corpus: dict, cluster: dict) -> None:
-    """Two cold runs (own stores), one on a cluster of 1 worker and one on the session's
-    2 workers, write the same bytes."""
-    outs = []
-    for name, compute in (("one", {"compute.n_workers": 1}), ("two", cluster)):
+    """Cold runs (own stores) on 1 worker of 2 torch threads, on the session's 2 workers
+    of 1 thread and on 4 workers of 2 threads write the same bytes."""
+    layouts = {
+        "one": {"compute.n_workers": 1, "compute.torch_threads": 2},
+        "two": cluster,
+        "four": {"compute.n_workers": 4, "compute.torch_threads": 2},
+    }
+    outs = {}
+    for name, compute in layouts.items():
         out = corpus["root"].parent / f"workers-{name}"
         run_mix(tiny_config(corpus["root"], out, **compute))
-        outs.append(out)
+        outs[name] = out
 
     def files(out: Path) -> dict[str, bytes]:
         skip = {"_manifest.json", "store"}
@@ -125,6 +130,14 @@ def test_whole_output_is_identical_across_worker_counts(corpus: dict, cluster: d
             if p.is_file() and p.relative_to(out).parts[0] not in skip
         }
 
-    a, b = map(files, outs)
-    assert sorted(a) == sorted(b) and len(a) > 10
-    assert [n for n in a if a[n] != b[n]] == []
+    def embeddings(out: Path) -> dict[str, bytes]:
+        """Each key's embeddings: one key, one set of bytes, on any layout."""
+        return {p.parent.name: p.read_bytes() for p in (out / "store").glob("embed/*/*.npy")}
+
+    a = files(outs["one"])
+    assert len(a) > 10
+    for name in ("two", "four"):
+        b = files(outs[name])
+        assert sorted(a) == sorted(b)
+        assert [n for n in a if a[n] != b[n]] == [], f"1 worker vs {name}"
+    assert embeddings(outs["one"]) == embeddings(outs["four"])

@@ -341,3 +341,46 @@ def test_plotting_leaves_pyplot_and_backend_alone():
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_budget_warning_only_beyond_five_percent_of_the_target():
+    inp = three_domains()  # T_tgt 10,000
+    edge = round(inp.target_tokens * (1 + report.BUDGET_TOLERANCE))
+    for realised in (inp.realised_tokens, edge):
+        quiet = dataclasses.replace(inp, realised_tokens=realised)
+        assert report.budget_warning(quiet) is None
+        assert "**Warning:**" not in report_markdown(quiet)
+    loud = dataclasses.replace(inp, realised_tokens=edge + 1, sigma_tokens=400.0)
+    assert report.budget_warning(loud).startswith("realised 10,501 tokens, +5.0% off the target")
+
+
+def test_budget_warning_names_the_cause_it_finds():
+    inp = dataclasses.replace(three_domains(), realised_tokens=10_600, sigma_tokens=400.0)
+    doc = {"shard": "web/a.parquet", "tokens": 300, "expected": 2.5, "count": 3}
+    # Ten documents holding 10 × 1,000 of σ² = 160,000: no few of them explain the miss.
+    spread = [{**doc, "id": f"d{i}", "variance": 1_000.0} for i in range(10)]
+    many = report.budget_warning(dataclasses.replace(inp, spread=spread))
+    assert "σ = 400 tokens is 4.0% of T_tgt, spread over many documents" in many
+    # Two documents holding 120,000 of it: they are named, with the cap (counts >= 1 round).
+    spread[:2] = [{**doc, "id": f"big{i}", "variance": 60_000.0} for i in range(2)]
+    few = report.budget_warning(dataclasses.replace(inp, spread=spread))
+    assert "2 documents hold 75% of the rounding spread σ² (largest: 'big0'" in few
+    assert "split documents of 300+ tokens" in few and "mixing.max_repeats" in few
+    # Σ c·len itself short of T_tgt by more than the rounding moved: the allocation.
+    short = dataclasses.replace(inp, expected_tokens=11_000.0, realised_tokens=11_100)
+    assert "only 11,000 tokens were allocated" in report.budget_warning(short)
+
+
+def test_shards_csv_has_skipped_rows_only_when_a_shard_was_skipped():
+    rows = [{"shard": "a", "read": 2, "accepted": 2, "rejected": 0, "renamed": 0}]
+    clean = dataclasses.replace(three_domains(), shards=[{**rows[0], "skipped_rows": None}])
+    assert report.shards_csv(clean).splitlines()[0] == "shard,read,accepted,rejected,renamed"
+    skipped = {"shard": "b", "read": 0, "accepted": 0, "rejected": 0, "renamed": 0}
+    both = dataclasses.replace(clean, shards=[*clean.shards, {**skipped, "skipped_rows": 7}])
+    lines = report.shards_csv(both).splitlines()
+    assert lines == [
+        "shard,read,accepted,rejected,renamed,skipped_rows",
+        "a,2,2,0,0,",
+        "b,0,0,0,0,7",
+    ]
+    assert report.skipped_shards_line(both.shards).startswith("1 unreadable shard skipped")

@@ -101,13 +101,11 @@ def test_down_fails_fast_and_up_recovers(proxy: FlakyProxy) -> None:
 
     proxy.down()
     refused = proxy.refused
-    t0 = time.monotonic()
     # A refused connect surfaces as botocore's EndpointConnectionError, which is *not*
     # an OSError; s3fs passes it through untranslated.
     with pytest.raises((OSError, BotoCoreError)):
         fs.cat_file(path)
-    assert time.monotonic() - t0 < 5.0
-    assert proxy.refused > refused
+    assert proxy.refused - refused == 1  # one try, no retry: it fails fast
 
     proxy.up()
     assert fs.cat_file(path) == data  # same instance: its pool recovers from the resets
