@@ -194,7 +194,9 @@ def evaluate(config: Config, methods: list[str], alphas: list[float]) -> dict:
 
 
 def run_evaluate(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
-    """Run the ``evaluate`` flow on the task runner ``cfg.compute`` asks for."""
+    """Run the ``evaluate`` flow on the task runner ``cfg.compute`` asks for; the config
+    and the inputs are checked first, before any server or cluster starts."""
+    ev.require_heldout(cfg)
     check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as cfg:
         return evaluate.with_options(task_runner=task_runner(cfg))(cfg, methods, alphas)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
@@ -39,6 +40,14 @@ def startup_timeout_s() -> float:
     return seconds
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (Prefect starts its server
+    on another one if it is taken by the time the server binds it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_temporary_server():  # noqa: ANN201 - prefect's SubprocessASGIServer
     """A started temporary Prefect server. Each of ``START_ATTEMPTS`` tries waits up to
     ``startup_timeout_s()``; a try that times out has its process stopped before the
@@ -47,7 +56,9 @@ def start_temporary_server():  # noqa: ANN201 - prefect's SubprocessASGIServer
 
     timeout = startup_timeout_s()
     for _ in range(START_ATTEMPTS):
-        server = SubprocessASGIServer()
+        # A port of our own: Prefect keeps one server object per port, and with none
+        # given it would hand back a server this process already runs.
+        server = SubprocessASGIServer(port=free_port())
         try:
             server.start(timeout=timeout)  # type: ignore[arg-type] - a float works
             return server

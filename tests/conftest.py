@@ -74,11 +74,9 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def tiny_config(corpus: Path, out: Path, **overrides: object):  # noqa: ANN201 - a Config
-    """A fast config for flow tests: MiniLM at 32 tokens, K = 3, 2 local workers."""
-    from samplemix.config import load_config
-
-    base = {
+def tiny_settings(corpus: Path, out: Path) -> dict[str, object]:
+    """The overrides of a fast flow test: MiniLM at 32 tokens, K = 3, 2 local workers."""
+    return {
         "corpus.input": str(corpus),
         "output.path": str(out),
         "embed.max_length": 32,
@@ -86,7 +84,32 @@ def tiny_config(corpus: Path, out: Path, **overrides: object):  # noqa: ANN201 -
         "mixing.budget_ratio": 0.8,
         "compute.n_workers": 2,
     }
-    return load_config(None, {**base, **overrides})
+
+
+def tiny_config(corpus: Path, out: Path, **overrides: object):  # noqa: ANN201 - a Config
+    """The config of ``tiny_settings`` with ``overrides``."""
+    from samplemix.config import load_config
+
+    return load_config(None, {**tiny_settings(corpus, out), **overrides})
+
+
+@pytest.fixture(scope="module")
+def moto():  # noqa: ANN201 - Iterator[s3.MotoServer]
+    """moto's standalone S3 server on 127.0.0.1 for a module, with the bucket ``mix``."""
+    from s3 import MotoServer
+
+    with MotoServer() as server:
+        server.create_bucket("mix")
+        yield server
+
+
+@pytest.fixture
+def proxy(moto):  # noqa: ANN001, ANN201 - Iterator[s3.FlakyProxy]
+    """A TCP proxy in front of ``moto`` that a test can cut and restore."""
+    from s3 import FlakyProxy
+
+    with FlakyProxy(moto.host, moto.port) as p:
+        yield p
 
 
 def write_tiny_corpus(root: Path, docs_per_domain: int = 16, shards_per_domain: int = 2) -> Path:

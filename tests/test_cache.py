@@ -5,7 +5,6 @@ and both what the plan says and what the run computed are checked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.slow
 # Planted credentials (moto accepts any): nothing a run writes may contain them.
 PLANTED_KEY, PLANTED_SECRET = "AKIAPLANTED7F3A9C2E", "planted-secret-91c2d7e4b5a6"
 STAGES = ("tokens", "ids", "quality", "embed", "kmeans", "assign", "clusters", "weights")
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        server.create_bucket("mix")
-        yield server
 
 
 def s3_config(moto: MotoServer, **overrides: object) -> Config:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -155,19 +154,6 @@ def test_flow_process_killed_between_stages_resumes_to_the_same_output(
 
 
 # ---- the object store -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        server.create_bucket("mix")
-        yield server
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[FlakyProxy]:
-    with FlakyProxy(moto.host, moto.port) as p:
-        yield p
 
 
 def test_missing_bucket_is_named_with_the_fix(moto: MotoServer) -> None:

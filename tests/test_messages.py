@@ -20,7 +20,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -250,19 +250,6 @@ def test_a_budget_missed_by_one_huge_document_is_a_warning_naming_it(tmp_path: P
 
 
 # ---- (d) the output's lease in a store outage --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        server.create_bucket("mix")
-        yield server
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[FlakyProxy]:
-    with FlakyProxy(moto.host, moto.port) as p:
-        yield p
 
 
 def one_try(endpoint: str) -> dict:

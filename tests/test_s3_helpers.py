@@ -105,7 +105,9 @@ def test_down_fails_fast_and_up_recovers(proxy: FlakyProxy) -> None:
     # an OSError; s3fs passes it through untranslated.
     with pytest.raises((OSError, BotoCoreError)):
         fs.cat_file(path)
-    assert proxy.refused - refused == 1  # one try, no retry: it fails fast
+    # One try, no retry, so it fails fast (botocore's default would try 5 times, with
+    # backoff); a pooled connection the proxy cut may count as one more refusal.
+    assert 1 <= proxy.refused - refused <= 2
 
     proxy.up()
     assert fs.cat_file(path) == data  # same instance: its pool recovers from the resets

@@ -38,7 +38,7 @@ from uuid import UUID
 import psutil
 import pytest
 import yaml
-from conftest import write_tiny_corpus
+from conftest import tiny_settings, write_tiny_corpus
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -143,18 +143,6 @@ def cli(args: list[str], env: dict) -> str:
     return done.stdout
 
 
-def tiny_overrides(corpus: Path, out: Path) -> dict:
-    """conftest's ``tiny_config`` settings as deployment overrides."""
-    return {
-        "corpus.input": str(corpus),
-        "output.path": str(out),
-        "embed.max_length": 32,
-        "kmeans.k": 3,
-        "mixing.budget_ratio": 0.8,
-        "compute.n_workers": 2,
-    }
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`prefect server start` on a free port with its own PREFECT_HOME and database;
@@ -210,7 +198,7 @@ def deployed(server: dict) -> dict:
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     [mix] = [d for d in spec["deployments"] if d["name"] == "mix"]
     mix["schedules"] = [{"interval": INTERVAL_S, "timezone": "UTC", "active": True}]
-    overrides = tiny_overrides(corpus, root / "out")
+    overrides = tiny_settings(corpus, root / "out")
     mix["parameters"]["overrides"] = overrides
     copy = root / "prefect.yaml"
     copy.write_text(yaml.safe_dump(spec, sort_keys=False))
