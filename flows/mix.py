@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
+from uuid import UUID
 
 import dask
 from prefect import Task, flow, get_run_logger
@@ -21,14 +23,14 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
 
 from flows.server import prefect_api
 from samplemix import kmeans, stages
-from samplemix.config import Config, ConfigError
-from samplemix.corpus import CorpusError, discover_shards
+from samplemix.config import ComputeConfig, Config, ConfigError
+from samplemix.corpus import CorpusError, discover, discover_shards, passed_over_lines
 from samplemix.models import model_fingerprint
 from samplemix.static import is_static
 from samplemix.store import Key, Output, Store
@@ -41,6 +43,32 @@ from tasks import stages as t
 # (BENCHMARKS.md). Workers started from this process keep glibc's adaptive default;
 # infra/dask.yaml does the same for the `dask worker` processes of infra/.
 dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+# Worker loss, survived where Dask can. Set here for the clusters this process starts
+# (their scheduler and nannies read it; nannies pass it on to their workers); infra/dask.yaml
+# holds the same for the `dask scheduler` and `dask worker` processes of infra/.
+WORKER_CONFIG = {
+    # The scheduler restarts (through its nanny) a worker it has not heard from for this
+    # long, rerunning its task. A worker whose one thread holds the GIL (model loading,
+    # a long C call) cannot heartbeat until it lets go, and a task restarted more often
+    # than allowed-failures (3) fails the run with KilledWorker: too short a TTL turns
+    # slow work into a failed run, too long only delays replacing a hung worker. Dask's
+    # default is 5 minutes.
+    "distributed.scheduler.worker-ttl": "10 minutes",
+    # Dask's comm timeouts stay at their defaults (30 s): a stalled worker's kernel still
+    # acknowledges TCP, so a stall alone never breaks a comm, and a longer connect timeout
+    # would make a wrong compute.scheduler_address take longer to fail.
+    # A worker that the scheduler dropped while it lived restarts and rejoins instead of
+    # taking its nanny down with it (tasks/workers.py).
+    "distributed.worker.preload": ["tasks.workers"],
+}
+dask.config.set(WORKER_CONFIG)
+
+
+class NoWorkerError(RuntimeError):
+    """The Dask cluster had no worker able to run a stage's tasks for
+    ``compute.no_worker_timeout_s``; the message names the stage, the scheduler and
+    what to do."""
 
 
 def _run_name(cfg: Config | None = None) -> str:
@@ -78,12 +106,84 @@ def _launch(
     return out
 
 
-def _collect(launched: Launched, stage: str) -> list[dict]:
+POLL_S = 2.0  # a wait with no task finishing asks the scheduler for its workers this often
+
+
+class _WorkerWatch:
+    """Ends a stage's wait once the running flow's Dask cluster has had no worker able
+    to run the stage's tasks (with ``gpu``: none with the resource GPU=1) for
+    ``timeout`` seconds, counted from the first check that found none. Dask itself
+    waits for workers forever. Outside a Dask task runner it checks nothing."""
+
+    def __init__(self, stage: str, gpu: bool, timeout: float) -> None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        runner = ctx.task_runner if ctx is not None else None
+        self.client = runner.client if isinstance(runner, DaskTaskRunner) else None
+        self.stage, self.gpu, self.timeout = stage, gpu, timeout
+        self.since: float | None = None
+
+    def check(self) -> None:
+        """Raise NoWorkerError when no able worker has been seen for ``timeout`` s."""
+        if self.client is None:
+            return
+        workers = self.client.scheduler_info()["workers"].values()
+        now = time.monotonic()
+        if any(not self.gpu or w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
+            if self.since is not None:
+                get_run_logger().info(
+                    "%s: Dask workers again after %.0f s", self.stage, now - self.since
+                )
+            self.since = None
+            return
+        if self.since is None:
+            self.since = now
+            get_run_logger().warning(
+                "%s: the Dask cluster has no %s; waiting up to %g s for one "
+                "(compute.no_worker_timeout_s)",
+                self.stage,
+                "worker with the resource GPU=1" if self.gpu else "worker",
+                self.timeout,
+            )
+        elif now - self.since >= self.timeout:
+            address = self.client.scheduler.address
+            if self.gpu:
+                raise NoWorkerError(
+                    f"{self.stage}: no Dask worker with the resource GPU=1 for "
+                    f"{self.timeout:g} s (scheduler {address}); start GPU workers (dask cuda "
+                    "worker --resources GPU=1) or raise compute.no_worker_timeout_s"
+                )
+            raise NoWorkerError(
+                f"{self.stage}: no Dask worker for {self.timeout:g} s (scheduler {address}); "
+                "start workers or raise compute.no_worker_timeout_s"
+            )
+
+
+def _finished(pending: list[PrefectFuture], watch: _WorkerWatch) -> Iterator[PrefectFuture]:
+    """``pending`` as each finishes; while none does, ``watch`` checks the workers."""
+    finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+    for fut in pending:
+        fut.add_done_callback(finished.put)  # called at once for a finished future
+    for _ in pending:
+        while True:
+            try:
+                yield finished.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                watch.check()
+
+
+def _collect(
+    launched: Launched, stage: str, gpu: bool = False, compute: ComputeConfig | None = None
+) -> list[dict]:
     """Results in submission order. While Dask computes, a progress artifact and log
     lines say how many of the stage's tasks are done. A failed task fails the flow
     with its exception, whose message then starts with the task run's name
     (``embed/books/part-000.parquet: ...``), so the flow run's message names the
-    stage, the shard and the cause."""
+    stage, the shard and the cause. A cluster with no worker able to run the tasks
+    (``gpu``: they ask for GPU=1) for ``compute.no_worker_timeout_s`` (``compute``: the
+    run's settings; by default ComputeConfig's) fails the flow with NoWorkerError."""
     if not launched:
         return []
     log = get_run_logger()
@@ -101,7 +201,9 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
         )
         every = max(1, n // 20)  # about 20 progress lines per stage, however many shards
         t0 = shown = time.monotonic()
-        for done, fut in enumerate(as_completed(pending), 1):
+        timeout = (compute or ComputeConfig()).no_worker_timeout_s
+        watch = _WorkerWatch(stage, gpu, timeout)
+        for done, fut in enumerate(_finished(pending, watch), 1):
             try:
                 results[futures[id(fut)]] = fut.result()
             except Exception as e:
@@ -148,9 +250,15 @@ def _collect(launched: Launched, stage: str) -> list[dict]:
     return results
 
 
-def _run(task: Task, calls: list[tuple[Key, tuple]], store: Store, gpu: bool = False) -> list[dict]:
+def _run(
+    task: Task,
+    calls: list[tuple[Key, tuple]],
+    store: Store,
+    gpu: bool = False,
+    compute: ComputeConfig | None = None,
+) -> list[dict]:
     """``_launch`` then ``_collect``: one stage's results, in order."""
-    return _collect(_launch(task, calls, store, gpu), task.name)
+    return _collect(_launch(task, calls, store, gpu), task.name, gpu, compute)
 
 
 @flow(name="mix", flow_run_name=_run_name)
@@ -164,15 +272,18 @@ def mix(config: Config) -> dict:
     out = stages.output_for(cfg)
     store.check()
     out.check()  # a missing or refused output fails now, not after the compute
-    with out.lease(cfg.output.lease_wait_s, log.info):
+    with out.lease(cfg.output.lease_wait_s, log.info, log.warning):
         return _build(cfg, store, out)
 
 
 def _build(cfg: Config, store: Store, out: Output) -> dict:
     """The flow's body, run while this run holds the output's lease."""
     log = get_run_logger()
-    shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
+    found = discover(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
+    shards = found.shards
     log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
+    for line in passed_over_lines(found.passed_over):
+        log.warning(line)
 
     keys = [
         {
@@ -189,12 +300,12 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     method = cfg.mixing.method
     gpus = cfg.compute.gpus > 0
     faiss_gpu = gpus and kmeans.gpus() > 0  # k-means and assignments on GPU workers
-    tok_f = _launch(
-        t.tokens, per_shard("tokens", cfg, store), store, gpus and bool(cfg.corpus.domain_model)
-    )
-    emb_f = _launch(
-        t.embed, per_shard("embed", cfg, store), store, gpus and not is_static(cfg.embed.model)
-    )
+    compute = cfg.compute
+    tok_gpu = gpus and bool(cfg.corpus.domain_model)
+    emb_gpu = gpus and not is_static(cfg.embed.model)
+    qual_gpu = [gpus and q.scorer != "heuristic" for q in cfg.quality]
+    tok_f = _launch(t.tokens, per_shard("tokens", cfg, store), store, tok_gpu)
+    emb_f = _launch(t.embed, per_shard("embed", cfg, store), store, emb_gpu)
     qual_f = [
         _launch(
             t.quality,
@@ -203,28 +314,31 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
                 for s, k in zip(shards, keys, strict=True)
             ],
             store,
-            gpus and q.scorer != "heuristic",
+            qual_gpu[n],
         )
         for n, q in enumerate(cfg.quality)
     ]
 
-    tok = _collect(tok_f, "tokens")
+    tok = _collect(tok_f, "tokens", tok_gpu, compute)
     ids_key = stages.ids_key([k["tokens"] for k in keys], cfg)
-    dups = _run(t.ids, [(ids_key, ([k["tokens"] for k in keys], cfg, store, ids_key))], store)[0]
+    ids_args = ([k["tokens"] for k in keys], cfg, store, ids_key)
+    dups = _run(t.ids, [(ids_key, ids_args)], store, compute=compute)[0]
     n_docs = sum(r["docs"] for r in tok)  # embedded, duplicates dropped included
     accepted = n_docs - sum(dups["dropped"].values())
     if accepted == 0:
         rejects = sum(sum(r["rejects"].values()) for r in tok)
+        skipped = sum(r["skipped"] for r in tok)
         raise CorpusError(
-            f"no usable documents under {cfg.corpus.input}: {len(shards)} shards, "
-            f"{rejects} rows rejected (see the reasons in {store.root}/tokens/*/rejects.parquet); "
-            f"check corpus.text_column = {cfg.corpus.text_column!r}"
+            f"no usable documents under {cfg.corpus.input}: {len(shards)} shards "
+            f"({skipped} skipped as unreadable), {rejects} rows rejected (see the reasons in "
+            f"{store.root}/tokens/*/rejects.parquet); check corpus.text_column = "
+            f"{cfg.corpus.text_column!r}"
         )
     source_tokens = stages.source_tokens(tok, dups)
     target = stages.target_tokens(source_tokens, cfg)
     log.info("%d documents, T_src = %d tokens, T_tgt = %d", n_docs, source_tokens, target)
 
-    emb = _collect(emb_f, "embed")
+    emb = _collect(emb_f, "embed", emb_gpu, compute)
     km_key, why = stages.kmeans_to_use(
         store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg
     )
@@ -235,6 +349,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
         store,
         faiss_gpu,
+        compute,
     )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
@@ -246,13 +361,13 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         ],
         store,
         faiss_gpu,
+        compute,
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl = _run(
-        t.clusters, [(cl_key, ([k["assign"] for k in keys], km_key, cfg, store, cl_key))], store
-    )[0]
+    cl_args = ([k["assign"] for k in keys], km_key, cfg, store, cl_key)
+    cl = _run(t.clusters, [(cl_key, cl_args)], store, compute=compute)[0]
 
-    qual = [_collect(f, "quality") for f in qual_f]  # [scorer][shard]
+    qual = [_collect(f, "quality", g, compute) for f, g in zip(qual_f, qual_gpu, strict=True)]
     q_range = stages.quality_range(qual[0])
     d_range = [cl["d_min"], cl["d_max"]]
     reduces: dict[str, list[dict]] = {}
@@ -267,7 +382,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         qkeys = [k["quality"] for k in keys]
         method_key = method_input = stages.ranks_key(tok_keys, ids_key, qkeys, params, cfg)
         args = (tok_keys, ids_key, qkeys, dict(domain_docs), cfg, store, method_key)
-        reduces["ranks"] = _run(t.ranks, [(method_key, args)], store)
+        reduces["ranks"] = _run(t.ranks, [(method_key, args)], store, compute=compute)
     elif method in stages.BASELINES:
         bigram_keys = None
         if method == "ce":
@@ -281,10 +396,11 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
                     for s, k in zip(shards, keys, strict=True)
                 ],
                 store,
+                compute=compute,
             )
         method_key = stages.domains_key(tok_keys, ids_key, bigram_keys)
         args = (tok_keys, ids_key, bigram_keys, store, method_key)
-        reduces["domains"] = _run(t.domains, [(method_key, args)], store)
+        reduces["domains"] = _run(t.domains, [(method_key, args)], store, compute=compute)
         method_input = reduces["domains"][0]
         log.info("domain shares: %s", stages.baseline_proportions(cfg, method_input))
     for k in keys:
@@ -300,6 +416,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             for s, k in zip(shards, keys, strict=True)
         ],
         store,
+        compute=compute,
     )
 
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
@@ -307,6 +424,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         t.budget,
         [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
         store,
+        compute=compute,
     )[0]
     for k in keys:
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
@@ -317,6 +435,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             for s, k in zip(shards, keys, strict=True)
         ],
         store,
+        compute=compute,
     )
 
     out_key = stages.output_key([k["counts"] for k in keys], b_key)
@@ -324,7 +443,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     if fresh:
         out.clear()
     published = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
-    mixture = _materialise(keys, cnt, plan, store, out, published)
+    mixture = _materialise(keys, cnt, plan, store, out, published, compute)
     if fresh:
         stages.run_publish(
             [k["counts"] for k in keys], [k["tokens"] for k in keys], ids_key, store, out
@@ -338,9 +457,22 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     }
     truncated["embedding"] = sum(r["truncated"] for r in emb)
     inputs = stages.report_inputs(
-        [s.shard_id for s in shards], tok, dups, truncated, cnt, cl, target, settings
+        [s.shard_id for s in shards],
+        tok,
+        dups,
+        truncated,
+        cnt,
+        cl,
+        target,
+        settings,
+        passed_over=found.passed_over,
     )
     _publish_report(inputs, out, fresh)
+    from samplemix import report  # matplotlib: imported once the report is due
+
+    warnings = report.run_warnings(inputs)
+    for line in warnings:
+        log.warning(line)
     stage_results = {
         "tokens": tok,
         "ids": [dups],
@@ -368,6 +500,8 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         "read": sum(r["read"] for r in tok),
         "documents": accepted,
         "rejects": sum(inputs.rejects.values()),
+        "skipped_shards": sum(r["skipped"] for r in tok),
+        "warnings": warnings,
         "clusters": km["k"],
         "mixture_rows": sum(r["rows"] for r in mixture),
         "mixture_parts": len(mixture),
@@ -428,6 +562,7 @@ def _materialise(
     store: Store,
     out: Output,
     published: list[int] | None,
+    compute: ComputeConfig,
 ) -> list[dict]:
     """Write the mixture parts on Dask, or, when ``published`` (rows per part, from
     the output's manifest) says they are all there, serve them here as Cached runs."""
@@ -444,7 +579,7 @@ def _materialise(
         launched = [
             t.materialise.submit(b, holders[b], store, out, None) for b in range(plan["buckets"])
         ]
-    return _collect(launched, "materialise")
+    return _collect(launched, "materialise", compute=compute)
 
 
 def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: ANN001
@@ -593,7 +728,7 @@ def run_mix(cfg: Config) -> dict:
         state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)
         summary = state.result()
         runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
-        _await_recorded(state.state_details.flow_run_id, runs)
+        await_recorded(state.state_details.flow_run_id, runs)
         return summary
 
 
@@ -645,10 +780,12 @@ def with_block_credentials(cfg: Config) -> Config:
     return cfg.model_copy(update={"storage": st.model_copy(update=update)})
 
 
-def _await_recorded(flow_run_id: object, runs: int, timeout: float = 30.0) -> None:
+def await_recorded(flow_run_id: UUID, runs: int, timeout: float = 30.0) -> int:
     """Wait until the server has recorded the final states of the flow run's ``runs``
-    task runs. The server records them from events, after the flow returns; stopping
-    a temporary server sooner would lose them (and print its cancelled writes)."""
+    task runs, at most ``timeout`` s; return how many it recorded. The server records
+    them from events, after the flow returns; stopping a temporary server sooner would
+    lose them (and print its cancelled writes). Fewer than ``runs`` by the deadline is
+    one warning in the flow run's log (the UI then lacks task runs, not the outputs)."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -658,6 +795,7 @@ def _await_recorded(flow_run_id: object, runs: int, timeout: float = 30.0) -> No
         TaskRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.logging.loggers import flow_run_logger
 
     final = TaskRunFilter(
         state=TaskRunFilterState(
@@ -678,5 +816,16 @@ def _await_recorded(flow_run_id: object, runs: int, timeout: float = 30.0) -> No
                 if len(got) < page:
                     return n
 
-        while recorded() < runs and time.monotonic() < deadline:
+        while (n := recorded()) < runs and time.monotonic() < deadline:
             time.sleep(0.2)
+        if n < runs:
+            flow_run_logger(client.read_flow_run(flow_run_id)).warning(
+                "Prefect UI incomplete: the server at %s recorded %d of %d task runs of this "
+                "run within %g s; the others' state events did not arrive. The outputs are "
+                "complete; only the UI lacks those task runs",
+                client.api_url,
+                n,
+                runs,
+                timeout,
+            )
+    return n

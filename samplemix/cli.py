@@ -86,6 +86,8 @@ def run(
         f"tokens: target {t:,}, realised {r:,} ({(r - t) / max(s, 1e-9):+.2f} σ, σ = {s:,.0f})\n"
         f"report: {summary['output']}/report/report.md"
     )
+    for line in summary["warnings"]:
+        typer.secho(f"warning: {line}", fg="yellow", err=True)
 
 
 @app.command()
@@ -213,14 +215,16 @@ def _evaluation_config(
 
 def _guarded(call):  # noqa: ANN001, ANN202
     """``call()``, with the errors a user can fix printed instead of a traceback."""
+    from flows.mix import NoWorkerError
     from flows.server import ServerStartError
     from samplemix.corpus import CorpusError
     from samplemix.mixing import BudgetError
     from samplemix.store import StoreError
 
+    fixable = (BudgetError, ConfigError, CorpusError, NoWorkerError, ServerStartError, StoreError)
     try:
         return call()
-    except (CorpusError, BudgetError, ConfigError, StoreError, ServerStartError, ValueError) as e:
+    except (*fixable, ValueError) as e:
         raise _fail(e) from None
 
 

@@ -371,6 +371,17 @@ class ComputeConfig(_Section):
         "scheduler_address, > 0 means its GPU workers advertise the Dask resource GPU=1. "
         "Model stages (embed, model scorers, proxies) then request one GPU each",
     )
+    # Long enough for a cluster to replace all its workers (a pod restart pulls the image
+    # and imports torch: minutes), short enough that a run on a cluster that lost them
+    # for good ends the same session instead of waiting forever.
+    no_worker_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="A run fails when, while it waits for a stage's tasks, the Dask "
+        "cluster has had no worker (with gpus: no worker with the resource GPU=1 for a "
+        "GPU stage) for this many seconds. A hung worker counts as present until Dask's "
+        "worker-ttl removes it",
+    )
 
 
 class Config(_Section):
