@@ -4,7 +4,8 @@ intra-op parallelism, what samplemix ran before and what a plain transformers lo
 
 The same documents, the same length-sorted batches and the same model in one process:
 MiniLM through ``embed_texts``'s batching (``embed.dtype`` auto, i.e. bf16 autocast on a
-CPU with AVX-512 bf16 / AMX, else fp32; and float32) and a BERT-base-sized fp32
+CPU with AVX-512 bf16 / AMX, else fp32, at 256 tokens and at the flow tests' 32 tokens in
+256-token batches; and float32) and a BERT-base-sized fp32
 ``hf-classifier``. Each round times both ways in alternating order; the ratio is taken
 within a round and the median printed, with whether each way gives the same bits on 1
 thread as on ``--threads``.
@@ -40,10 +41,10 @@ def plain_outputs(batches, forward, amp):  # noqa: ANN001, ANN201 - as batch_out
         return [(idx, forward(enc)) for idx, enc in batches]
 
 
-def run(way: str, model, tokenizer, texts, max_length, amp, threads):  # noqa: ANN001, ANN201
+def run(way, model, tokenizer, texts, max_length, amp, threads, batch_tokens):  # noqa: ANN001, ANN201
     """(seconds, outputs in text order) of ``way`` on ``threads`` torch threads."""
     torch.set_num_threads(threads)
-    batches = list(models.length_sorted_batches(tokenizer, texts, max_length, 4096))
+    batches = list(models.length_sorted_batches(tokenizer, texts, max_length, batch_tokens))
 
     def forward(enc: dict) -> np.ndarray:
         out = model(**enc)
@@ -67,21 +68,28 @@ def compare(
     load: Callable[[], tuple],
     texts: list[str],
     max_length: int,
-    amp,
-    args,  # noqa: ANN001
+    amp: torch.dtype | None,
+    args: argparse.Namespace,
+    batch_tokens: int = 4096,
 ) -> list[tuple[str, str]]:
+    """The table rows of one model and shape: docs/s of each way, their ratio, and
+    whether each gives the same bits on 1 thread as on ``args.threads``."""
     model, tokenizer = load()
+
+    def timed(way: str, docs: list[str], threads: int) -> tuple[float, np.ndarray]:
+        return run(way, model, tokenizer, docs, max_length, amp, threads, batch_tokens)
+
     for way in ("plain", "samplemix"):  # warm both (oneDNN primitives, allocator)
-        run(way, model, tokenizer, texts[:32], max_length, amp, args.threads)
+        timed(way, texts[:32], args.threads)
     ratios, secs = [], {"plain": [], "samplemix": []}
     for r in range(args.rounds):
         order = ("plain", "samplemix") if r % 2 == 0 else ("samplemix", "plain")
-        got = {w: run(w, model, tokenizer, texts, max_length, amp, args.threads) for w in order}
+        got = {w: timed(w, texts, args.threads) for w in order}
         for w in got:
             secs[w].append(got[w][0])
         ratios.append(got["plain"][0] / got["samplemix"][0])
-    one = {w: run(w, model, tokenizer, texts, max_length, amp, 1)[1] for w in secs}
-    many = {w: run(w, model, tokenizer, texts, max_length, amp, args.threads)[1] for w in secs}
+    one = {w: timed(w, texts, 1)[1] for w in secs}
+    many = {w: timed(w, texts, args.threads)[1] for w in secs}
     same = {w: bool(np.array_equal(one[w], many[w])) for w in secs}
     diff = {w: float(np.abs(one[w] - many[w]).max()) for w in secs}
     n = len(texts)
@@ -120,6 +128,9 @@ def main() -> None:
         return models.load_model("minilm", "encoder"), models.load_tokenizer("minilm")
 
     rows = compare(f"MiniLM 256 tok, {str(auto)[6:]}", minilm, texts, 256, amp, args)
+    # The flow tests' shape: shards of 8 documents at 32 tokens, one batch of 256 rows.
+    name = f"MiniLM 32 tok, {str(auto)[6:]}, 256-token batches"
+    rows += compare(name, minilm, texts, 32, amp, args, batch_tokens=256)
     rows += compare("MiniLM 256 tok, float32", minilm, texts, 256, None, args)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_bert_base(Path(tmp) / "bert", classifier=True)
