@@ -31,7 +31,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.flops import flops_per_token, matmul_rate  # noqa: E402
-from flows.mix import local_cluster, run_mix  # noqa: E402
+from flows.mix import run_mix  # noqa: E402
+from flows.runtime import local_cluster
 from samplemix import stages  # noqa: E402
 from samplemix.config import Config, EmbedConfig, load_config  # noqa: E402
 from samplemix.corpus import discover_shards  # noqa: E402

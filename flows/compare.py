@@ -35,8 +35,8 @@ def variants(cfg: Config, methods: list[str], alphas: list[float]) -> dict[str, 
 def run_compare(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     """Run every variant (``variants``) and write OUT/compare/ (compare.md, .csv, PNGs).
     Returns {"runs": {name: run summary}, "comparison": the comparison's summary}."""
-    from flows.mix import check_inputs, run_mix, shared_cluster, with_block_credentials
-    from flows.server import prefect_api
+    from flows.mix import run_mix
+    from flows.runtime import check_inputs, prefect_api, shared_cluster, with_block_credentials
     from samplemix.compare import write_comparison
     from samplemix.stages import pinned_config
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.mix import _run_name as mix_run_name
 from flows.mix import run_mix
+from flows.mix import run_name as mix_run_name
 from samplemix.config import Config, ConfigError, load_config
 
 # StorageConfig's secret fields: refused as overrides (see resolve_config).

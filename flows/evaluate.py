@@ -25,15 +25,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.compare import variants
-from flows.mix import (
-    _run,
+from flows.mix import run_mix, run_stage
+from flows.runtime import (
     check_inputs,
-    run_mix,
+    prefect_api,
     shared_cluster,
     task_runner,
     with_block_credentials,
 )
-from flows.server import prefect_api
 from samplemix import evaluate as ev
 from samplemix import stages
 from samplemix.config import Config, config_to_yaml
@@ -95,12 +94,12 @@ def _evaluate_mixtures(
     plan = ev.plan_for_evaluation(next(iter(mixes.values()))["output"], cfg)
     by_id = {s.shard_id: s for s in shards}
     tok_key = ev.tokenizer_key(ids_key, cfg)
-    tok = _run(
+    tok = run_stage(
         te.tokenizer, [(tok_key, (plan, by_id, cfg, store, tok_key))], store, compute=cfg.compute
     )[0]
     sets_key = ev.evalsets_key(ids_key, tok_key, cfg)
     sets_args = (plan, by_id, tok_key, cfg, store, sets_key)
-    sets = _run(te.evalsets, [(sets_key, sets_args)], store, compute=cfg.compute)[0]
+    sets = run_stage(te.evalsets, [(sets_key, sets_args)], store, compute=cfg.compute)[0]
     log.info("evaluation sets (tokens): %s", sets["tokens"])
     calls, which = [], []
     for name, mix in mixes.items():
@@ -109,7 +108,9 @@ def _evaluate_mixtures(
             key = ev.proxy_key(mix["mixture_key"], sets_key, proxy)
             calls.append((key, (name, mix["output"], tok_key, sets_key, proxy, cfg, store, key)))
             which.append((name, seed))
-    results = _run(te.proxy, calls, store, cfg.compute.gpus > 0, cfg.compute)  # one proxy per GPU
+    results = run_stage(
+        te.proxy, calls, store, cfg.compute.gpus > 0, cfg.compute
+    )  # one proxy per GPU
     runs = [
         ProxyRun.from_summary(name, seed, r, r["cached"])
         for (name, seed), r in zip(which, results, strict=True)

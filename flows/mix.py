@@ -7,13 +7,11 @@ summaries. See design.md for the stage graph. No maths here.
 from __future__ import annotations
 
 import contextlib
-import os
 import posixpath
 import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
-from uuid import UUID
 
 import dask
 from prefect import Task, flow, get_run_logger
@@ -25,44 +23,22 @@ from prefect.artifacts import (
 )
 from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
-from pydantic import SecretStr
 
-from flows.server import prefect_api
+from flows.runtime import (
+    await_recorded,
+    check_inputs,
+    prefect_api,
+    share_threads,
+    task_runner,
+    with_block_credentials,
+)
 from samplemix import kmeans, stages
-from samplemix.config import ComputeConfig, Config, ConfigError
-from samplemix.corpus import CorpusError, discover, discover_shards, passed_over_lines
+from samplemix.config import ComputeConfig, Config
+from samplemix.corpus import CorpusError, discover, passed_over_lines
 from samplemix.models import model_fingerprint
 from samplemix.static import is_static
 from samplemix.store import Key, Output, Store
 from tasks import stages as t
-
-# Dask's nannies give each worker MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc malloc
-# threshold freezes its mmap threshold at 128 KiB, so every activation tensor is mapped
-# and unmapped again (page faults on each allocation): MiniLM embedded 15-25% slower on
-# one thread, and two 1-thread workers ran slower than one process with two threads
-# (BENCHMARKS.md). Workers started from this process keep glibc's adaptive default;
-# infra/dask.yaml does the same for the `dask worker` processes of infra/.
-dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-
-# Worker loss, survived where Dask can. Set here for the clusters this process starts
-# (their scheduler and nannies read it; nannies pass it on to their workers); infra/dask.yaml
-# holds the same for the `dask scheduler` and `dask worker` processes of infra/.
-WORKER_CONFIG = {
-    # The scheduler restarts (through its nanny) a worker it has not heard from for this
-    # long, rerunning its task. A worker whose one thread holds the GIL (model loading,
-    # a long C call) cannot heartbeat until it lets go, and a task restarted more often
-    # than allowed-failures (3) fails the run with KilledWorker: too short a TTL turns
-    # slow work into a failed run, too long only delays replacing a hung worker. Dask's
-    # default is 5 minutes.
-    "distributed.scheduler.worker-ttl": "10 minutes",
-    # Dask's comm timeouts stay at their defaults (30 s): a stalled worker's kernel still
-    # acknowledges TCP, so a stall alone never breaks a comm, and a longer connect timeout
-    # would make a wrong compute.scheduler_address take longer to fail.
-    # A worker that the scheduler dropped while it lived restarts and rejoins instead of
-    # taking its nanny down with it (tasks/workers.py).
-    "distributed.worker.preload": ["tasks.workers"],
-}
-dask.config.set(WORKER_CONFIG)
 
 
 class NoWorkerError(RuntimeError):
@@ -71,7 +47,7 @@ class NoWorkerError(RuntimeError):
     what to do."""
 
 
-def _run_name(cfg: Config | None = None) -> str:
+def run_name(cfg: Config | None = None) -> str:
     """``mix-<corpus folder>-<method>-<budget>``, from ``cfg`` or else the running
     flow's ``config`` parameter (Prefect calls this with no argument)."""
     from prefect.runtime import flow_run
@@ -250,7 +226,7 @@ def _collect(
     return results
 
 
-def _run(
+def run_stage(
     task: Task,
     calls: list[tuple[Key, tuple]],
     store: Store,
@@ -261,7 +237,7 @@ def _run(
     return _collect(_launch(task, calls, store, gpu), task.name, gpu, compute)
 
 
-@flow(name="mix", flow_run_name=_run_name)
+@flow(name="mix", flow_run_name=run_name)
 def mix(config: Config) -> dict:
     """Build the mixture for ``config``. Returns the run summary (budget figures, the
     files written, and per stage how many tasks computed vs came from the store)."""
@@ -322,7 +298,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     tok = _collect(tok_f, "tokens", tok_gpu, compute)
     ids_key = stages.ids_key([k["tokens"] for k in keys], cfg)
     ids_args = ([k["tokens"] for k in keys], cfg, store, ids_key)
-    dups = _run(t.ids, [(ids_key, ids_args)], store, compute=compute)[0]
+    dups = run_stage(t.ids, [(ids_key, ids_args)], store, compute=compute)[0]
     n_docs = sum(r["docs"] for r in tok)  # embedded, duplicates dropped included
     accepted = n_docs - sum(dups["dropped"].values())
     if accepted == 0:
@@ -344,7 +320,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )
     assert km_key is not None  # every shard's document count is known by now
     log.info("kmeans: %s", why)
-    km = _run(
+    km = run_stage(
         t.kmeans,
         [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
         store,
@@ -353,7 +329,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )[0]
     for k in keys:
         k["assign"] = stages.assign_key(k["embed"], km_key)
-    asg = _run(
+    asg = run_stage(
         t.assign,
         [
             (k["assign"], (s, k["tokens"], k["embed"], km_key, store, k["assign"]))
@@ -365,7 +341,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )
     cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
     cl_args = ([k["assign"] for k in keys], km_key, cfg, store, cl_key)
-    cl = _run(t.clusters, [(cl_key, cl_args)], store, compute=compute)[0]
+    cl = run_stage(t.clusters, [(cl_key, cl_args)], store, compute=compute)[0]
 
     qual = [_collect(f, "quality", g, compute) for f, g in zip(qual_f, qual_gpu, strict=True)]
     q_range = stages.quality_range(qual[0])
@@ -382,14 +358,14 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         qkeys = [k["quality"] for k in keys]
         method_key = method_input = stages.ranks_key(tok_keys, ids_key, qkeys, params, cfg)
         args = (tok_keys, ids_key, qkeys, dict(domain_docs), cfg, store, method_key)
-        reduces["ranks"] = _run(t.ranks, [(method_key, args)], store, compute=compute)
+        reduces["ranks"] = run_stage(t.ranks, [(method_key, args)], store, compute=compute)
     elif method in stages.BASELINES:
         bigram_keys = None
         if method == "ce":
             for k in keys:
                 k["bigrams"] = stages.bigrams_key(k["tokens"])
             bigram_keys = [k["bigrams"] for k in keys]
-            reduces["bigrams"] = _run(
+            reduces["bigrams"] = run_stage(
                 t.bigrams,
                 [
                     (k["bigrams"], (s, k["tokens"], cfg, store, k["bigrams"]))
@@ -400,7 +376,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
             )
         method_key = stages.domains_key(tok_keys, ids_key, bigram_keys)
         args = (tok_keys, ids_key, bigram_keys, store, method_key)
-        reduces["domains"] = _run(t.domains, [(method_key, args)], store, compute=compute)
+        reduces["domains"] = run_stage(t.domains, [(method_key, args)], store, compute=compute)
         method_input = reduces["domains"][0]
         log.info("domain shares: %s", stages.baseline_proportions(cfg, method_input))
     for k in keys:
@@ -409,7 +385,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
         k["weights"] = stages.weights_key(
             k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg, method_key
         )
-    wts = _run(
+    wts = run_stage(
         t.weights,
         [
             (k["weights"], (s, k, q_range, d_range, method_input, cfg, store, k["weights"]))
@@ -420,7 +396,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )
 
     b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = _run(
+    plan = run_stage(
         t.budget,
         [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
         store,
@@ -428,7 +404,7 @@ def _build(cfg: Config, store: Store, out: Output) -> dict:
     )[0]
     for k in keys:
         k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
-    cnt = _run(
+    cnt = run_stage(
         t.counts,
         [
             (k["counts"], (s, k, plan, cfg, store, k["counts"]))
@@ -627,97 +603,6 @@ def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: AN
         )
 
 
-def task_runner(cfg: Config) -> DaskTaskRunner:
-    """A runner on ``compute.scheduler_address``, else on a local cluster (see
-    ``local_cluster``)."""
-    if cfg.compute.scheduler_address:
-        return DaskTaskRunner(address=cfg.compute.scheduler_address)
-    cls, kwargs = local_cluster(cfg)
-    return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs)
-
-
-def local_cluster(cfg: Config) -> tuple[type, dict]:
-    """The class and arguments of the local Dask cluster: single-threaded worker
-    processes, one per core by default. With ``compute.gpus`` = G, G GPU workers (each
-    sees one device through CUDA_VISIBLE_DEVICES and advertises the resource GPU=1)
-    beside the CPU workers (cores − G by default), which see no GPU. Raises ConfigError
-    when this machine has fewer CUDA devices than G."""
-    from distributed import LocalCluster
-
-    if not cfg.compute.gpus:
-        return LocalCluster, {
-            "n_workers": workers(cfg),
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": ":0",
-        }
-    import torch
-
-    have = torch.cuda.device_count()
-    if cfg.compute.gpus > have:
-        raise ConfigError(
-            f"compute.gpus = {cfg.compute.gpus} but torch sees {have} CUDA device(s) here; "
-            "set compute.gpus to at most that (0 runs everything on CPU), or install a CUDA "
-            "build of torch"
-        )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(have)]
-    return gpu_cluster(workers(cfg), devices[: cfg.compute.gpus])
-
-
-def gpu_cluster(cpu_workers: int, devices: list[str]) -> tuple[type, dict]:
-    """A SpecCluster of ``cpu_workers`` CPU workers (CUDA_VISIBLE_DEVICES empty) and one
-    worker per entry of ``devices`` (CUDA_VISIBLE_DEVICES = it, resource GPU=1), all
-    single-threaded processes. One scheduler for both kinds: dask-cuda's LocalCUDACluster
-    starts GPU workers only, so CPU stages would have to share the GPU workers' slots."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
-    def worker(env: str, resources: dict[str, int]) -> dict:
-        options = {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": env}, "resources": resources}
-        return {"cls": Nanny, "options": options}
-
-    spec = {f"cpu-{i}": worker("", {}) for i in range(cpu_workers)}
-    spec |= {f"gpu-{d}": worker(d, {"GPU": 1}) for d in devices}
-    return SpecCluster, {
-        "workers": spec,
-        "scheduler": {"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-    }
-
-
-def workers(cfg: Config) -> int:
-    """Local CPU workers: ``compute.n_workers``, else one per core not given to a GPU."""
-    cores = len(os.sched_getaffinity(0))
-    return cfg.compute.n_workers or max(1, cores - cfg.compute.gpus)
-
-
-def share_threads(cfg: Config) -> Config:
-    """``cfg`` with ``compute.torch_threads`` (when unset, on a local cluster) set to the
-    cores shared out among the local workers."""
-    if cfg.compute.torch_threads is not None or cfg.compute.scheduler_address:
-        return cfg
-    threads = max(1, len(os.sched_getaffinity(0)) // (workers(cfg) + cfg.compute.gpus))
-    return cfg.model_copy(
-        update={"compute": cfg.compute.model_copy(update={"torch_threads": threads})}
-    )
-
-
-@contextlib.contextmanager
-def shared_cluster(cfg: Config) -> Iterator[Config]:
-    """For commands that run many flows (compare, evaluate, search): one LocalCluster for
-    all of them, so workers start, import torch and load models once. Yields ``cfg``
-    pointed at it (threads shared out as ``share_threads`` does); a config that names a
-    scheduler is yielded unchanged. Enter inside ``prefect_api`` so that the workers
-    inherit the API URL."""
-    if cfg.compute.scheduler_address:
-        yield cfg
-        return
-    cfg = share_threads(cfg)
-    cls, kwargs = local_cluster(cfg)
-    with cls(**kwargs) as cluster:
-        compute = cfg.compute.model_copy(update={"scheduler_address": cluster.scheduler_address})
-        yield cfg.model_copy(update={"compute": compute})
-
-
 def run_mix(cfg: Config) -> dict:
     """Run the flow with the task runner ``cfg.compute`` asks for; torch threads per
     worker default to the cores shared out among the local workers."""
@@ -730,102 +615,3 @@ def run_mix(cfg: Config) -> dict:
         runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
         await_recorded(state.state_details.flow_run_id, runs)
         return summary
-
-
-def check_inputs(cfg: Config) -> None:
-    """Fail before any server or cluster starts when the corpus has no shards or the
-    store or output cannot be written (CorpusError, StoreError: one line, what to do).
-    A config whose storage credentials come from a Prefect block is checked by the
-    flow instead, once the block can be read."""
-    if cfg.storage.aws_credentials_block:
-        return
-    discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
-    stages.store_for(cfg).check()
-    stages.output_for(cfg).check()
-
-
-def with_block_credentials(cfg: Config) -> Config:
-    """``cfg`` with the profile, region and endpoint of the Prefect AwsCredentials
-    block ``storage.aws_credentials_block`` filled in where the config leaves them
-    unset, and its key, secret and session token when the config sets no key.
-    Needs a Prefect API (``prefect_api``)."""
-    name = cfg.storage.aws_credentials_block
-    if not name:
-        return cfg
-    try:
-        from prefect_aws import AwsCredentials
-    except ImportError:
-        raise ConfigError(
-            "storage.aws_credentials_block needs prefect-aws: pip install 'samplemix[aws]'"
-        ) from None
-    try:
-        block = AwsCredentials.load(name)
-    except ValueError as e:
-        raise ConfigError(
-            f"storage.aws_credentials_block {name!r} cannot be loaded ({e}); create it in the "
-            f"Prefect UI (Blocks > AWS Credentials) or with AwsCredentials(...).save({name!r})"
-        ) from None
-    st = cfg.storage
-    update: dict[str, object] = {
-        "profile": st.profile or block.profile_name,
-        "region": st.region or block.region_name,
-        "endpoint_url": st.endpoint_url or block.aws_client_parameters.endpoint_url,
-    }
-    if st.key is None and block.aws_access_key_id:  # key, secret, token: one source
-        update |= {
-            "key": SecretStr(block.aws_access_key_id),
-            "secret": block.aws_secret_access_key,
-            "token": block.aws_session_token,
-        }
-    return cfg.model_copy(update={"storage": st.model_copy(update=update)})
-
-
-def await_recorded(flow_run_id: UUID, runs: int, timeout: float = 30.0) -> int:
-    """Wait until the server has recorded the final states of the flow run's ``runs``
-    task runs, at most ``timeout`` s; return how many it recorded. The server records
-    them from events, after the flow returns; stopping a temporary server sooner would
-    lose them (and print its cancelled writes). Fewer than ``runs`` by the deadline is
-    one warning in the flow run's log (the UI then lacks task runs, not the outputs)."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.logging.loggers import flow_run_logger
-
-    final = TaskRunFilter(
-        state=TaskRunFilterState(
-            type=TaskRunFilterStateType(any_=[StateType.COMPLETED, StateType.FAILED])
-        )
-    )
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-
-        def recorded() -> int:
-            n, page = 0, 200
-            while True:
-                got = client.read_task_runs(
-                    flow_run_filter=flow_runs, task_run_filter=final, limit=page, offset=n
-                )
-                n += len(got)
-                if len(got) < page:
-                    return n
-
-        while (n := recorded()) < runs and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if n < runs:
-            flow_run_logger(client.read_flow_run(flow_run_id)).warning(
-                "Prefect UI incomplete: the server at %s recorded %d of %d task runs of this "
-                "run within %g s; the others' state events did not arrive. The outputs are "
-                "complete; only the UI lacks those task runs",
-                client.api_url,
-                n,
-                runs,
-                timeout,
-            )
-    return n

@@ -216,7 +216,7 @@ def _evaluation_config(
 def _guarded(call):  # noqa: ANN001, ANN202
     """``call()``, with the errors a user can fix printed instead of a traceback."""
     from flows.mix import NoWorkerError
-    from flows.server import ServerStartError
+    from flows.runtime import ServerStartError
     from samplemix.corpus import CorpusError
     from samplemix.mixing import BudgetError
     from samplemix.store import StoreError
@@ -365,8 +365,7 @@ def _with_credentials(cfg: Config) -> Config:
     """``cfg`` with its Prefect AWS credentials block (if any) read into the storage."""
     if not cfg.storage.aws_credentials_block:
         return cfg
-    from flows.mix import with_block_credentials
-    from flows.server import prefect_api
+    from flows.runtime import prefect_api, with_block_credentials
 
     try:
         with prefect_api():

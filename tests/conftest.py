@@ -37,8 +37,8 @@ def fingerprint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
-    """A real Prefect API on 127.0.0.1 for the whole session (flows.server.prefect_api)."""
-    from flows.server import prefect_api
+    """A real Prefect API on 127.0.0.1 for the whole session (flows.runtime.prefect_api)."""
+    from flows.runtime import prefect_api
 
     with prefect_api() as url:
         yield url
@@ -51,7 +51,7 @@ def cluster(prefect_server: str) -> Iterator[dict]:
     MiniLM once instead of once per run (~10 s of a tiny run's ~30 s). Yields the
     overrides that point a ``tiny_config`` at it. Tests that kill workers, set
     environment variables for them or vary the worker count start their own."""
-    from flows.mix import shared_cluster
+    from flows.runtime import shared_cluster
 
     with shared_cluster(tiny_config(Path("corpus"), Path("out"))) as cfg:
         c = cfg.compute

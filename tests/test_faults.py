@@ -274,7 +274,7 @@ def test_credentials_from_a_prefect_aws_block(moto: MotoServer, prefect_server: 
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from flows.mix import with_block_credentials
+    from flows.runtime import with_block_credentials
     from samplemix.config import ConfigError
 
     AwsCredentials(

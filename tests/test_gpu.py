@@ -18,7 +18,8 @@ from conftest import (
     write_tiny_corpus,
 )
 
-from flows.mix import gpu_cluster, local_cluster, run_mix
+from flows.mix import run_mix
+from flows.runtime import gpu_cluster, local_cluster
 from samplemix import kmeans, models
 from samplemix.config import ConfigError, EmbedConfig, QualityConfig
 from samplemix.embed import embed_texts

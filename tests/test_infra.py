@@ -254,7 +254,7 @@ def test_dockerfile_installs_the_project_where_the_deployments_run() -> None:
 
 def test_image_workers_keep_glibcs_adaptive_malloc() -> None:
     """The image's Dask config (infra/dask.yaml, copied to /etc/dask) unsets the
-    MALLOC_TRIM_THRESHOLD_ that Dask's nannies would give each worker (flows/mix.py)."""
+    MALLOC_TRIM_THRESHOLD_ that Dask's nannies would give each worker (flows/runtime.py)."""
     import dask
     from distributed.nanny import _get_env_variables
 

@@ -272,7 +272,8 @@ def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
     scores (and what follows them), nothing else. Its own worker, to read the cache."""
     from conftest import save_tiny_encoder, tiny_config, write_tiny_corpus
 
-    from flows.mix import run_mix, shared_cluster
+    from flows.mix import run_mix
+    from flows.runtime import shared_cluster
     from samplemix import stages
     from samplemix.plan import plan_rows, plan_steps
 

@@ -49,7 +49,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 # that the runs' spacing is well above the scheduler's and worker's timing noise.
 INTERVAL_S = 20
 # Bounds of the waits. A fresh server migrates its database first, which took over a
-# minute on a loaded 2-core machine (flows/server.py); a tiny run takes about a minute.
+# minute on a loaded 2-core machine (flows/runtime.py); a tiny run takes about a minute.
 SERVER_START_S = 180.0
 SCHEDULER_S = 90.0  # the scheduler loops every 2 s here (the default is 60 s)
 RUN_S = 600.0

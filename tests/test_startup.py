@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import write_tiny_corpus
 
-from flows.server import (
+from flows.runtime import (
     START_ATTEMPTS,
     STARTUP_TIMEOUT_VAR,
     ServerStartError,

@@ -27,8 +27,8 @@ from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_hang import ExternalCluster, wait_for
 
-from flows.mix import await_recorded, run_mix
-from flows.server import start_temporary_server
+from flows.mix import run_mix
+from flows.runtime import await_recorded, start_temporary_server
 
 
 @pytest.fixture
