@@ -508,7 +508,7 @@ class Annotator:
             except httpx.TransportError as e:
                 last = AnnotatorError(f"POST {self.url} failed: {type(e).__name__}: {e}")
                 delay = self._backoff(attempt - 1)
-                log.warning("%s (attempt %d)", last, attempt)
+                log.warning("%s (attempt %d; next in %.2f s)", last, attempt, delay)
                 continue
             status = response.status_code
             if status in TRANSIENT_STATUS or status >= 500:
@@ -516,7 +516,7 @@ class Annotator:
                 wait = _retry_after(response) if status == 429 else None
                 delay = self._backoff(attempt - 1) if wait is None else wait
                 delay = min(delay, self.cfg.max_backoff_s)
-                log.warning("%s (attempt %d)", last, attempt)
+                log.warning("%s (attempt %d; next in %.2f s)", last, attempt, delay)
                 continue
             if not 200 <= status < 300:
                 raise AnnotatorError(

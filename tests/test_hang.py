@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_corpus
+from conftest import wait_for, write_tiny_corpus
 from distributed import Client
 
 from flows.runtime import WORKER_CONFIG, local_cluster
@@ -32,15 +31,6 @@ def worker_env(**extra: str) -> dict[str, str]:
     where only the flow's process names one), quiet, one thread per library."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     return env | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
-
-
-def wait_for(condition, what: str, timeout: float) -> None:  # noqa: ANN001
-    """Poll ``condition()`` until true; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(0.2)
 
 
 class ExternalCluster:

@@ -20,7 +20,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import tiny_config, write_tiny_corpus
+from conftest import tiny_config, wait_for, write_tiny_corpus
 from s3 import FlakyProxy, MotoServer, s3_storage_options
 
 from samplemix import report, stages
@@ -37,15 +36,6 @@ from samplemix.corpus import CorpusError, discover, discover_shards, passed_over
 from samplemix.ids import DUPLICATES_SCHEMA
 from samplemix.report import ReportInputs
 from samplemix.store import Output, Store, StoreError, artifact_key
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 120.0) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` if it never does (the
-    limit guards against a hang, it is not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
 
 
 def write_parquet(path: Path, table: pa.Table) -> Path:
