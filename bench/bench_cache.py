@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.bench_pipeline import ROOT, print_table, run_direct  # noqa: E402
 from flows.mix import run_mix  # noqa: E402
 from samplemix.config import Config, load_config  # noqa: E402
-from samplemix.models import resolve_model, set_torch_threads  # noqa: E402
+from samplemix.scoring.models import resolve_model, set_torch_threads  # noqa: E402
 
 
 def minilm_classifier(path: Path) -> Path:

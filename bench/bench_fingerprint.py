@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench.bench_pipeline import print_table
-from samplemix import models
-from samplemix.models import content_hash, model_fingerprint, resolve_model
+from samplemix.scoring import models
+from samplemix.scoring.models import content_hash, model_fingerprint, resolve_model
 
 
 def hashed(folder: Path) -> float:

@@ -2,14 +2,14 @@
 plain ``SentenceTransformer.encode`` on the same GPU, quality scoring, and FAISS k-means.
 
 1. peak: the card's measured bf16 matmul rate (8192² GEMMs), the MFU denominator.
-2. embed: ``samplemix.embed.embed_texts`` (bf16 autocast, length-sorted token-budget
+2. embed: ``samplemix.scoring.embed.embed_texts`` (bf16 autocast, length-sorted token-budget
    batches, tokenisation overlapped) on documents of >= ``--seq`` tokens, for MiniLM and a
    BERT-base-sized encoder (random weights: the cost is what is measured); tokens/s and
    MFU = achieved FLOP/s / peak, FLOPs per real token = 2·(linear params) + 4·L·s·d.
 3. plain: ``SentenceTransformer(MiniLM).encode`` on the same documents and GPU (its
    defaults: fp32, batch 32); the ratio of the two times; minimum cosine between them.
 4. quality: a BERT-base-sized ``hf-classifier`` scorer, tokens/s and MFU.
-5. kmeans: ``samplemix.kmeans.fit_centroids`` on N × 384 with K centroids and
+5. kmeans: ``samplemix.mixing.kmeans.fit_centroids`` on N × 384 with K centroids and
    ``assign`` of M vectors streamed in chunks of 10^6 (faiss-gpu when installed).
 
 Usage: python -m bench.bench_gpu [--corpus ../shared/corpus] [--small] [--kmeans-only]
@@ -32,12 +32,12 @@ import torch
 
 from bench.bench_pipeline import print_table
 from bench.flops import flops_per_token, matmul_rate, sync
-from samplemix import kmeans, models
 from samplemix.config import EmbedConfig, QualityConfig, load_config
-from samplemix.corpus import discover_shards
-from samplemix.embed import embed_texts
-from samplemix.quality import make_scorer
-from samplemix.stages import read_docs
+from samplemix.io.corpus import discover_shards, read_docs
+from samplemix.mixing import kmeans
+from samplemix.scoring import models
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.quality import make_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 

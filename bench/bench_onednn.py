@@ -1,5 +1,5 @@
 """fp32 model stages on CPU with their linears on MKL (``nn.Linear``, what a plain
-transformers model runs) and on oneDNN (samplemix.onednn, what samplemix loads).
+transformers model runs) and on oneDNN (samplemix.scoring.onednn, what samplemix loads).
 
 Three models through samplemix's own stage code, fp32, the same documents:
 MiniLM (``embed_texts``, ``embed.dtype: float32``), a BERT-base-sized ``hf-classifier``
@@ -25,11 +25,11 @@ import torch
 
 from bench.bench_gpu import save_bert_base
 from bench.bench_pipeline import print_table, sampled_texts
-from samplemix import models
 from samplemix.config import EmbedConfig, QualityConfig, load_config
-from samplemix.embed import embed_texts
-from samplemix.onednn import OneDNNLinear
-from samplemix.quality import make_scorer
+from samplemix.scoring import models
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.onednn import OneDNNLinear
+from samplemix.scoring.quality import make_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Benchmarks for the mix pipeline, each against the plain way, in one process.
 
-1. embed: ``samplemix.embed.embed_texts`` vs a plain ``SentenceTransformer.encode``
+1. embed: ``samplemix.scoring.embed.embed_texts`` vs a plain ``SentenceTransformer.encode``
    on the same documents and threads (docs/s and the ratio, plus cosine agreement).
 2. overhead: the whole ``mix`` flow (Prefect + Dask LocalCluster) vs the same
    engine stages called one after another in this process (wall time ratio).
@@ -33,11 +33,14 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.flops import flops_per_token, matmul_rate  # noqa: E402
 from flows.mix import run_mix  # noqa: E402
 from flows.runtime import local_cluster
-from samplemix import stages  # noqa: E402
 from samplemix.config import Config, EmbedConfig, load_config  # noqa: E402
-from samplemix.corpus import discover_shards  # noqa: E402
-from samplemix.embed import embed_texts  # noqa: E402
-from samplemix.models import (  # noqa: E402
+from samplemix.io.corpus import (
+    discover_shards,  # noqa: E402
+    read_docs,  # noqa: E402
+)
+from samplemix.pipeline.walk import run_in_process  # noqa: E402
+from samplemix.scoring.embed import embed_texts  # noqa: E402
+from samplemix.scoring.models import (  # noqa: E402
     load_model,
     load_tokenizer,
     padded_batches,
@@ -46,7 +49,6 @@ from samplemix.models import (  # noqa: E402
     resolve_model,
     set_torch_threads,
 )
-from samplemix.store import Key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, str]
@@ -56,7 +58,7 @@ def sampled_texts(cfg: Config, n_docs: int) -> list[str]:
     """``n_docs`` documents drawn (seed 0) from every shard of ``cfg.corpus``."""
     texts: list[str] = []
     for shard in discover_shards(cfg.corpus):
-        texts += stages.read_docs(shard, cfg).docs.column("text").to_pylist()
+        texts += read_docs(shard, cfg).docs.column("text").to_pylist()
     rng = np.random.default_rng(0)
     return [texts[i] for i in rng.choice(len(texts), min(n_docs, len(texts)), replace=False)]
 
@@ -219,114 +221,11 @@ def bench_embed(
 
 
 def run_direct(cfg: Config) -> float:
-    """Every engine stage in order in this process, no Prefect, no Dask; an artifact
-    already committed in the store is read, not recomputed, as the flow does.
+    """The same run by the in-process runner (pipeline/walk.py): every stage in order
+    in this process, no Prefect, no Dask, committed artifacts read, not recomputed.
     Returns the wall time in seconds."""
-    from samplemix.report import write_report
-
     t0 = time.perf_counter()
-    store = stages.store_for(cfg)
-    out = stages.output_for(cfg)
-    shards = discover_shards(cfg.corpus)
-
-    def once(key: Key, compute: Callable[[], dict]) -> dict:
-        hit = store.summary(key)
-        return hit if hit is not None else compute()
-
-    keys = [
-        {
-            "tokens": stages.tokens_key(s, cfg),
-            "quality": [stages.quality_key(s, cfg.quality[0], cfg)],
-            "embed": stages.embed_key(s, cfg),
-        }
-        for s in shards
-    ]
-    tok, qual = [], []
-    for s, k in zip(shards, keys, strict=True):
-        tok.append(
-            once(k["tokens"], lambda s=s, k=k: stages.run_tokens(s, cfg, store, k["tokens"]))
-        )
-        qk = k["quality"][0]
-        qual.append(
-            once(qk, lambda s=s, qk=qk: stages.run_quality(s, cfg.quality[0], cfg, store, qk))
-        )
-        once(k["embed"], lambda s=s, k=k: stages.run_embed(s, cfg, store, k["embed"]))
-    tok_keys = [k["tokens"] for k in keys]
-    ids_key = stages.ids_key(tok_keys, cfg)
-    dups = once(ids_key, lambda: stages.run_ids(tok_keys, cfg, store, ids_key))
-    n_docs = sum(r["docs"] for r in tok)
-    target = stages.target_tokens(stages.source_tokens(tok, dups), cfg)
-    km, _ = stages.kmeans_to_use(store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg)
-    parts = [(k["tokens"], k["embed"]) for k in keys]
-    once(km, lambda: stages.run_kmeans(parts, n_docs, cfg, store, km))
-    for k in keys:
-        k["assign"] = stages.assign_key(k["embed"], km)
-        once(
-            k["assign"],
-            lambda k=k: stages.run_assign(k["tokens"], k["embed"], km, store, k["assign"]),
-        )
-    cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl = once(
-        cl_key, lambda: stages.run_clusters([k["assign"] for k in keys], km, cfg, store, cl_key)
-    )
-    q_range = stages.quality_range(qual)
-    for k in keys:
-        k["weights"] = stages.weights_key(
-            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg
-        )
-        once(
-            k["weights"],
-            lambda k=k: stages.run_weights(
-                k["tokens"],
-                ids_key,
-                k["quality"],
-                k["assign"],
-                cl_key,
-                q_range,
-                [cl["d_min"], cl["d_max"]],
-                None,
-                cfg,
-                store,
-                k["weights"],
-            ),
-        )
-    b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    weights = [(k["tokens"], k["weights"]) for k in keys]
-    plan = once(b_key, lambda: stages.run_budget(weights, target, cfg, store, b_key))
-    cnt = []
-    for s, k in zip(shards, keys, strict=True):
-        k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
-        cnt.append(
-            once(
-                k["counts"],
-                lambda s=s, k=k: stages.run_counts(
-                    s,
-                    k["tokens"],
-                    ids_key,
-                    k["quality"][0],
-                    k["assign"],
-                    k["weights"],
-                    plan,
-                    cfg,
-                    store,
-                    k["counts"],
-                ),
-            )
-        )
-    out.clear()
-    for b in range(plan["buckets"]):
-        stages.run_gather(
-            b,
-            [k["counts"] for k, c in zip(keys, cnt, strict=True) if b in c["buckets"]],
-            store,
-            out,
-        )
-    stages.run_publish([k["counts"] for k in keys], tok_keys, ids_key, store, out)
-    truncated = {"quality": sum(r["truncated"] for r in qual)}
-    inputs = stages.report_inputs(
-        [s.shard_id for s in shards], tok, dups, truncated, cnt, cl, target, {}
-    )
-    write_report(inputs, f"{cfg.output.path}/report")
+    run_in_process(cfg)
     return time.perf_counter() - t0
 
 

@@ -22,13 +22,13 @@ from collections import Counter
 from pathlib import Path
 
 from bench.bench_pipeline import print_table
-from samplemix import stages
 from samplemix.config import load_config
-from samplemix.corpus import discover_shards
-from samplemix.embed import embed_texts, truncated_count
-from samplemix.models import local_version, model_fingerprint, set_torch_threads
-from samplemix.quality import make_scorer
-from samplemix.tokens import token_counts
+from samplemix.io.corpus import discover_shards
+from samplemix.pipeline import keys, stages
+from samplemix.scoring.embed import embed_texts, truncated_count
+from samplemix.scoring.models import local_version, model_fingerprint, set_torch_threads
+from samplemix.scoring.quality import make_scorer
+from samplemix.scoring.tokens import token_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def main() -> None:
     set_torch_threads(1)
     cfg = load_config(None, {"corpus.input": args.corpus, "embed.max_length": args.max_length})
     shards = discover_shards(cfg.corpus)
-    tokenizer = stages.tokenizer_name(cfg)
+    tokenizer = keys.tokenizer_name(cfg)
     scorer = make_scorer(cfg.quality[0])
     embed_texts(["warm up"], cfg.embed)  # load MiniLM and its tokenizer once, untimed
     token_counts(["warm up"], tokenizer)

@@ -1,7 +1,7 @@
 """Static (model2vec) embedder vs MiniLM, in one process.
 
-1. distill: wall time of ``samplemix.static.distill_static('minilm', ...)`` (PCA 256).
-2. speed: docs/s of ``samplemix.embed.embed_texts`` with MiniLM on a sample of documents
+1. distill: wall time of ``samplemix.scoring.static_embed.distill_static('minilm', ...)`` (PCA 256).
+2. speed: docs/s of ``samplemix.scoring.embed.embed_texts`` with MiniLM on a sample of documents
    and with the static model on the same sample and on every document; same torch
    threads, same ``embed.max_length``.
 3. agreement: spherical k-means (``kmeans.fit_centroids`` + ``assign``, the pipeline's
@@ -32,12 +32,14 @@ from sklearn.metrics import adjusted_mutual_info_score as ami
 from sklearn.metrics import adjusted_rand_score as ari
 
 from bench.bench_pipeline import print_table
-from samplemix import kmeans, stages
 from samplemix.config import Config, load_config
-from samplemix.corpus import discover_shards
-from samplemix.embed import embed_texts
-from samplemix.models import set_torch_threads
-from samplemix.static import distill_static
+from samplemix.io.corpus import discover_shards
+from samplemix.mixing import kmeans
+from samplemix.pipeline import keys as pipeline_keys  # noqa: E402
+from samplemix.pipeline import stages
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.models import set_torch_threads
+from samplemix.scoring.static_embed import distill_static
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +48,8 @@ def stored_minilm(cfg: Config, store_root: str) -> np.ndarray | None:
     """Every document's MiniLM embedding from the store at ``store_root``, in shard order
     (the order read_docs gives), or None when any shard's artifact is missing."""
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"store": store_root})})
-    store = stages.store_for(cfg)
-    keys = [stages.embed_key(s, cfg) for s in discover_shards(cfg.corpus)]
+    store = pipeline_keys.store_for(cfg)
+    keys = [pipeline_keys.embed_key(s, cfg) for s in discover_shards(cfg.corpus)]
     if len(store.summaries(keys)) < len(keys):
         return None
     return np.concatenate([store.get_array(k, "embeddings.npy") for k in keys])

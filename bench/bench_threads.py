@@ -28,8 +28,8 @@ import torch
 
 from bench.bench_gpu import save_bert_base
 from bench.bench_pipeline import print_table, sampled_texts
-from samplemix import models
 from samplemix.config import load_config
+from samplemix.scoring import models
 
 ROOT = Path(__file__).resolve().parents[1]
 

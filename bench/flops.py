@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from samplemix.onednn import linear
+from samplemix.scoring.onednn import linear
 
 
 def sync() -> None:
@@ -17,7 +17,7 @@ def sync() -> None:
 
 def matmul_rate(device: torch.device, n: int, dtype: torch.dtype | None = None) -> float:
     """Measured matmul FLOP/s on n × n GEMMs in ``dtype`` (default: bf16 on CUDA, fp32
-    on CPU). On CPU the better of MKL's (``@``) and oneDNN's (samplemix.onednn) fp32
+    on CPU). On CPU the better of MKL's (``@``) and oneDNN's (samplemix.scoring.onednn) fp32
     kernels: MKL runs AMD's AVX-512 CPUs at about half the rate oneDNN reaches."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))

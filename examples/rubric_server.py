@@ -2,7 +2,7 @@
 
 For demos and benchmarks without an LLM: `samplemix annotate` talks to it exactly as to
 a real endpoint. Its labels are NOT an LLM's judgement; they are this documented
-function of the heuristic scorer's rule pass values (samplemix/quality.py, each in
+function of the heuristic scorer's rule pass values (samplemix/scoring/quality.py, each in
 [0, 1]) and of simple counts:
 
     clarity      = 1 if mean(uppercase, digit_punct, symbol_ratio) >= 0.9
@@ -23,7 +23,7 @@ import json
 import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from samplemix.quality import STOP_WORDS, rule_scores
+from samplemix.scoring.quality import STOP_WORDS, rule_scores
 
 DOCUMENT = re.compile(r"<document>\n?(.*?)\n?</document>", re.S)
 

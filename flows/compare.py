@@ -8,7 +8,8 @@ OUT/compare/.
 
 from __future__ import annotations
 
-from samplemix.config import METHODS, Config, ConfigError
+from samplemix.config import Config, ConfigError
+from samplemix.mixing.methods import METHODS
 
 
 def variants(cfg: Config, methods: list[str], alphas: list[float]) -> dict[str, Config]:
@@ -37,8 +38,8 @@ def run_compare(cfg: Config, methods: list[str], alphas: list[float]) -> dict:
     Returns {"runs": {name: run summary}, "comparison": the comparison's summary}."""
     from flows.mix import run_mix
     from flows.runtime import check_inputs, prefect_api, shared_cluster, with_block_credentials
-    from samplemix.compare import write_comparison
-    from samplemix.stages import pinned_config
+    from samplemix.pipeline.keys import pinned_config
+    from samplemix.reporting.compare import write_comparison
 
     check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as shared:

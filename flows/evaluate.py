@@ -6,7 +6,7 @@ proxy per variant and seed trains as a Dask task, all in parallel over the worke
 the report goes to OUT/evaluate/.
 
 search: mixes the base config (the reference, and the source of the domain list), draws
-K parameter sets (samplemix/search.py), mixes and evaluates each the same way, fits
+K parameter sets (samplemix/evaluation/search.py), mixes and evaluates each the same way, fits
 LightGBM θ → loss, averages the best predicted θ, mixes and evaluates that too, and
 writes OUT/search/: chosen.yaml (a config ``samplemix run`` accepts), search.md,
 draws.csv and plots.
@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.compare import variants
-from flows.mix import run_mix, run_stage
+from flows.mix import run_calls, run_mix
 from flows.runtime import (
     check_inputs,
     prefect_api,
@@ -33,17 +33,17 @@ from flows.runtime import (
     task_runner,
     with_block_credentials,
 )
-from samplemix import evaluate as ev
-from samplemix import stages
 from samplemix.config import Config, config_to_yaml
-from samplemix.corpus import discover_shards
-from samplemix.evaluation_report import (
+from samplemix.evaluation import stages as ev
+from samplemix.io.corpus import discover_shards
+from samplemix.pipeline import keys
+from samplemix.pipeline.graph import Call
+from samplemix.reporting.evaluation_report import (
     ProxyRun,
     evaluation_markdown,
     variant_stats,
     write_evaluation,
 )
-from tasks import evaluate as te
 
 
 def _root(cfg: Config) -> str:
@@ -88,29 +88,28 @@ def _evaluate_mixtures(
     settings the report lists)."""
     log = get_run_logger()
     mixes = {name: run_mix(c) for name, c in configs.items()}
-    store = stages.store_for(cfg)
+    store = keys.store_for(cfg)
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
-    ids_key = stages.ids_key([stages.tokens_key(s, cfg) for s in shards], cfg)
+    ids_key = keys.ids_key([keys.tokens_key(s, cfg) for s in shards], cfg)
     plan = ev.plan_for_evaluation(next(iter(mixes.values()))["output"], cfg)
     by_id = {s.shard_id: s for s in shards}
     tok_key = ev.tokenizer_key(ids_key, cfg)
-    tok = run_stage(
-        te.tokenizer, [(tok_key, (plan, by_id, cfg, store, tok_key))], store, compute=cfg.compute
-    )[0]
+    tokenizer, evalsets, proxy_stage = ev.EVALUATION
+    label = cfg.evaluate.tokenizer
+    tok = run_calls(tokenizer, [Call(tok_key, label, (plan, by_id, cfg))], cfg, store)[0]
     sets_key = ev.evalsets_key(ids_key, tok_key, cfg)
-    sets_args = (plan, by_id, tok_key, cfg, store, sets_key)
-    sets = run_stage(te.evalsets, [(sets_key, sets_args)], store, compute=cfg.compute)[0]
+    sets_call = Call(sets_key, "heldout", (plan, by_id, tok_key, cfg))
+    sets = run_calls(evalsets, [sets_call], cfg, store)[0]
     log.info("evaluation sets (tokens): %s", sets["tokens"])
     calls, which = [], []
     for name, mix in mixes.items():
         for seed in cfg.evaluate.seeds:
             proxy = cfg.evaluate.proxy.model_copy(update={"seed": seed})
             key = ev.proxy_key(mix["mixture_key"], sets_key, proxy)
-            calls.append((key, (name, mix["output"], tok_key, sets_key, proxy, cfg, store, key)))
+            args = (mix["output"], tok_key, sets_key, proxy, cfg)
+            calls.append(Call(key, f"{name}/seed-{seed}", args))
             which.append((name, seed))
-    results = run_stage(
-        te.proxy, calls, store, cfg.compute.gpus > 0, cfg.compute
-    )  # one proxy per GPU
+    results = run_calls(proxy_stage, calls, cfg, store)
     runs = [
         ProxyRun.from_summary(name, seed, r, r["cached"])
         for (name, seed), r in zip(which, results, strict=True)
@@ -184,7 +183,7 @@ def evaluate(config: Config, methods: list[str], alphas: list[float]) -> dict:
     """Mix each method (and SampleMix at each α) and compare them by proxy training.
     Returns {"mixes": {variant: mix summary}, "runs": [proxy run], "report": summary,
     "output": the report folder}."""
-    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
+    cfg = keys.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
     configs = variants(cfg, methods, alphas)
     mixes, runs, settings = _evaluate_mixtures(cfg, configs)
@@ -223,10 +222,10 @@ def search(
     """Search the parameters of ``space`` ('samplemix': α; 'quadmix': Algorithm 1's θ)
     by proxy evaluation and LightGBM. Returns {"theta", "predicted", "observed", "mae",
     "config": the chosen config's path, "output": the report folder}."""
-    from samplemix import search as sr
-    from samplemix.report import write_files
+    from samplemix.evaluation import search as sr
+    from samplemix.reporting.run_report import write_files
 
-    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
+    cfg = keys.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
     log = get_run_logger()
     out = f"{_root(cfg)}/search"

@@ -1,7 +1,9 @@
-"""The ``mix`` flow: corpus → scores → weights → counts → mixture shards + report.
+"""The ``mix`` flow: the stage graph (pipeline/graph.py) walked on Dask, and its report
+published as Prefect artifacts.
 
-Per-shard stages fan out as Dask tasks; reduces run between them on small
-summaries. See design.md for the stage graph. No maths here.
+Per-shard stages fan out as Dask tasks; reduces run between them on small summaries.
+Here: the executor that starts and waits on a stage's tasks (progress, a failed task's
+name in the flow's message, no silent wait without workers). No maths here.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import contextlib
 import posixpath
 import queue
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import dask
-from prefect import Task, flow, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -32,13 +33,12 @@ from flows.runtime import (
     task_runner,
     with_block_credentials,
 )
-from samplemix import kmeans, stages
 from samplemix.config import ComputeConfig, Config
-from samplemix.corpus import CorpusError, discover, passed_over_lines
-from samplemix.models import model_fingerprint
-from samplemix.static import is_static
-from samplemix.store import Key, Output, Store
-from tasks import stages as t
+from samplemix.io.store import Output, Store
+from samplemix.mixing import methods
+from samplemix.pipeline import walk
+from samplemix.pipeline.graph import Call, Stage
+from tasks.stages import stage_task
 
 
 class NoWorkerError(RuntimeError):
@@ -57,29 +57,59 @@ def run_name(cfg: Config | None = None) -> str:
     corpus = posixpath.basename(cfg.corpus.input.rstrip("/*")) or "corpus"
     m = cfg.mixing
     budget = f"{m.budget:,}tok" if m.budget else f"x{m.budget_ratio or 1.0:g}"
-    method = f"samplemix-a{m.alpha:g}" if m.method == "samplemix" else m.method
-    return f"mix-{corpus}-{method}-{budget}"
+    return f"mix-{corpus}-{methods.method_of(cfg).label(m)}-{budget}"
 
 
 Launched = list[PrefectFuture | dict]
 
 
-def _launch(
-    task: Task, calls: list[tuple[Key, tuple]], store: Store, gpu: bool = False
-) -> Launched:
-    """Start ``task(*args)`` for each (key, args): on Dask when the artifact is not in
-    the store, else right here, where serving it costs one read (a Cached run). With
-    ``gpu`` each Dask task asks for the resource GPU=1, so only GPU workers run it."""
-    done = store.summaries([key for key, _ in calls])
-    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-        out: Launched = [
-            None if key in done else task.submit(*args)  # type: ignore[misc]
-            for key, args in calls
-        ]
-    for i, (_, args) in enumerate(calls):
-        if out[i] is None:
-            out[i] = task(*args, return_state=True).result()
-    return out
+class DaskExecutor:
+    """The flow's executor (pipeline/walk.py): a stage's calls as Prefect tasks on the
+    flow's task runner (Dask), each committed one served right here as a Cached run."""
+
+    runs = True
+
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg, self.store = cfg, store
+
+    def submit(
+        self, stage: Stage, calls: list[Call], cached: list[dict | None]
+    ) -> tuple[Launched, bool]:
+        """Start the calls not in the store on Dask (a call that ``stage.gpu`` says needs a
+        GPU asks for the resource GPU=1, so only GPU workers run it), then serve the
+        others. Returns the launched runs and whether any asked for a GPU."""
+        task = stage_task(stage.name)
+        for c in calls:
+            if c.note:
+                get_run_logger().info("%s: %s", stage.name, c.note)
+        gpus = [stage.gpu(self.cfg, c.args) for c in calls]
+        out: list[PrefectFuture | dict | None] = []
+        for c, hit, gpu in zip(calls, cached, gpus, strict=True):
+            if hit is not None:
+                out.append(None)
+                continue
+            with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+                out.append(task.submit(stage.name, c.label, c.args, self.store, c.key))
+        for i, (c, hit) in enumerate(zip(calls, cached, strict=True)):
+            if hit is not None:
+                args = (stage.name, c.label, c.args, self.store, c.key, hit)
+                out[i] = task(*args, return_state=True).result()
+        return out, any(gpus)  # type: ignore[return-value]
+
+    def collect(self, stage: Stage, handle: tuple[Launched, bool]) -> list[dict]:
+        launched, gpu = handle
+        return _collect(launched, stage.name, gpu, self.cfg.compute)
+
+    def unknown(self, stage: Stage, shards: list[str | None], reason: str) -> None:
+        raise AssertionError(f"{stage.name}: {reason}")  # a run knows every result
+
+
+def run_calls(stage: Stage, calls: list[Call], cfg: Config, store: Store) -> list[dict]:
+    """``stage``'s calls on the flow's task runner, in order; committed ones are served
+    from the store (for flows that make their own calls, as evaluate does)."""
+    done = store.summaries([c.key for c in calls])
+    executor = DaskExecutor(cfg, store)
+    return executor.collect(stage, executor.submit(stage, calls, [done.get(c.key) for c in calls]))
 
 
 POLL_S = 2.0  # a wait with no task finishing asks the scheduler for its workers this often
@@ -226,353 +256,30 @@ def _collect(
     return results
 
 
-def run_stage(
-    task: Task,
-    calls: list[tuple[Key, tuple]],
-    store: Store,
-    gpu: bool = False,
-    compute: ComputeConfig | None = None,
-) -> list[dict]:
-    """``_launch`` then ``_collect``: one stage's results, in order."""
-    return _collect(_launch(task, calls, store, gpu), task.name, gpu, compute)
-
-
 @flow(name="mix", flow_run_name=run_name)
 def mix(config: Config) -> dict:
-    """Build the mixture for ``config``. Returns the run summary (budget figures, the
-    files written, and per stage how many tasks computed vs came from the store)."""
-    cfg = stages.pinned_config(config)  # one commit per hub model for the whole run
-    log = get_run_logger()
-    model_fingerprint.cache_clear()  # a model replaced since the last run must show
-    store = stages.store_for(cfg)
-    out = stages.output_for(cfg)
-    store.check()
-    out.check()  # a missing or refused output fails now, not after the compute
-    with out.lease(cfg.output.lease_wait_s, log.info, log.warning):
-        return _build(cfg, store, out)
+    """Build the mixture for ``config`` (pipeline/walk.py walks the stage graph on Dask)
+    and publish its report as Prefect artifacts. Returns the run summary (budget
+    figures, the files written, and per stage how many tasks computed vs came from the
+    store)."""
+    built = walk.run(config, DaskExecutor, get_run_logger())
+    _publish_report(built.report, built.out)
+    return built.summary
 
 
-def _build(cfg: Config, store: Store, out: Output) -> dict:
-    """The flow's body, run while this run holds the output's lease."""
-    log = get_run_logger()
-    found = discover(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
-    shards = found.shards
-    log.info("%d shards under %s; store %s", len(shards), cfg.corpus.input, store.root)
-    for line in passed_over_lines(found.passed_over):
-        log.warning(line)
-
-    keys = [
-        {
-            "tokens": stages.tokens_key(s, cfg),
-            "quality": [stages.quality_key(s, q, cfg) for q in cfg.quality],
-            "embed": stages.embed_key(s, cfg),
-        }
-        for s in shards
-    ]
-
-    def per_shard(stage: str, *args: object) -> list[tuple[Key, tuple]]:
-        return [(k[stage], (s, *args, k[stage])) for s, k in zip(shards, keys, strict=True)]
-
-    method = cfg.mixing.method
-    gpus = cfg.compute.gpus > 0
-    faiss_gpu = gpus and kmeans.gpus() > 0  # k-means and assignments on GPU workers
-    compute = cfg.compute
-    tok_gpu = gpus and bool(cfg.corpus.domain_model)
-    emb_gpu = gpus and not is_static(cfg.embed.model)
-    qual_gpu = [gpus and q.scorer != "heuristic" for q in cfg.quality]
-    tok_f = _launch(t.tokens, per_shard("tokens", cfg, store), store, tok_gpu)
-    emb_f = _launch(t.embed, per_shard("embed", cfg, store), store, emb_gpu)
-    qual_f = [
-        _launch(
-            t.quality,
-            [
-                (k["quality"][n], (s, q, cfg, store, k["quality"][n]))
-                for s, k in zip(shards, keys, strict=True)
-            ],
-            store,
-            qual_gpu[n],
-        )
-        for n, q in enumerate(cfg.quality)
-    ]
-
-    tok = _collect(tok_f, "tokens", tok_gpu, compute)
-    ids_key = stages.ids_key([k["tokens"] for k in keys], cfg)
-    ids_args = ([k["tokens"] for k in keys], cfg, store, ids_key)
-    dups = run_stage(t.ids, [(ids_key, ids_args)], store, compute=compute)[0]
-    n_docs = sum(r["docs"] for r in tok)  # embedded, duplicates dropped included
-    accepted = n_docs - sum(dups["dropped"].values())
-    if accepted == 0:
-        rejects = sum(sum(r["rejects"].values()) for r in tok)
-        skipped = sum(r["skipped"] for r in tok)
-        raise CorpusError(
-            f"no usable documents under {cfg.corpus.input}: {len(shards)} shards "
-            f"({skipped} skipped as unreadable), {rejects} rows rejected (see the reasons in "
-            f"{store.root}/tokens/*/rejects.parquet); check corpus.text_column = "
-            f"{cfg.corpus.text_column!r}"
-        )
-    source_tokens = stages.source_tokens(tok, dups)
-    target = stages.target_tokens(source_tokens, cfg)
-    log.info("%d documents, T_src = %d tokens, T_tgt = %d", n_docs, source_tokens, target)
-
-    emb = _collect(emb_f, "embed", emb_gpu, compute)
-    km_key, why = stages.kmeans_to_use(
-        store, [k["embed"] for k in keys], [r["docs"] for r in tok], cfg
-    )
-    assert km_key is not None  # every shard's document count is known by now
-    log.info("kmeans: %s", why)
-    km = run_stage(
-        t.kmeans,
-        [(km_key, ([(k["tokens"], k["embed"]) for k in keys], n_docs, cfg, store, km_key))],
-        store,
-        faiss_gpu,
-        compute,
-    )[0]
-    for k in keys:
-        k["assign"] = stages.assign_key(k["embed"], km_key)
-    asg = run_stage(
-        t.assign,
-        [
-            (k["assign"], (s, k["tokens"], k["embed"], km_key, store, k["assign"]))
-            for s, k in zip(shards, keys, strict=True)
-        ],
-        store,
-        faiss_gpu,
-        compute,
-    )
-    cl_key = stages.clusters_key([k["assign"] for k in keys], cfg)
-    cl_args = ([k["assign"] for k in keys], km_key, cfg, store, cl_key)
-    cl = run_stage(t.clusters, [(cl_key, cl_args)], store, compute=compute)[0]
-
-    qual = [_collect(f, "quality", g, compute) for f, g in zip(qual_f, qual_gpu, strict=True)]
-    q_range = stages.quality_range(qual[0])
-    d_range = [cl["d_min"], cl["d_max"]]
-    reduces: dict[str, list[dict]] = {}
-    tok_keys = [k["tokens"] for k in keys]
-    method_key: Key | None = None
-    method_input: Key | dict | None = None
-    if method == "quadmix":
-        domain_docs: Counter[str] = Counter()
-        for r in tok:
-            domain_docs.update(r["domain_docs"])
-        params = stages.quadmix_params(cfg, sorted(domain_docs)).to_dict()
-        qkeys = [k["quality"] for k in keys]
-        method_key = method_input = stages.ranks_key(tok_keys, ids_key, qkeys, params, cfg)
-        args = (tok_keys, ids_key, qkeys, dict(domain_docs), cfg, store, method_key)
-        reduces["ranks"] = run_stage(t.ranks, [(method_key, args)], store, compute=compute)
-    elif method in stages.BASELINES:
-        bigram_keys = None
-        if method == "ce":
-            for k in keys:
-                k["bigrams"] = stages.bigrams_key(k["tokens"])
-            bigram_keys = [k["bigrams"] for k in keys]
-            reduces["bigrams"] = run_stage(
-                t.bigrams,
-                [
-                    (k["bigrams"], (s, k["tokens"], cfg, store, k["bigrams"]))
-                    for s, k in zip(shards, keys, strict=True)
-                ],
-                store,
-                compute=compute,
-            )
-        method_key = stages.domains_key(tok_keys, ids_key, bigram_keys)
-        args = (tok_keys, ids_key, bigram_keys, store, method_key)
-        reduces["domains"] = run_stage(t.domains, [(method_key, args)], store, compute=compute)
-        method_input = reduces["domains"][0]
-        log.info("domain shares: %s", stages.baseline_proportions(cfg, method_input))
-    for k in keys:
-        k["ids"] = ids_key
-        k["clusters"] = cl_key
-        k["weights"] = stages.weights_key(
-            k["tokens"], ids_key, k["quality"], k["assign"], cl_key, q_range, cfg, method_key
-        )
-    wts = run_stage(
-        t.weights,
-        [
-            (k["weights"], (s, k, q_range, d_range, method_input, cfg, store, k["weights"]))
-            for s, k in zip(shards, keys, strict=True)
-        ],
-        store,
-        compute=compute,
-    )
-
-    b_key = stages.budget_key([k["weights"] for k in keys], target, cfg)
-    plan = run_stage(
-        t.budget,
-        [(b_key, ([(k["tokens"], k["weights"]) for k in keys], target, cfg, store, b_key))],
-        store,
-        compute=compute,
-    )[0]
-    for k in keys:
-        k["counts"] = stages.counts_key(k["weights"], b_key, cfg)
-    cnt = run_stage(
-        t.counts,
-        [
-            (k["counts"], (s, k, plan, cfg, store, k["counts"]))
-            for s, k in zip(shards, keys, strict=True)
-        ],
-        store,
-        compute=compute,
-    )
-
-    out_key = stages.output_key([k["counts"] for k in keys], b_key)
-    fresh = not out.current(out_key)
-    if fresh:
-        out.clear()
-    published = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
-    mixture = _materialise(keys, cnt, plan, store, out, published, compute)
-    if fresh:
-        stages.run_publish(
-            [k["counts"] for k in keys], [k["tokens"] for k in keys], ids_key, store, out
-        )
-
-    settings = _settings(cfg, km["k"], target, method_input)
-    labels = [q.label for q in cfg.quality]
-    truncated = {
-        ("quality" if len(labels) == 1 else f"quality ({label})"): sum(r["truncated"] for r in rs)
-        for label, rs in zip(labels, qual, strict=True)
-    }
-    truncated["embedding"] = sum(r["truncated"] for r in emb)
-    inputs = stages.report_inputs(
-        [s.shard_id for s in shards],
-        tok,
-        dups,
-        truncated,
-        cnt,
-        cl,
-        target,
-        settings,
-        passed_over=found.passed_over,
-    )
-    _publish_report(inputs, out, fresh)
-    from samplemix import report  # matplotlib: imported once the report is due
-
-    warnings = report.run_warnings(inputs)
-    for line in warnings:
-        log.warning(line)
-    stage_results = {
-        "tokens": tok,
-        "ids": [dups],
-        "quality": [r for rs in qual for r in rs],
-        "embed": emb,
-        "kmeans": [km],
-        "assign": asg,
-        "clusters": [cl],
-        "weights": wts,
-        "budget": [plan],
-        "counts": cnt,
-        **reduces,
-        "materialise": mixture,
-    }
-    artifacts = {ids_key, km_key, b_key, *([method_key] if method_key else [])}
-    for k in keys:
-        for v in k.values():
-            artifacts.update(v if isinstance(v, list) else [v])
-    summary = {
-        "target_tokens": target,
-        "source_tokens": source_tokens,
-        "expected_tokens": inputs.expected_tokens,
-        "realised_tokens": inputs.realised_tokens,
-        "sigma_tokens": inputs.sigma_tokens,
-        "read": sum(r["read"] for r in tok),
-        "documents": accepted,
-        "rejects": sum(inputs.rejects.values()),
-        "skipped_shards": sum(r["skipped"] for r in tok),
-        "warnings": warnings,
-        "clusters": km["k"],
-        "mixture_rows": sum(r["rows"] for r in mixture),
-        "mixture_parts": len(mixture),
-        "part_rows": [r["rows"] for r in mixture],
-        "output": out.url,
-        "store": store.root,
-        "mixture_key": str(out_key),
-        "computed": {s: sum(not r["cached"] for r in rs) for s, rs in stage_results.items()},
-        "cached": {s: sum(r["cached"] for r in rs) for s, rs in stage_results.items()},
-        # Wall seconds inside the tasks that computed, summed over tasks (worker time).
-        "task_seconds": {
-            s: round(sum(r["seconds"] for r in rs), 2) for s, rs in stage_results.items()
-        },
-        "artifacts": sorted(str(k) for k in artifacts),
-    }
-    out.seal(out_key, summary)
-    log.info(
-        "mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
-        summary["mixture_rows"],
-        summary["mixture_parts"],
-        summary["realised_tokens"],
-        target,
-        summary["sigma_tokens"],
-    )
-    return summary
-
-
-def _settings(cfg: Config, k: int, target: int, method_input: Key | dict | None) -> dict:
-    """What the report lists under Settings for ``cfg.mixing.method``."""
-    m = cfg.mixing
-    settings: dict = {"method": m.method}
-    if m.method == "samplemix":
-        settings |= {"alpha": m.alpha, "scorer": cfg.quality[0].label}
-    elif m.method == "quadmix":
-        settings |= {
-            "criteria": ", ".join(q.label for q in cfg.quality),
-            "rank sample": m.quadmix.rank_sample or "all (exact)",
-        }
-    else:
-        shares = stages.baseline_proportions(cfg, method_input)  # type: ignore[arg-type]
-        settings["domain shares"] = ", ".join(f"{d} {p:.1%}" for d, p in shares.items())
-        if m.method == "temperature":
-            settings["temperature"] = m.temperature
-    return settings | {
-        "embed model": cfg.embed.model,
-        "K": k,
-        "seed": m.seed,
-        "budget": f"{target:,} tokens",
-        "max_repeats": m.max_repeats,
-        "diversity": f"{cfg.diversity.form}/{cfg.diversity.separation}",
-    }
-
-
-def _materialise(
-    keys: list[dict],
-    cnt: list[dict],
-    plan: dict,
-    store: Store,
-    out: Output,
-    published: list[int] | None,
-    compute: ComputeConfig,
-) -> list[dict]:
-    """Write the mixture parts on Dask, or, when ``published`` (rows per part, from
-    the output's manifest) says they are all there, serve them here as Cached runs."""
-    holders: dict[int, list[Key]] = {b: [] for b in range(plan["buckets"])}
-    for k, c in zip(keys, cnt, strict=True):
-        for b in c["buckets"]:
-            holders[b].append(k["counts"])
-    if published is not None:
-        launched: Launched = [
-            t.materialise(b, holders[b], store, out, published[b], return_state=True).result()
-            for b in range(plan["buckets"])
-        ]
-    else:
-        launched = [
-            t.materialise.submit(b, holders[b], store, out, None) for b in range(plan["buckets"])
-        ]
-    return _collect(launched, "materialise", compute=compute)
-
-
-def _publish_report(inputs, out: Output, write_files: bool) -> None:  # noqa: ANN001
-    """Write the report files (when the output is new) and publish the report as
-    Prefect artifacts: ``mixture-report`` (Markdown, the plots embedded as PNG data
-    URLs read back from the output, so the UI shows exactly the published figures),
+def _publish_report(inputs, out: Output) -> None:  # noqa: ANN001
+    """Publish the report (its files written by the run) as Prefect artifacts:
+    ``mixture-report`` (Markdown, the plots embedded as PNG data URLs read back from the
+    output, so the UI shows exactly the published figures),
     ``mixture-domains`` (shares before/after) and ``mixture-shards`` (rows read,
     accepted, rejected per shard)."""
     import base64
 
     import fsspec
 
-    from samplemix import report
+    from samplemix.reporting import run_report as report
 
     folder = f"{out.url}/report"
-    if write_files:
-        report.write_report(inputs, folder, out.fs.storage_options)
     fs, root = fsspec.core.url_to_fs(folder, **out.fs.storage_options)
     images: dict[str, str] = {}
     size = 0

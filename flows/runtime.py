@@ -17,9 +17,9 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
 
-from samplemix import stages
 from samplemix.config import Config, ConfigError
-from samplemix.corpus import discover_shards
+from samplemix.io.corpus import discover_shards
+from samplemix.pipeline import keys
 
 # Dask's nannies give each worker MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc malloc
 # threshold freezes its mmap threshold at 128 KiB, so every activation tensor is mapped
@@ -244,8 +244,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.storage.aws_credentials_block:
         return
     discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
-    stages.store_for(cfg).check()
-    stages.output_for(cfg).check()
+    keys.store_for(cfg).check()
+    keys.output_for(cfg).check()
 
 
 def with_block_credentials(cfg: Config) -> Config:

@@ -3,7 +3,7 @@
 Times, on the example corpus (examples/corpus, every document, repeated to make the
 timed work long enough), the engine's own functions with no orchestration:
 
-- ``embed``: ``samplemix.embed.embed_texts`` on the chosen device (the GPU by default
+- ``embed``: ``samplemix.scoring.embed.embed_texts`` on the chosen device (the GPU by default
   when there is one), documents per second and real (unpadded) tokens per second;
 - ``tokens`` and ``quality/heuristic``: the CPU stages, documents per second on one
   core (they run one per Dask worker thread, so a machine's rate is this times the
@@ -50,7 +50,7 @@ def random_copy(model: str) -> str:
     """A folder with ``model``'s config and tokenizer and random weights."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from samplemix.models import resolve_model
+    from samplemix.scoring.models import resolve_model
 
     src = resolve_model(model)
     out = tempfile.mkdtemp(prefix="random-encoder-")
@@ -80,9 +80,9 @@ def main() -> None:
     import torch
 
     from samplemix.config import EmbedConfig, QualityConfig
-    from samplemix.embed import embed_texts
-    from samplemix.models import load_tokenizer, resolve_device, token_lengths
-    from samplemix.quality import make_scorer
+    from samplemix.scoring.embed import embed_texts
+    from samplemix.scoring.models import load_tokenizer, resolve_device, token_lengths
+    from samplemix.scoring.quality import make_scorer
 
     texts = corpus_texts()
     model = random_copy(args.model) if args.random_weights else args.model

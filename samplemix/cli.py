@@ -1,16 +1,21 @@
 """The ``samplemix`` command line.
 
-Only this module and flows/ touch Prefect; ``samplemix run`` imports the flow lazily
-so that ``samplemix config --show`` stays instant.
+Only this module and flows/ touch Prefect; the commands that run a flow import it lazily
+(``_run_flow``) so that ``samplemix config --show`` stays instant.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,34 +56,143 @@ def _load(config: Path | None, pairs: list[str] | None, **flags: Any) -> Config:
         raise typer.Exit(2) from None
 
 
-@app.command()
-def run(
-    config: ConfigArg = None,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
-    budget: Annotated[str | None, typer.Option(help="Target tokens, e.g. 2M")] = None,
-    budget_ratio: Annotated[float | None, typer.Option(help="Target as a ratio of T_src")] = None,
-    alpha: Annotated[float | None, typer.Option(help="0 = quality only, 1 = diversity")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the count draws")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
-    set_: Set = None,
-) -> None:
-    """Build a mixture: score, embed, cluster, weight, count and write it."""
-    flags = {
-        "corpus.input": input,
-        "output.path": output,
-        "mixing.budget": budget,
-        "mixing.budget_ratio": budget_ratio,
-        "mixing.alpha": alpha,
-        "mixing.seed": seed,
-        "compute.n_workers": workers,
-    }
-    cfg = _load(config, set_, **flags)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.mix import run_mix
+def _evaluation_config(config: Path | None, pairs: list[str] | None, **flags: Any) -> Config:
+    """``_load``'s config for evaluate/search, where a held-out share of 0 (the default)
+    becomes 5% unless ``--heldout`` set it: a proxy needs held-out text to be scored on."""
+    cfg = _load(config, pairs, **flags)
+    if cfg.evaluate.heldout_fraction == 0 and flags.get("evaluate.heldout_fraction") is None:
+        cfg = _load(config, pairs, **(flags | {"evaluate.heldout_fraction": 0.05}))
+    return cfg
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter, not progress
-    summary = _guarded(lambda: run_mix(cfg))
+
+def _seed_list(seeds: str | None) -> list[int] | None:
+    """``"0,1,2"`` as ``[0, 1, 2]``; None or empty (not given) as None."""
+    return [int(s) for s in seeds.split(",")] if seeds else None
+
+
+@dataclass(frozen=True)
+class _FieldOption:
+    """A command-line option that sets one config field; None (its default) leaves the
+    field to the config file and ``--set``."""
+
+    field: str
+    kind: type
+    help: str
+    #: The field's value from the option's; None: the option's value as it is.
+    parse: Callable[[Any], Any] | None = None
+
+    def parameter(self, name: str) -> inspect.Parameter:
+        """The option as the keyword parameter ``name`` of a Typer callback."""
+        return inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[self.kind | None, typer.Option(help=self.help)],
+        )
+
+    def value(self, given: Any) -> Any:
+        """The field's value for the option's value ``given``."""
+        return given if self.parse is None else self.parse(given)
+
+
+#: Every option that sets one config field, by parameter (and ``--flag``) name; a command
+#: names the ones it takes in ``_config_command``.
+_FIELD_OPTIONS = {
+    "input": _FieldOption("corpus.input", str, "Corpus folder, glob or s3:// URL"),
+    "output": _FieldOption("output.path", str, "Output folder or s3:// URL"),
+    "workers": _FieldOption("compute.n_workers", int, "Local Dask workers"),
+    # run's mixing settings
+    "budget": _FieldOption("mixing.budget", str, "Target tokens, e.g. 2M"),
+    "budget_ratio": _FieldOption("mixing.budget_ratio", float, "Target as a ratio of T_src"),
+    "alpha": _FieldOption("mixing.alpha", float, "0 = quality only, 1 = diversity"),
+    "seed": _FieldOption("mixing.seed", int, "Seed of the count draws"),
+    # the proxy evaluation's (evaluate, search)
+    "seeds": _FieldOption("evaluate.seeds", str, "Proxy seeds, e.g. 0,1,2", _seed_list),
+    "heldout": _FieldOption(
+        "evaluate.heldout_fraction",
+        float,
+        "Share of each domain held out (evaluate.heldout_fraction)",
+    ),
+}
+
+
+def _config_command(
+    *,
+    before: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+    load: Callable[..., Config] = _load,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator that turns ``command(cfg, **own_options)`` into a Typer callback taking,
+    in this order: the optional CONFIG argument, the options ``before`` (names in
+    ``_FIELD_OPTIONS``), the command's own options, the options ``after``, and ``--set``.
+
+    The callback runs ``command`` with ``load(CONFIG, --set pairs, **{field: value})``;
+    ``_load`` exits with code 2 on an invalid config, before ``command`` starts."""
+    shared = {name: _FIELD_OPTIONS[name] for name in (*before, *after)}
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        params = [
+            inspect.Parameter(
+                "config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigArg
+            ),
+            *(shared[name].parameter(name) for name in before),
+            *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own),
+            *(shared[name].parameter(name) for name in after),
+            inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Set),
+        ]
+
+        @functools.wraps(command)
+        def callback(*, config: Path | None, set_: list[str] | None, **options: Any) -> None:
+            fields = {opt.field: opt.value(options.pop(name)) for name, opt in shared.items()}
+            command(load(config, set_, **fields), **options)
+
+        # Typer reads the parameters from the signature and their types from the
+        # annotations: both must describe the callback, not ``command``.
+        callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        callback.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return callback
+
+    return decorate
+
+
+def _run_flow(module: str, name: str, *args: Any) -> Any:
+    """``flows.<module>.<name>(*args)``, with the errors a user can fix printed instead
+    of a traceback (exit code 1)."""
+    # Prefect reads this when it is imported: a command-line run sends no analytics.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    flow = getattr(importlib.import_module(f"flows.{module}"), name)
+    # After the import, which sets distributed's logger to INFO: cluster chatter is
+    # not progress.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from flows.mix import NoWorkerError
+    from flows.runtime import ServerStartError
+    from samplemix.io.corpus import CorpusError
+    from samplemix.io.store import StoreError
+    from samplemix.mixing.weights import BudgetError
+
+    fixable = (BudgetError, ConfigError, CorpusError, NoWorkerError, ServerStartError, StoreError)
+    try:
+        return flow(*args)
+    except (*fixable, ValueError) as e:
+        raise _fail(e) from None
+
+
+def _method_names(methods: str) -> list[str]:
+    """The names in comma-separated ``methods``, blanks dropped."""
+    return [m.strip() for m in methods.split(",") if m.strip()]
+
+
+def _alphas(alpha: str | None) -> list[float]:
+    """The α values in comma-separated ``alpha``; none for None or empty."""
+    return [float(a) for a in alpha.split(",")] if alpha else []
+
+
+@app.command()
+@_config_command(after=("input", "output", "budget", "budget_ratio", "alpha", "seed", "workers"))
+def run(cfg: Config) -> None:
+    """Build a mixture: score, embed, cluster, weight, count and write it."""
+    summary = _run_flow("mix", "run_mix", cfg)
     t, r, s = summary["target_tokens"], summary["realised_tokens"], summary["sigma_tokens"]
     typer.echo(
         f"mixture: {summary['mixture_rows']:,} rows in {summary['mixture_parts']} parts under "
@@ -91,30 +205,18 @@ def run(
 
 
 @app.command()
+@_config_command(after=("input", "output", "workers"))
 def compare(
-    config: ConfigArg = None,
+    cfg: Config,
     methods: Annotated[
         str, typer.Option(help="Comma-separated: samplemix,quadmix,vanilla,fixed,temperature,ce")
     ] = "samplemix,quadmix,vanilla",
     alpha: Annotated[
         str | None, typer.Option(help="SampleMix α sweep, e.g. 0,0.2,0.4,0.6,0.8,1")
     ] = None,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
-    set_: Set = None,
 ) -> None:
     """Run several methods (and α values) over shared cached scores and compare them."""
-    cfg = _load(
-        config, set_, **{"corpus.input": input, "output.path": output, "compute.n_workers": workers}
-    )
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    from flows.compare import run_compare
-
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    alphas = [float(a) for a in alpha.split(",")] if alpha else []
-    result = _guarded(lambda: run_compare(cfg, names, alphas))
+    result = _run_flow("compare", "run_compare", cfg, _method_names(methods), _alphas(alpha))
     for name, r in result["runs"].items():
         computed = sum(n for s, n in r["computed"].items() if s != "materialise")
         typer.echo(
@@ -123,9 +225,14 @@ def compare(
     typer.echo(f"comparison: {cfg.output.path.rstrip('/')}/compare/compare.md")
 
 
+#: The options of the commands that train proxies (evaluate, search), after their own.
+_PROXY_OPTIONS = ("seeds", "heldout", "input", "output", "workers")
+
+
 @app.command()
+@_config_command(after=_PROXY_OPTIONS, load=_evaluation_config)
 def evaluate(
-    config: ConfigArg = None,
+    cfg: Config,
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods: samplemix,quadmix,vanilla,...")
     ] = "vanilla",
@@ -133,22 +240,9 @@ def evaluate(
         str | None,
         typer.Option(help="SampleMix α values, e.g. 0.8,0,1 (0 = quality only, 1 = diversity)"),
     ] = "0.8,0,1",
-    seeds: Annotated[str | None, typer.Option(help="Proxy seeds, e.g. 0,1,2")] = None,
-    heldout: Annotated[
-        float | None, typer.Option(help="Share of each domain held out (evaluate.heldout_fraction)")
-    ] = None,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
-    set_: Set = None,
 ) -> None:
     """Mix several methods / α values and compare them by training proxy LMs (held-out loss)."""
-    cfg = _evaluation_config(config, set_, seeds, heldout, input, output, workers)
-    from flows.evaluate import run_evaluate
-
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    alphas = [float(a) for a in alpha.split(",")] if alpha else []
-    result = _guarded(lambda: run_evaluate(cfg, names, alphas))
+    result = _run_flow("evaluate", "run_evaluate", cfg, _method_names(methods), _alphas(alpha))
     report = result["report"]
     for line in report["verdict"]:
         typer.echo(line)
@@ -156,8 +250,9 @@ def evaluate(
 
 
 @app.command()
+@_config_command(after=_PROXY_OPTIONS, load=_evaluation_config)
 def search(
-    config: ConfigArg = None,
+    cfg: Config,
     space: Annotated[str, typer.Option(help="samplemix (α) or quadmix (Algorithm 1's θ)")] = (
         "samplemix"
     ),
@@ -165,20 +260,9 @@ def search(
     validation: Annotated[int, typer.Option(help="Draws held out to measure the MAE")] = 4,
     candidates: Annotated[int, typer.Option(help="Fresh draws the regressor ranks")] = 100_000,
     top: Annotated[int, typer.Option(help="Best predicted draws averaged")] = 10,
-    seeds: Annotated[str | None, typer.Option(help="Proxy seeds, e.g. 0,1,2")] = None,
-    heldout: Annotated[
-        float | None, typer.Option(help="Share of each domain held out (evaluate.heldout_fraction)")
-    ] = None,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local Dask workers")] = None,
-    set_: Set = None,
 ) -> None:
     """Search mixing parameters: draw, evaluate by proxy, fit LightGBM, write the best config."""
-    cfg = _evaluation_config(config, set_, seeds, heldout, input, output, workers)
-    from flows.evaluate import run_search
-
-    r = _guarded(lambda: run_search(cfg, space, draws, validation, candidates, top))
+    r = _run_flow("evaluate", "run_search", cfg, space, draws, validation, candidates, top)
     mae = "n/a" if r["mae"] is None else f"{r['mae']:.4f}"
     typer.echo(
         f"chosen: {r['theta'] if space == 'samplemix' else 'see the config'}; proxy loss "
@@ -188,49 +272,10 @@ def search(
     )
 
 
-def _evaluation_config(
-    config: Path | None,
-    pairs: list[str] | None,
-    seeds: str | None,
-    heldout: float | None,
-    input: str | None,
-    output: str | None,
-    workers: int | None,
-) -> Config:
-    """The config for evaluate/search; without a held-out share anywhere, 5%."""
-    flags: dict[str, Any] = {
-        "corpus.input": input,
-        "output.path": output,
-        "compute.n_workers": workers,
-        "evaluate.heldout_fraction": heldout,
-        "evaluate.seeds": [int(s) for s in seeds.split(",")] if seeds else None,
-    }
-    cfg = _load(config, pairs, **flags)
-    if cfg.evaluate.heldout_fraction == 0 and heldout is None:
-        cfg = _load(config, pairs, **(flags | {"evaluate.heldout_fraction": 0.05}))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    return cfg
-
-
-def _guarded(call):  # noqa: ANN001, ANN202
-    """``call()``, with the errors a user can fix printed instead of a traceback."""
-    from flows.mix import NoWorkerError
-    from flows.runtime import ServerStartError
-    from samplemix.corpus import CorpusError
-    from samplemix.mixing import BudgetError
-    from samplemix.store import StoreError
-
-    fixable = (BudgetError, ConfigError, CorpusError, NoWorkerError, ServerStartError, StoreError)
-    try:
-        return call()
-    except (*fixable, ValueError) as e:
-        raise _fail(e) from None
-
-
 @app.command()
+@_config_command(after=("input",))
 def annotate(
-    config: ConfigArg = None,
+    cfg: Config,
     endpoint: Annotated[
         str, typer.Option(help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     ] = "",
@@ -250,12 +295,10 @@ def annotate(
     rps: Annotated[float, typer.Option(help="Requests per second at most")] = 5.0,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the sample")] = 0,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    set_: Set = None,
 ) -> None:
     """Label a stratified sample of the corpus with an LLM on the seven-dimension rubric
     (API key from $SAMPLEMIX_ANNOTATOR_API_KEY or $OPENAI_API_KEY)."""
-    from samplemix.annotate import (
+    from samplemix.scoring.annotate import (
         Annotator,
         AnnotatorConfig,
         corpus_sample,
@@ -263,7 +306,6 @@ def annotate(
         write_table,
     )
 
-    cfg = _load(config, set_, **{"corpus.input": input})
     try:
         ann_cfg = AnnotatorConfig(
             base_url=endpoint,
@@ -314,7 +356,7 @@ def train_scorer(
     """Fine-tune an ordinal (CORAL) quality evaluator on the annotator's labels."""
     import pyarrow.parquet as pq
 
-    from samplemix.ordinal import metrics_table, train_from_labels
+    from samplemix.scoring.ordinal_evaluator import metrics_table, train_from_labels
 
     root = labels.rstrip("/")
     try:
@@ -352,7 +394,7 @@ def distill_embedder(
     pca_dims: Annotated[int, typer.Option(help="Vector size after PCA; 0 = no PCA")] = 256,
 ) -> None:
     """Distill a static (model2vec) embedder from a local encoder: a fast CPU path."""
-    from samplemix.static import distill_static
+    from samplemix.scoring.static_embed import distill_static
 
     try:
         folder = distill_static(base, out, pca_dims or None)
@@ -380,26 +422,24 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 @app.command()
+@_config_command(before=("input", "output"))
 def plan(
-    config: ConfigArg = None,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    output: Annotated[str | None, typer.Option(help="Output folder or s3:// URL")] = None,
+    cfg: Config,
     shards: Annotated[bool, typer.Option("--shards", help="One line per shard")] = False,
-    set_: Set = None,
 ) -> None:
     """Show, before running, which stages and shards are cached and which would be
     computed, and why."""
     from rich.console import Console
     from rich.table import Table
 
-    from samplemix import stages
-    from samplemix.corpus import CorpusError
-    from samplemix.plan import plan_rows, plan_steps
-    from samplemix.store import StoreError
+    from samplemix.io.corpus import CorpusError
+    from samplemix.io.store import StoreError
+    from samplemix.pipeline import keys
+    from samplemix.pipeline.plan import plan_rows, plan_steps
 
-    cfg = _with_credentials(_load(config, set_, **{"corpus.input": input, "output.path": output}))
+    cfg = _with_credentials(cfg)
     try:
-        steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
+        steps = plan_steps(cfg, keys.store_for(cfg), keys.output_for(cfg))
     except (CorpusError, StoreError, ConfigError) as e:
         raise _fail(e) from None
     table = Table("stage", "shard" if shards else "tasks", "status", "reason", box=None)
@@ -424,7 +464,7 @@ def status(
 ) -> None:
     """Show what the last finished run under OUTPUT computed and reused, and whether
     its output and store artifacts are all still there."""
-    from samplemix.store import Key, Output, Store, StoreError
+    from samplemix.io.store import Key, Output, Store, StoreError
 
     cfg = _with_credentials(_load(config, None, **{"corpus.input": "-"})) if config else None
     retries = cfg.storage.retries if cfg else 5
@@ -479,22 +519,22 @@ def gc(
     earlier scorers, models, settings, and artifacts left incomplete by killed runs.
     Artifacts written in the last --min-age-hours are kept: another run may be
     writing them."""
-    from samplemix import stages
-    from samplemix.corpus import CorpusError
-    from samplemix.plan import STAGES, plan_steps
-    from samplemix.store import StoreError
+    from samplemix.io.corpus import CorpusError
+    from samplemix.io.store import StoreError
+    from samplemix.pipeline import keys
+    from samplemix.pipeline.plan import STAGES, plan_steps
 
     keep: dict[str, set[str]] = {st: set() for st in STAGES}
     unsure: set[str] = set()
     store = None
     for path in configs:
         cfg = _with_credentials(_load(path, None))
-        this = stages.store_for(cfg)
+        this = keys.store_for(cfg)
         if store is not None and this.root != store.root:
             raise _fail(ValueError(f"{path} uses store {this.root}, not {store.root}"))
         store = this
         try:
-            steps = plan_steps(cfg, store, stages.output_for(cfg))
+            steps = plan_steps(cfg, store, keys.output_for(cfg))
         except (CorpusError, StoreError, ConfigError) as e:
             raise _fail(e) from None
         for st in steps:
@@ -529,14 +569,12 @@ def gc(
 
 
 @app.command("config")
+@_config_command(after=("input",))
 def config_cmd(
-    config: ConfigArg = None,
+    cfg: Config,
     show: Annotated[bool, typer.Option("--show", help="Print the resolved config")] = True,
-    input: Annotated[str | None, typer.Option(help="Corpus folder, glob or s3:// URL")] = None,
-    set_: Set = None,
 ) -> None:
     """Validate a config and print it resolved, with every default."""
-    cfg = _load(config, set_, **{"corpus.input": input})
     if show:
         typer.echo(config_to_yaml(cfg), nl=False)
 

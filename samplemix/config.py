@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from samplemix.mixing.methods import METHODS
+
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 
 
@@ -221,9 +223,6 @@ class DiversityConfig(_Section):
     separation: Literal["nearest", "mean", "mean_nearest"] = "nearest"
     m: int = Field(3, gt=0, description="Neighbours for separation='mean_nearest'")
     lam: float = Field(0.5, ge=0, le=1, description="λ for form='additive'")
-
-
-METHODS = ("samplemix", "quadmix", "vanilla", "fixed", "temperature", "ce")
 
 
 class QuadMixConfig(_Section):

@@ -31,7 +31,7 @@ def example_texts(n: int) -> list[str]:
 def fingerprint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Model fingerprints stored for the session's temporary models go to a temporary
     folder, not the home's cache."""
-    from samplemix import models
+    from samplemix.scoring import models
 
     models.FINGERPRINTS = tmp_path_factory.mktemp("fingerprints")
 
@@ -143,7 +143,7 @@ def save_tiny_classifier(  # noqa: ANN201
     import torch
     from transformers import BertForSequenceClassification
 
-    from samplemix.models import load_tokenizer
+    from samplemix.scoring.models import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     torch.manual_seed(seed)
@@ -179,7 +179,7 @@ def save_tiny_encoder(path: Path) -> str:
     import torch
     from transformers import BertModel
 
-    from samplemix.models import load_tokenizer
+    from samplemix.scoring.models import load_tokenizer
 
     tokenizer = load_tokenizer("minilm")
     torch.manual_seed(0)

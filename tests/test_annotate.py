@@ -1,4 +1,4 @@
-"""samplemix.annotate against a real chat-completions server on 127.0.0.1.
+"""samplemix.scoring.annotate against a real chat-completions server on 127.0.0.1.
 
 The server (a ThreadingHTTPServer in a thread) scores each document from simple text
 statistics (:func:`expected_scores`), so the right labels are computable here, and can
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from samplemix.annotate import (
+from samplemix.scoring.annotate import (
     DIMENSIONS,
     LABEL_SCHEMA,
     MAX_TOTAL,
@@ -33,12 +33,11 @@ from samplemix.annotate import (
     _allocate,
     load_prompt,
     parse_scores,
-    read_labels,
     sha256_text,
     stratified_sample,
     write_labels,
 )
-from samplemix.annotate import Annotator as _Annotator
+from samplemix.scoring.annotate import Annotator as _Annotator
 
 # --------------------------------------------------------------------------- fake server
 
@@ -219,7 +218,7 @@ def test_labels_match_the_server(server: ChatServer, tmp_path: Path) -> None:
     assert set(table.column("label_model").to_pylist()) == {"test-model"}
     assert set(table.column("prompt_version").to_pylist()) == {"rubric_v1"}
     assert server.requests == len(DOCS)
-    meta = json.loads(table.schema.metadata[b"samplemix.annotate"])
+    meta = json.loads(table.schema.metadata[b"samplemix.scoring.annotate"])
     assert meta["template_sha256"] == load_prompt("rubric_v1").sha256
 
 
@@ -259,7 +258,7 @@ def test_429_honours_retry_after(
     # backoff_s would wait 5 s and more; Retry-After: 0 must replace it. The wait each
     # retry chose is in its log line, so no clock is read.
     cfg = make_cfg(server.base_url, tmp_path, backoff_s=5.0, max_backoff_s=30.0)
-    with caplog.at_level(logging.WARNING, logger="samplemix.annotate"):
+    with caplog.at_level(logging.WARNING, logger="samplemix.scoring.annotate"):
         table = annotate(cfg, DOCS[:1])
     waits = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
     assert [w.rsplit("; ", 1)[1] for w in waits] == ["next in 0.00 s)"] * 2
@@ -388,12 +387,13 @@ def test_labels_round_trip_through_parquet(server: ChatServer, tmp_path: Path) -
     path = tmp_path / "labels" / "labels.parquet"
     path.parent.mkdir()
     write_labels(table, str(path))
-    back = read_labels(str(path))
+    back = pq.read_table(path)  # as train-scorer reads it (load_training_pairs)
     assert back.equals(table)
     assert back.column("total").null_count == 1
-    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "other.parquet")
+    other = tmp_path / "other.parquet"
     with pytest.raises(ValueError, match="missing columns"):
-        read_labels(str(tmp_path / "other.parquet"))
+        write_labels(pa.table({"id": ["a"]}), str(other))
+    assert not other.exists()
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,4 +1,4 @@
-"""Tests for samplemix.baselines (method.md §3).
+"""Tests for samplemix.mixing.baselines (method.md §3).
 
 Expected numbers are worked out by hand in the comments; the sampling tests run the
 proportions through the real budget stage (mixing.budget_scale, expected_counts,
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from samplemix.baselines import (
+from samplemix.mixing.baselines import (
     bigram_counts,
     ce_proportions,
     conditional_entropy,
@@ -21,7 +21,12 @@ from samplemix.baselines import (
     temperature_proportions,
     vanilla_proportions,
 )
-from samplemix.mixing import budget_scale, expected_counts, realised_counts, rounding_variance
+from samplemix.mixing.weights import (
+    budget_scale,
+    expected_counts,
+    realised_counts,
+    rounding_variance,
+)
 
 TOKENS = {"web": 600, "code": 300, "books": 100}
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import EXAMPLES
 
-from samplemix import models
+from samplemix.scoring import models
 
 
 def corpus_texts() -> list[str]:

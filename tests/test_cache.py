@@ -15,10 +15,10 @@ from s3 import KEY, REGION, SECRET, MotoServer
 from typer.testing import CliRunner
 
 from flows.mix import run_mix
-from samplemix import stages
 from samplemix.cli import app
 from samplemix.config import Config, config_to_yaml, load_config
-from samplemix.plan import plan_rows, plan_steps
+from samplemix.pipeline import keys
+from samplemix.pipeline.plan import plan_rows, plan_steps
 
 pytestmark = pytest.mark.slow
 # Planted credentials (moto accepts any): nothing a run writes may contain them.
@@ -49,7 +49,7 @@ def fs(moto: MotoServer) -> s3fs.S3FileSystem:
 
 def planned(cfg: Config) -> dict[str, list[tuple[int, str, str]]]:
     """``samplemix plan`` as {stage: [(tasks, status, reason), ...]}."""
-    steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
+    steps = plan_steps(cfg, keys.store_for(cfg), keys.output_for(cfg))
     out: dict[str, list[tuple[int, str, str]]] = {}
     for stage, n, status, why in plan_rows(steps):
         out.setdefault(stage, []).append((n, status, why))

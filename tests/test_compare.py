@@ -1,4 +1,4 @@
-"""Tests for samplemix.compare: selection statistics, overlaps, Markdown, plots, files.
+"""Tests for samplemix.reporting.compare: selection statistics, overlaps, Markdown, plots, files.
 
 Five hand-made documents in two domains; every expected number is worked on paper:
 
@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from samplemix import compare
-from samplemix.compare import (
+from samplemix.reporting import compare
+from samplemix.reporting.compare import (
     PLOTS,
     compare_markdown,
     compare_plots,
@@ -398,7 +398,7 @@ def test_plotting_leaves_pyplot_and_backend_alone():
     """In a fresh process (backend unresolved), rendering the plots imports no pyplot."""
     code = (
         "import sys, numpy as np;"
-        "from samplemix.compare import compare_plots, selection_stats;"
+        "from samplemix.reporting.compare import compare_plots, selection_stats;"
         "from test_compare import plan, COUNTS;"
         "s = {'A': selection_stats(plan(COUNTS['A']))};"
         "compare_plots(s, np.array([[1.0]]), ['A']);"

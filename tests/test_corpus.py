@@ -1,4 +1,4 @@
-"""Tests for samplemix.corpus: shard discovery, reading, rejects and whole-file errors.
+"""Tests for samplemix.io.corpus: shard discovery, reading, rejects and whole-file errors.
 
 Every fixture is a real file written into tmp_path (pyarrow for Parquet, gzip and
 zstandard for compressed JSONL), so the expected documents, reject reasons and row
@@ -17,16 +17,16 @@ import pytest
 import zstandard
 
 from samplemix.config import CorpusConfig, load_config
-from samplemix.corpus import (
+from samplemix.io.corpus import (
     DOCS_SCHEMA,
     REJECTS_SCHEMA,
     CorpusError,
     Shard,
     ShardDocs,
     discover_shards,
+    read_docs,
     read_shard,
 )
-from samplemix.stages import read_docs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 JSONL_SUFFIXES = [".jsonl", ".jsonl.gz", ".jsonl.zst"]

@@ -220,7 +220,7 @@ def test_deployments_and_schedules_read_back_through_the_api(deployed: dict) -> 
 def test_deployment_run_completes_with_named_runs_artifacts_and_progress(
     deployed: dict, first: dict
 ) -> None:
-    from samplemix.report import PLOTS
+    from samplemix.reporting.run_report import PLOTS
 
     assert first["parent"].name == f"mix-{deployed['suffix']}: {MIX_NAME}"
     child = first["child"]

@@ -1,4 +1,4 @@
-"""Tests for samplemix.diversity and samplemix.kmeans on clusters of known geometry.
+"""Tests for samplemix.mixing.diversity and samplemix.mixing.kmeans on clusters of known geometry.
 
 Five unit centroids in R³ (cluster 3 holds no documents):
     μ0 = (1, 0, 0)          μ1 = (1/2, √3/2, 0)      μ2 = (0, 0, 1)
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from samplemix.config import DiversityConfig
-from samplemix.diversity import (
+from samplemix.mixing.diversity import (
     ClusterPartials,
     cluster_partials,
     cluster_stats,
@@ -30,7 +30,7 @@ from samplemix.diversity import (
     overlap_matrix,
     separation,
 )
-from samplemix.kmeans import assign, auto_k, fit_centroids
+from samplemix.mixing.kmeans import assign, auto_k, fit_centroids
 
 S3 = np.sqrt(3) / 2
 CENTROIDS = np.array(

@@ -19,11 +19,12 @@ import torch
 from conftest import tiny_config, write_tiny_corpus
 
 from flows.evaluate import run_evaluate, run_search
-from samplemix import evaluate as ev
-from samplemix import mixing, stages
 from samplemix.config import load_config
-from samplemix.proxy import train_proxy
-from samplemix.store import Key
+from samplemix.evaluation import stages as ev
+from samplemix.evaluation.proxy import train_proxy
+from samplemix.io.store import Key
+from samplemix.mixing import weights as mixing
+from samplemix.pipeline import keys as pipeline_keys
 
 pytestmark = pytest.mark.slow
 HELDOUT = 0.25
@@ -84,7 +85,7 @@ def test_heldout_documents_are_in_no_mixture(evaluated: dict) -> None:
 
 def test_evaluation_sets_are_the_heldout_documents(evaluated: dict) -> None:
     root, cfg = evaluated["root"], evaluated["cfg"]
-    store = stages.store_for(cfg)
+    store = pipeline_keys.store_for(cfg)
     keys = {a.stage: a for a in store.artifacts()}
     assert "evalsets" not in keys  # evaluation artifacts are outside the mix stages (gc)
     tok = ev.load_proxy_tokenizer(store, only_key(root, "proxytok"), cfg)
@@ -114,7 +115,7 @@ def test_a_result_equals_a_proxy_trained_by_hand(evaluated: dict) -> None:
     assert [(r["variant"], r["seed"]) for r in runs] == [
         (v, s) for v in ["vanilla", "samplemix-a0.8", "samplemix-a0"] for s in (0, 1)
     ]
-    store = stages.store_for(cfg)
+    store = pipeline_keys.store_for(cfg)
     tok = ev.load_proxy_tokenizer(store, only_key(root, "proxytok"), cfg)
     sets = ev.load_evalsets(store, only_key(root, "evalsets"))
     train = ev.mixture_token_ids(str(root / "out" / "samplemix-a0.8"), tok)

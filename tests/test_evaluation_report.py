@@ -1,4 +1,4 @@
-"""Tests for samplemix.evaluation_report: statistics over seeds, verdict, Markdown, CSV,
+"""Tests for samplemix.reporting.evaluation_report: statistics over seeds, verdict, Markdown, CSV,
 plots and files. Every expected number is worked by hand:
 
     variant    objectives (= heldout)   mean   std (ddof=1)   web losses          code
@@ -22,7 +22,7 @@ import math
 
 import pytest
 
-from samplemix.evaluation_report import (
+from samplemix.reporting.evaluation_report import (
     PLOTS,
     ProxyRun,
     evaluation_markdown,

@@ -12,8 +12,8 @@ from conftest import save_tiny_encoder, tiny_config, write_tiny_corpus
 from test_annotate import ChatServer, expected_scores, server  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
-from samplemix.annotate import TRUNCATION_MARKER
 from samplemix.cli import app
+from samplemix.scoring.annotate import TRUNCATION_MARKER
 
 pytestmark = pytest.mark.slow
 

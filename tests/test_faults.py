@@ -21,11 +21,11 @@ from distributed.scheduler import KilledWorker
 from s3 import KEY, REGION, SECRET, FlakyProxy, MotoServer, free_port, s3_storage_options
 
 from flows.mix import run_mix
-from samplemix import stages
 from samplemix.config import load_config
-from samplemix.corpus import CorpusError, discover_shards
-from samplemix.plan import plan_steps
-from samplemix.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key, transient
+from samplemix.io.corpus import CorpusError, discover_shards, read_docs
+from samplemix.io.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key, transient
+from samplemix.pipeline import keys, stages
+from samplemix.pipeline.plan import plan_steps
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -55,13 +55,11 @@ def test_worker_killed_in_embed_leaves_nothing_trusted_and_rerun_matches(
         run_mix(cfg)
     monkeypatch.delenv(KILL_BEFORE_COMMIT)
 
-    store = stages.store_for(cfg)
+    store = keys.store_for(cfg)
     embed = store.artifacts("embed")
     assert embed and not any(a.committed for a in embed)  # files written, none committed
     assert all((Path(store.root) / "embed" / a.id / "embeddings.npy").exists() for a in embed)
-    reasons = {
-        s.reason for s in plan_steps(cfg, store, stages.output_for(cfg)) if s.stage == "embed"
-    }
+    reasons = {s.reason for s in plan_steps(cfg, store, keys.output_for(cfg)) if s.stage == "embed"}
     assert "incomplete artifact (interrupted run): recompute" in reasons
     assert not (tmp_path / "killed" / "_manifest.json").exists()
 
@@ -216,7 +214,7 @@ def test_corpus_read_during_an_outage_is_retried_not_skipped(
         },
     )
     shard = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))[0]
-    assert stages.read_docs(shard, cfg).docs.num_rows == 8
+    assert read_docs(shard, cfg).docs.num_rows == 8
     proxy.down()
     with pytest.raises(Exception) as e:  # noqa: PT011 - whatever the network raised
         stages.read_docs(shard, cfg)
@@ -265,7 +263,7 @@ def test_run_survives_store_outages(
     assert file_bytes(tmp_path / "out" / "mixture") == file_bytes(
         tmp_path / "reference" / "mixture"
     )
-    store = stages.store_for(cfg)
+    store = keys.store_for(cfg)
     assert store.root.startswith("s3://")
     assert store.artifacts() and all(a.committed for a in store.artifacts())
 
@@ -294,7 +292,7 @@ def test_credentials_from_a_prefect_aws_block(moto: MotoServer, prefect_server: 
     resolved = with_block_credentials(cfg)
     assert resolved.storage.endpoint_url == moto.endpoint
     assert resolved.storage.key.get_secret_value() == KEY
-    stages.store_for(resolved).check()  # reaches moto: the endpoint came from the block
+    keys.store_for(resolved).check()  # reaches moto: the endpoint came from the block
     cfg.storage.aws_credentials_block = "no-such-block"
     with pytest.raises(ConfigError, match="'no-such-block' cannot be loaded"):
         with_block_credentials(cfg)

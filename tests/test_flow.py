@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config, write_tiny_corpus
 
 from flows.mix import run_mix
-from samplemix.mixing import BudgetError
+from samplemix.mixing.weights import BudgetError
 
 
 def read_dir(path: Path):  # noqa: ANN201 - a pyarrow Table
@@ -106,7 +106,7 @@ def test_report_published_as_prefect_artifacts(first_run: dict) -> None:
 def test_corpus_with_no_usable_rows_is_a_clear_error(first_run: dict) -> None:
     import pyarrow as pa
 
-    from samplemix.corpus import CorpusError
+    from samplemix.io.corpus import CorpusError
 
     corpus = first_run["root"] / "empty-corpus" / "web"
     corpus.mkdir(parents=True)

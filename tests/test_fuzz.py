@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from samplemix.config import Config, ConfigError, load_config
-from samplemix.corpus import CorpusError, ShardDocs, discover_shards, read_shard
-from samplemix.store import transient
+from samplemix.io.corpus import CorpusError, ShardDocs, discover_shards, read_shard
+from samplemix.io.store import transient
 
 FIELDS = [
     "corpus.text_column",

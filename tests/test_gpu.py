@@ -20,10 +20,11 @@ from conftest import (
 
 from flows.mix import run_mix
 from flows.runtime import gpu_cluster, local_cluster
-from samplemix import kmeans, models
 from samplemix.config import ConfigError, EmbedConfig, QualityConfig
-from samplemix.embed import embed_texts
-from samplemix.quality import make_scorer
+from samplemix.mixing import kmeans
+from samplemix.scoring import models
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.quality import make_scorer
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -83,7 +84,7 @@ def test_scores_do_not_depend_on_overlap(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(models, "OVERLAP_CHUNK", 5)
     real = models.device_batches
     monkeypatch.setattr(
-        "samplemix.quality.device_batches",
+        "samplemix.scoring.quality.device_batches",
         lambda *a, **k: real(*a, **k, overlap=True),
     )
     np.testing.assert_allclose(make_scorer(cfg).score(texts), plain, rtol=1e-5, atol=1e-6)
@@ -153,8 +154,8 @@ def test_compiled_models_give_the_eager_results_under_the_same_keys(tmp_path: Pa
     from torch._dynamo.eval_frame import OptimizedModule
 
     from samplemix.config import load_config
-    from samplemix.corpus import discover_shards
-    from samplemix.stages import embed_key, quality_key
+    from samplemix.io.corpus import discover_shards
+    from samplemix.pipeline.keys import embed_key, quality_key
 
     texts = example_texts(24)
     encoder = save_tiny_encoder(tmp_path / "enc")

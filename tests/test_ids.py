@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samplemix.ids import duplicates, id_hashes
+from samplemix.io.duplicate_ids import duplicates, id_hashes
 
 SHARDS = ["a.jsonl", "b.jsonl", "c.jsonl"]
 IDS = [["x", "y", "x", "z"], ["w", "y"], ["x", "v"]]  # x three times, y twice

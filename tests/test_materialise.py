@@ -1,4 +1,4 @@
-"""Tests for samplemix.materialise: the bucketed shuffle that writes the mixture.
+"""Tests for samplemix.io.mixture_shards: the bucketed shuffle that writes the mixture.
 
 Four documents with counts [0, 1, 3, 2] make 0 + 1 + 3 + 2 = 6 rows:
 b once (copy 0), c three times (copies 0, 1, 2), d twice (copies 0, 1); a never.
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from samplemix.materialise import MIXTURE_SCHEMA, bucket_count, copy_keys, gather, scatter
+from samplemix.io.mixture_shards import MIXTURE_SCHEMA, bucket_count, copy_keys, gather, scatter
 
 COUNTS = np.array([0, 1, 3, 2], dtype=np.int64)
 EXPECTED = Counter({("b", 0): 1, ("c", 0): 1, ("c", 1): 1, ("c", 2): 1, ("d", 0): 1, ("d", 1): 1})

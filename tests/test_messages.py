@@ -30,12 +30,15 @@ import s3fs
 from conftest import tiny_config, wait_for, write_tiny_corpus
 from s3 import FlakyProxy, MotoServer, s3_storage_options
 
-from samplemix import report, stages
 from samplemix.config import CorpusConfig, load_config
-from samplemix.corpus import CorpusError, discover, discover_shards, passed_over_lines
-from samplemix.ids import DUPLICATES_SCHEMA
-from samplemix.report import ReportInputs
-from samplemix.store import Output, Store, StoreError, artifact_key
+from samplemix.io.corpus import CorpusError, discover, discover_shards, passed_over_lines
+from samplemix.io.duplicate_ids import DUPLICATES_SCHEMA
+from samplemix.io.store import Output, Store, StoreError, artifact_key
+from samplemix.pipeline import keys as pipeline_keys
+from samplemix.pipeline import stages
+from samplemix.pipeline.summary import report_inputs, shard_accounting
+from samplemix.reporting import run_report as report
+from samplemix.reporting.run_report import ReportInputs
 
 
 def write_parquet(path: Path, table: pa.Table) -> Path:
@@ -86,12 +89,12 @@ def test_skipped_shards_count_the_rows_their_files_hold_or_say_unknown(tmp_path:
     (corpus / "books" / "cut.parquet").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
 
     cfg = load_config(None, {"corpus.input": str(corpus), "corpus.on_bad_shard": "skip"})
-    store = Store(str(tmp_path / "store"), stages=stages.STAGES)
+    store = Store(str(tmp_path / "store"), stages=pipeline_keys.STAGES)
     shards = discover_shards(cfg.corpus)
-    keys = [stages.tokens_key(s, cfg) for s in shards]
+    keys = [pipeline_keys.tokens_key(s, cfg) for s in shards]
     tok = [stages.run_tokens(s, cfg, store, k) for s, k in zip(shards, keys, strict=True)]
     ids = {"dropped": {}, "renamed": {}, "dropped_tokens": {}}
-    rows = {r["shard"]: r for r in stages.shard_accounting([s.shard_id for s in shards], tok, ids)}
+    rows = {r["shard"]: r for r in shard_accounting([s.shard_id for s in shards], tok, ids)}
 
     known = {"web/no_text.parquet": no_text.num_rows, "books/no_text.jsonl.gz": len(lines)}
     assert {s: r["skipped_rows"] for s, r in rows.items()} == {
@@ -188,10 +191,10 @@ def test_a_budget_missed_by_one_huge_document_is_a_warning_naming_it(tmp_path: P
     path = write_parquet(tmp_path / "corpus" / "web" / "p.parquet", pa.table({"text": doc_ids}))
     cfg = load_config(None, {"corpus.input": str(path)})
     (shard,) = discover_shards(cfg.corpus)
-    store = Store(str(tmp_path / "store"), stages=stages.STAGES)
-    tok, ids, qual, assign, weights, counts = (
+    store = Store(str(tmp_path / "store"), stages=pipeline_keys.STAGES)
+    tok, ids, qual, assign, weights, budget, counts = (
         artifact_key(stage, "test", shard.shard_id)
-        for stage in ("tokens", "ids", "quality", "assign", "weights", "counts")
+        for stage in ("tokens", "ids", "quality", "assign", "weights", "budget", "counts")
     )
     index = {"row": range(6), "id": doc_ids, "domain": ["web"] * 6, "tokens": n_tok}
     store.put_table(tok, "index.parquet", pa.table(index))
@@ -199,9 +202,8 @@ def test_a_budget_missed_by_one_huge_document_is_a_warning_naming_it(tmp_path: P
     store.put_array(qual, "quality.npy", np.zeros(6))
     store.put_table(assign, "assign.parquet", pa.table({"cluster": [0] * 6, "distance": [0.0] * 6}))
     store.put_arrays(weights, "weights.npz", diversity=np.zeros(6), weight=expected)  # scale 1
-    summary = stages.run_counts(
-        shard, tok, ids, qual, assign, weights, {"scale": 1.0, "buckets": 1}, cfg, store, counts
-    )
+    store.commit(budget, {"scale": 1.0, "buckets": 1})
+    summary = stages.run_counts(shard, tok, ids, qual, assign, weights, budget, cfg, store, counts)
 
     plan = store.get_table(counts, "plan.parquet").to_pydict()
     drawn = dict(zip(plan["id"], plan["count"], strict=True))
@@ -215,7 +217,7 @@ def test_a_budget_missed_by_one_huge_document_is_a_warning_naming_it(tmp_path: P
         "skipped": False,
         "skipped_rows": None,
     }
-    inputs = stages.report_inputs(
+    inputs = report_inputs(
         [shard.shard_id],
         [tokens],
         {"dropped": {}, "renamed": {}, "dropped_tokens": {}},

@@ -100,9 +100,9 @@ def test_temperature_and_fixed_shares(compared: dict) -> None:
 
 
 def test_ce_shares_are_the_softmax_of_domain_entropies(compared: dict) -> None:
-    from samplemix import stages
+    from samplemix.pipeline import keys
 
-    store = stages.store_for(variants(compared["cfg"], ["ce"], [])["ce"])
+    store = keys.store_for(variants(compared["cfg"], ["ce"], [])["ce"])
     (entropy,) = [
         done["summary"]["entropy"]
         for _, done in store.manifests("domains")

@@ -1,4 +1,4 @@
-"""Tests for samplemix.mixing: weights, the budget scale, expected and realised counts.
+"""Tests for samplemix.mixing.weights: weights, the budget scale, expected and realised counts.
 
 Every expected number is worked out by hand in the comments (method.md §1.3):
 w = α·d̂ + (1 − α)·q̂ + ε, c = s·w with s = T_tgt / Σ w·len, n = ⌊c⌋ + Bernoulli(c − ⌊c⌋).
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from samplemix.mixing import (
+from samplemix.mixing.weights import (
     BudgetError,
     budget_scale,
     doc_uniforms,

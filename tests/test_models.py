@@ -15,9 +15,9 @@ import torch
 from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
-from samplemix import models
 from samplemix.config import Config, ConfigError
-from samplemix.models import (
+from samplemix.scoring import models
+from samplemix.scoring.models import (
     LOADED_MAX,
     _loaded,
     load_model,
@@ -26,7 +26,7 @@ from samplemix.models import (
     model_fingerprint,
     pinned,
 )
-from samplemix.onednn import with_onednn_linears
+from samplemix.scoring.onednn import with_onednn_linears
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXTS = ["The committee met on Tuesday.", "def f(x):\n    return x + 1"]
@@ -40,7 +40,7 @@ def logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
 
 def fresh_classifier(path: Path) -> torch.nn.Module:
     """The classifier saved at ``path``, loaded by transformers alone, with the CPU
-    linears load_model gives it (samplemix.onednn), so that logits compare bit for bit."""
+    linears load_model gives it (samplemix.scoring.onednn), so that logits compare bit for bit."""
     return with_onednn_linears(AutoModelForSequenceClassification.from_pretrained(path).eval())
 
 
@@ -117,7 +117,7 @@ def test_a_later_run_reads_the_stored_fingerprint_until_a_file_changes(
 
 RACE = """
 import threading
-from samplemix import models
+from samplemix.scoring import models
 errors = []
 def run(load):
     try:
@@ -228,14 +228,14 @@ def test_an_unreachable_hub_pins_to_the_cached_commit_and_says_so(
     hub(A, seed=0)
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")
-    with caplog.at_level("WARNING", logger="samplemix.models"):
+    with caplog.at_level("WARNING", logger="samplemix.scoring.models"):
         assert pinned("org/scorer") == f"org/scorer@{A}"
     assert "could not be reached" in caplog.text and "may be behind" in caplog.text
 
 
 def test_a_config_is_pinned_in_every_field_that_names_a_model(hub) -> None:  # noqa: ANN001
     from samplemix.config import load_config
-    from samplemix.stages import pinned_config
+    from samplemix.pipeline.keys import pinned_config
 
     hub(A, seed=0)
     cfg = load_config(
@@ -274,11 +274,11 @@ def test_a_run_rescores_once_the_hub_model_moves_and_keeps_the_rest(
 
     from flows.mix import run_mix
     from flows.runtime import shared_cluster
-    from samplemix import stages
-    from samplemix.plan import plan_rows, plan_steps
+    from samplemix.pipeline import keys
+    from samplemix.pipeline.plan import plan_rows, plan_steps
 
     def plan(cfg: Config) -> dict[str, tuple[str, str]]:
-        steps = plan_steps(cfg, stages.store_for(cfg), stages.output_for(cfg))
+        steps = plan_steps(cfg, keys.store_for(cfg), keys.output_for(cfg))
         return {stage: (status, why) for stage, _, status, why in plan_rows(steps)}
 
     hub(A, seed=0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import example_texts, save_tiny_classifier, save_tiny_encoder
 
-from samplemix import models, onednn
 from samplemix.config import EmbedConfig
-from samplemix.embed import embed_texts
-from samplemix.onednn import OneDNNLinear
+from samplemix.scoring import models, onednn
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.onednn import OneDNNLinear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "amd")
 
@@ -57,7 +57,7 @@ def test_loaded_models_run_their_linears_on_onednn_with_the_same_results(
 
 def test_a_row_does_not_depend_on_the_rest_of_its_batch() -> None:
     """A document's output does not depend on the batch it is in (of two rows or more;
-    see samplemix.onednn for single rows)."""
+    see samplemix.scoring.onednn for single rows)."""
     g = torch.Generator().manual_seed(1)
     layer = torch.nn.Linear(384, 1536)
     layer.__class__ = OneDNNLinear
@@ -89,7 +89,7 @@ def test_a_disagreeing_kernel_leaves_the_model_on_nn_linear(
 ) -> None:
     monkeypatch.setattr(onednn, "_agrees_here", lambda: False)
     path = save_tiny_encoder(tmp_path / "enc")
-    with caplog.at_level(logging.WARNING, logger="samplemix.onednn"):
+    with caplog.at_level(logging.WARNING, logger="samplemix.scoring.onednn"):
         model = models.load_model(path, "encoder", "cpu")
     assert set(linear_types(model)) == {torch.nn.Linear}
     assert "using nn.Linear" in caplog.text

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import save_tiny_classifier, save_tiny_encoder
 
-from samplemix import ordinal
-from samplemix.ordinal import (
+from samplemix.scoring import ordinal_evaluator as ordinal
+from samplemix.scoring.ordinal_evaluator import (
     METRIC_KEYS,
     class_expected_level,
     compare_heads,
@@ -187,7 +187,7 @@ def test_ordinal_training_learns_and_saves_a_plain_transformers_model(ordinal_ru
     # the reloaded model reproduces the saved validation metrics
     texts, levels = counting_task()
     _, val = split(60, TRAIN["val_share"], TRAIN["seed"], levels)
-    from samplemix.models import load_tokenizer
+    from samplemix.scoring.models import load_tokenizer
 
     enc = load_tokenizer(str(out))([texts[i] for i in val], padding=True, return_tensors="pt")
     with torch.inference_mode():

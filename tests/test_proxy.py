@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from samplemix.config import ProxyConfig
-from samplemix.proxy import (
+from samplemix.evaluation.proxy import (
     EOT,
     GPT,
     cosine_lr,

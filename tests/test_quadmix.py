@@ -1,4 +1,4 @@
-"""Tests for samplemix.quadmix (method.md §2).
+"""Tests for samplemix.mixing.quadmix (method.md §2).
 
 Expected numbers are worked out by hand in the comments. Conventions under test:
 percentiles are mid-ranks, p(v) = (W(better) + ½·W(tied)) / W, 0 = best;
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from samplemix.quadmix import (
+from samplemix.mixing.quadmix import (
+    PercentileMap,
     QuadMixParams,
     document_qbar,
     document_values,
     fit_rank_maps,
-    fit_sigma_maps,
     merged_quality,
     rank_percentile_map,
     sample_parameters,
@@ -223,6 +223,12 @@ PARAMS = QuadMixParams(
 )
 
 
+def sigma_maps(q: np.ndarray) -> list[PercentileMap]:
+    """The σ maps as the ranks stage builds them: one document-weighted
+    ``rank_percentile_map`` per criterion, higher = better."""
+    return [rank_percentile_map(q[:, n], higher_is_better=True) for n in range(q.shape[1])]
+
+
 def test_document_values_by_hand() -> None:
     # σ over the 6 docs, best first 5, 4, 3, 2, 1, 0: σ = (k + ½)/6 for k = 0..5.
     # Domain a: q̄ = σ = [1.5, 2.5, 3.5, 4.5]/6, equal tokens → r̄ = [0.125, 0.375, 0.625, 0.875].
@@ -231,7 +237,7 @@ def test_document_values_by_hand() -> None:
     #                               r̄ 0.375 → 2/(1+e^−1.25) + ε = 1.564599722; others ε.
     # b (λ=4, ω=0.4, η=2, ε=0.001): r̄ 0.375 → (2/(1+e^−0.1))² + ε = 1.04995837² + ε
     #                               = 1.103412589; r̄ 0.875 → ε.
-    sigma = fit_sigma_maps(Q, higher_is_better=True)
+    sigma = sigma_maps(Q)
     qbar = document_qbar(Q, DOM, sigma, PARAMS)
     np.testing.assert_allclose(qbar, (np.array([1, 2, 3, 4, 0, 5]) + 0.5) / 6)
     ranks = fit_rank_maps(qbar, DOM, TOK)
@@ -247,7 +253,7 @@ def test_document_values_by_hand() -> None:
 
 
 def test_document_values_domain_missing_from_rank_maps() -> None:
-    sigma = fit_sigma_maps(Q, higher_is_better=True)
+    sigma = sigma_maps(Q)
     ranks = fit_rank_maps(np.array([0.1, 0.2]), np.array(["a", "a"]), np.array([1, 1]))
     with pytest.raises(ValueError, match="domain 'b' has no q̄ → r̄ map"):
         document_values(Q, DOM, sigma, ranks, PARAMS)

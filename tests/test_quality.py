@@ -1,4 +1,4 @@
-"""Tests for samplemix.quality: heuristic rules, classifier readouts, perplexity.
+"""Tests for samplemix.scoring.quality: heuristic rules, classifier readouts, perplexity.
 
 Model scorers are checked against a direct, unbatched, unpadded forward pass of the
 same tiny model, so batching, length sorting and padding must not change any score
@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from samplemix.config import QualityConfig
-from samplemix.models import load_tokenizer
-from samplemix.quality import heuristic_score, make_scorer, rule_scores
+from samplemix.scoring.models import load_tokenizer
+from samplemix.scoring.quality import heuristic_score, make_scorer, rule_scores
 
 CLEAN = (
     "The river runs through the old town and past the mill that my grandfather built "

@@ -1,4 +1,4 @@
-"""Tests for samplemix.report: numbers in the Markdown, valid PNGs, fsspec writing.
+"""Tests for samplemix.reporting.run_report: numbers in the Markdown, valid PNGs, fsspec writing.
 
 The inputs are built by hand so every expected number can be checked on paper:
 tokens before 10,000 / 6,000 / 4,000 (shares 50/30/20%), after 4,060 / 4,060 / 2,030
@@ -20,8 +20,14 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from samplemix import report
-from samplemix.report import PLOTS, ReportInputs, plot_files, report_markdown, table_rows
+from samplemix.reporting import run_report as report
+from samplemix.reporting.run_report import (
+    PLOTS,
+    ReportInputs,
+    plot_files,
+    report_markdown,
+    table_rows,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -331,7 +337,7 @@ def test_plotting_leaves_pyplot_and_backend_alone():
     code = (
         "import sys; sys.path.insert(0, 'tests');"
         "from test_report import three_domains;"
-        "from samplemix.report import plot_files;"
+        "from samplemix.reporting.run_report import plot_files;"
         "plot_files(three_domains());"
         "print('matplotlib.pyplot' in sys.modules)"
     )

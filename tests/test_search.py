@@ -1,4 +1,4 @@
-"""Tests for samplemix.search: the θ → loss regressor and the choice of θ.
+"""Tests for samplemix.evaluation.search: the θ → loss regressor and the choice of θ.
 
 Proxy training is replaced by known objectives of θ with a planted optimum, plus seeded
 noise, so the tolerances below follow from the noise and the objective's shape.
@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from samplemix.config import Config
-from samplemix.quadmix import QuadMixParams
-from samplemix.search import (
+from samplemix.evaluation.search import (
     SPACES,
     SearchSpace,
     draw_parameters,
@@ -20,6 +19,7 @@ from samplemix.search import (
     search_markdown,
     search_plots,
 )
+from samplemix.mixing.quadmix import QuadMixParams
 
 SAMPLEMIX = SearchSpace("samplemix")
 QUADMIX = SearchSpace("quadmix", ("books", "code", "web"), n_criteria=2)
@@ -158,7 +158,7 @@ def test_samplemix_mixing_update_validates() -> None:
 
 
 def test_quadmix_mixing_update_validates_and_reaches_the_pipeline(tmp_path) -> None:
-    from samplemix.stages import quadmix_params
+    from samplemix.pipeline.keys import quadmix_params
 
     theta = draw_parameters(QUADMIX, 1, seed=2)[0]
     update = QUADMIX.mixing_update(theta)

@@ -14,10 +14,10 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from samplemix.config import EmbedConfig
-from samplemix.embed import embed_texts, truncated_count
-from samplemix.models import load_tokenizer, token_lengths
-from samplemix.static import distill_static, embed_static, is_static, static_truncated
-from samplemix.tokens import token_counts, token_ids
+from samplemix.scoring.embed import embed_texts, truncated_count
+from samplemix.scoring.models import load_tokenizer, token_lengths
+from samplemix.scoring.static_embed import distill_static, embed_static, is_static, static_truncated
+from samplemix.scoring.tokens import token_counts, token_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # distilling: 8x faster
 PCA = 16

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from samplemix import stages
 from samplemix.config import ConfigError, load_config
-from samplemix.corpus import Shard
-from samplemix.plan import change_reason
-from samplemix.store import Key, Output, Store, artifact_key, transient
+from samplemix.io.corpus import Shard
+from samplemix.io.store import Key, Output, Store, artifact_key, transient
+from samplemix.pipeline import keys
+from samplemix.pipeline.plan import change_reason
 
 
 def test_key_hashes_exactly_its_parts() -> None:
@@ -138,26 +138,26 @@ def test_kmeans_reuse_policy(
     )
     store = Store(str(tmp_path))
     embed = _embed_keys(5)
-    old = stages.kmeans_key(embed[:4], cfg)  # fitted before shard s4 was added
+    old = keys.kmeans_key(embed[:4], cfg)  # fitted before shard s4 was added
     store.commit(old, {"k": 3})
     docs = [20, 20, 20, 20, docs_new]
-    km, why = stages.kmeans_to_use(store, embed, docs, cfg)
+    km, why = keys.kmeans_to_use(store, embed, docs, cfg)
     assert (km == old) is reused
-    assert (km == stages.kmeans_key(embed, cfg)) is not reused
+    assert (km == keys.kmeans_key(embed, cfg)) is not reused
     assert ("kept the fit over 4 of 5 shards" in why) is reused
     # A fit with other k-means settings, or one that saw a shard not in the corpus, never counts.
     other = load_config(None, {"corpus.input": "x", "kmeans.niter": 3, "kmeans.refit": refit})
-    assert stages.kmeans_to_use(store, embed, docs, other)[0] == stages.kmeans_key(embed, other)
-    gone = stages.kmeans_to_use(store, embed[1:], docs[1:], cfg)[0]
-    assert gone == stages.kmeans_key(embed[1:], cfg)
+    assert keys.kmeans_to_use(store, embed, docs, other)[0] == keys.kmeans_key(embed, other)
+    gone = keys.kmeans_to_use(store, embed[1:], docs[1:], cfg)[0]
+    assert gone == keys.kmeans_key(embed[1:], cfg)
 
 
 def test_kmeans_reuse_waits_for_unread_shards(tmp_path: Path) -> None:
     cfg = load_config(None, {"corpus.input": "x"})
     store = Store(str(tmp_path))
     embed = _embed_keys(3)
-    store.commit(stages.kmeans_key(embed[:2], cfg), {"k": 2})
-    km, why = stages.kmeans_to_use(store, embed, [10, 10, None], cfg)
+    store.commit(keys.kmeans_key(embed[:2], cfg), {"k": 2})
+    km, why = keys.kmeans_to_use(store, embed, [10, 10, None], cfg)
     assert km is None and "decided once the new shards are read" in why
 
 
@@ -185,12 +185,12 @@ def test_output_manifest_detects_missing_and_changed_files(tmp_path: Path) -> No
 def test_keys_do_not_depend_on_the_machine(tmp_path: Path) -> None:
     import shutil
 
-    from samplemix.models import model_fingerprint, resolve_model
+    from samplemix.scoring.models import model_fingerprint, resolve_model
 
     # "auto" precision is keyed as configured, not as this machine resolves it.
     cfg = load_config(None, {"corpus.input": "x"})
     shard = Shard("/data/web/a.parquet", "web/a.parquet", "web", "10:1")
-    assert stages.embed_key(shard, cfg).parts["embed"]["dtype"] == "auto"
+    assert keys.embed_key(shard, cfg).parts["embed"]["dtype"] == "auto"
     # A model is fingerprinted by content: a copy elsewhere hashes the same, an edit differs.
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(resolve_model("minilm"), a)
@@ -208,9 +208,9 @@ def test_kmeans_never_refit_decides_without_counts(tmp_path: Path) -> None:
     cfg = load_config(None, {"corpus.input": "x", "kmeans.refit": "never"})
     store = Store(str(tmp_path))
     embed = _embed_keys(3)
-    old = stages.kmeans_key(embed[:2], cfg)
+    old = keys.kmeans_key(embed[:2], cfg)
     store.commit(old, {"k": 2})
-    km, why = stages.kmeans_to_use(store, embed, [None, None, None], cfg)
+    km, why = keys.kmeans_to_use(store, embed, [None, None, None], cfg)
     assert km == old and why == "kept the fit over 2 of 3 shards (refit: never)"
 
 

@@ -14,9 +14,9 @@ from conftest import EXAMPLES
 from transformers import BertConfig, BertForSequenceClassification
 
 from samplemix.config import EmbedConfig, QualityConfig
-from samplemix.embed import embed_texts
-from samplemix.models import batch_outputs, load_tokenizer
-from samplemix.quality import make_scorer
+from samplemix.scoring.embed import embed_texts
+from samplemix.scoring.models import batch_outputs, load_tokenizer
+from samplemix.scoring.quality import make_scorer
 
 THREADS = (1, 2, 4)
 

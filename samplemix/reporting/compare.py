@@ -14,8 +14,8 @@ weight, expected count and count. This module turns those plan tables into:
 * a Markdown report (``compare_markdown``), PNG plots (``compare_plots``) and a CSV,
   written together by ``write_comparison``.
 
-Like ``samplemix.report`` this is pure presentation and arithmetic over plan tables: it
-never imports Prefect, and it never touches pyplot's global state (figures are built on
+Like ``samplemix.reporting.run_report`` this is pure presentation and arithmetic over plan
+tables: it never imports Prefect, and it never touches pyplot's global state (figures are built on
 ``matplotlib.figure.Figure`` with an explicit Agg canvas).
 """
 
@@ -37,7 +37,8 @@ from fsspec.implementations.local import LocalFileSystem
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from samplemix.report import (
+from samplemix.reporting.formatting import csv_float, json_float, percent_of_share, significant
+from samplemix.reporting.run_report import (
     image_lines,
     label_ticks,
     markdown_table,
@@ -235,22 +236,6 @@ def _pairwise(plans: Sequence[pa.Table], fn) -> np.ndarray:
 # Markdown
 
 
-def _pct(share: float) -> str:
-    """A share in [0, 1] as percent with one decimal; nonzero below 0.05% shows <0.1%;
-    NaN shows –."""
-    if not math.isfinite(share):
-        return "–"
-    value = 100.0 * share
-    if 0 < value < 0.05:
-        return "<0.1%"
-    return f"{value:.1f}%"
-
-
-def _num(value: float) -> str:
-    """Four significant digits (scores live on different scales); NaN shows –."""
-    return f"{value:.4g}" if math.isfinite(value) else "–"
-
-
 def _delta(value: float, ref: float) -> str:
     return f"{value - ref:+.4g}" if math.isfinite(value) and math.isfinite(ref) else "–"
 
@@ -309,7 +294,7 @@ def _budget_section(
             dev = s.realised_tokens - target
             row.append(f"{dev:+,} ({100.0 * dev / target:+.3f}%)")
         docs_share = s.distinct_docs / s.source_docs if s.source_docs else math.nan
-        row += [f"{s.copies:,}", f"{s.distinct_docs:,}", _pct(docs_share)]
+        row += [f"{s.copies:,}", f"{s.distinct_docs:,}", percent_of_share(docs_share)]
         rows.append(row)
     lines += [markdown_table(headers, rows), ""]
     empty = [m for m in methods if stats[m].realised_tokens == 0]
@@ -330,7 +315,11 @@ def _domain_section(
     )
     lines.append("")
     rows = [
-        (d, _pct(natural.get(d, 0.0)), *(_pct(stats[m].domain_shares.get(d, 0.0)) for m in methods))
+        (
+            d,
+            percent_of_share(natural.get(d, 0.0)),
+            *(percent_of_share(stats[m].domain_shares.get(d, 0.0)) for m in methods),
+        )
         for d in domains
     ]
     lines += [markdown_table(["Domain", "natural", *methods], rows), ""]
@@ -351,9 +340,9 @@ def _score_section(
     rows: list[Sequence[object]] = [
         (
             "source (natural)",
-            _num(first.source_quality_mean),
+            significant(first.source_quality_mean),
             "–",
-            _num(first.source_diversity_mean),
+            significant(first.source_diversity_mean),
             "–",
             "–",
             f"{first.clusters_total:,} of {first.clusters_total:,}",
@@ -364,11 +353,11 @@ def _score_section(
         rows.append(
             (
                 m,
-                _num(s.quality_mean),
+                significant(s.quality_mean),
                 _delta(s.quality_mean, s.source_quality_mean),
-                _num(s.diversity_mean),
+                significant(s.diversity_mean),
                 _delta(s.diversity_mean, s.source_diversity_mean),
-                _pct(s.repeated_token_share),
+                percent_of_share(s.repeated_token_share),
                 f"{s.clusters_covered:,} of {s.clusters_total:,}",
             )
         )
@@ -397,7 +386,7 @@ def _score_section(
 
 
 def _matrix(names: Sequence[str], values: np.ndarray) -> str:
-    rows = [(n, *(_pct(v) for v in row)) for n, row in zip(names, values, strict=True)]
+    rows = [(n, *(percent_of_share(v) for v in row)) for n, row in zip(names, values, strict=True)]
     return markdown_table(["", *names], rows)
 
 
@@ -420,8 +409,8 @@ def _overlap_section(
             i, j = np.unravel_index(int(np.nanargmax(off)), off.shape)
             k, m = np.unravel_index(int(np.nanargmin(off)), off.shape)
             lines += [
-                f"Most alike: {methods[i]} and {methods[j]} ({_pct(off[i, j])});"
-                f" least alike: {methods[k]} and {methods[m]} ({_pct(off[k, m])}).",
+                f"Most alike: {methods[i]} and {methods[j]} ({percent_of_share(off[i, j])});"
+                f" least alike: {methods[k]} and {methods[m]} ({percent_of_share(off[k, m])}).",
                 "",
             ]
     if jaccards is not None:
@@ -661,14 +650,6 @@ def _check_same_documents(ref: str, a: pa.Table, other: str, b: pa.Table) -> Non
         )
 
 
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def _csv_float(value: float) -> str:
-    return repr(float(value)) if math.isfinite(value) else ""
-
-
 def comparison_csv(stats: Mapping[str, SelectionStats], methods: Sequence[str]) -> str:
     """One row per method: method, realised_tokens, copies, distinct_docs, quality_mean,
     diversity_mean, repeated_token_share, clusters_covered, then ``share:<domain>`` (token
@@ -696,11 +677,11 @@ def comparison_csv(stats: Mapping[str, SelectionStats], methods: Sequence[str]) 
                 s.realised_tokens,
                 s.copies,
                 s.distinct_docs,
-                _csv_float(s.quality_mean),
-                _csv_float(s.diversity_mean),
-                _csv_float(s.repeated_token_share),
+                csv_float(s.quality_mean),
+                csv_float(s.diversity_mean),
+                csv_float(s.repeated_token_share),
                 s.clusters_covered,
-                *(_csv_float(s.domain_shares.get(d, 0.0)) for d in domains),
+                *(csv_float(s.domain_shares.get(d, 0.0)) for d in domains),
             ]
         )
     return buf.getvalue()
@@ -771,14 +752,14 @@ def write_comparison(
             "realised_tokens": stats[m].realised_tokens,
             "copies": stats[m].copies,
             "distinct_docs": stats[m].distinct_docs,
-            "quality_mean": _json_float(stats[m].quality_mean),
-            "diversity_mean": _json_float(stats[m].diversity_mean),
+            "quality_mean": json_float(stats[m].quality_mean),
+            "diversity_mean": json_float(stats[m].diversity_mean),
             "domain_shares": dict(stats[m].domain_shares),
         }
         for m in methods
     }
-    summary["overlap"] = [[_json_float(v) for v in row] for row in overlaps]
-    summary["jaccard"] = [[_json_float(v) for v in row] for row in jaccards]
+    summary["overlap"] = [[json_float(v) for v in row] for row in overlaps]
+    summary["jaccard"] = [[json_float(v) for v in row] for row in jaccards]
     return summary
 
 

@@ -29,6 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from samplemix.reporting.formatting import percent, significant
+
 DPI = 110
 
 #: Plot names in report order; ``plot_files`` writes ``<name>.png`` for each, and the
@@ -285,18 +287,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], rig
     return "\n".join(lines)
 
 
-def _pct(value: float) -> str:
-    """Percent with one decimal; a nonzero share that would round to 0.0% shows as <0.1%."""
-    if 0 < value < 0.05:
-        return "<0.1%"
-    return f"{value:.1f}%"
-
-
-def _num(value: float) -> str:
-    """Four significant digits: scores live on very different scales (0..9, ~1e-3, −ppl)."""
-    return f"{value:.4g}"
-
-
 def _setting(value: object) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -365,8 +355,8 @@ def _domain_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
             f"{r['docs_after']:,}",
             f"{r['tokens_before']:,}",
             f"{r['tokens_after']:,}",
-            _pct(r["share_before_pct"]),
-            _pct(r["share_after_pct"]),
+            percent(r["share_before_pct"]),
+            percent(r["share_after_pct"]),
         )
         for r in _domain_rows(inp)
     ]
@@ -407,7 +397,14 @@ def _score_section(
             continue
         p10, median, p90 = np.percentile(v, [10, 50, 90])
         rows.append(
-            (d, f"{v.size:,}", _num(v.mean()), _num(median), _num(p10), _num(p90)),
+            (
+                d,
+                f"{v.size:,}",
+                significant(v.mean()),
+                significant(median),
+                significant(p10),
+                significant(p90),
+            ),
         )
     lines = [f"### {title}", ""]
     if not rows:
@@ -424,10 +421,10 @@ def _counts_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
     total = sum(k for _, k in hist)
     if not total:
         return lines + ["none recorded", ""]
-    rows = [(n, f"{k:,}", _pct(100.0 * k / total)) for n, k in hist]
+    rows = [(n, f"{k:,}", percent(100.0 * k / total)) for n, k in hist]
     picked = sum(k for n, k in hist if n > 0)
     lines.append(
-        f"{picked:,} of {total:,} documents ({_pct(100.0 * picked / total)}) are selected"
+        f"{picked:,} of {total:,} documents ({percent(100.0 * picked / total)}) are selected"
         f" at least once; the most copies of one document is {hist[-1][0]}."
     )
     lines += ["", markdown_table(["n(x)", "Documents", "Share"], rows), ""]
@@ -448,7 +445,7 @@ def _cluster_section(inp: ReportInputs) -> list[str]:
     # Stable sort so ties list the lower cluster id first, run after run.
     top = np.argsort(-sizes, kind="stable")[:10]
     rows = [
-        (rank, int(k), f"{int(sizes[k]):,}", _pct(100.0 * sizes[k] / total) if total else "–")
+        (rank, int(k), f"{int(sizes[k]):,}", percent(100.0 * sizes[k] / total) if total else "–")
         for rank, k in enumerate(top, start=1)
     ]
     lines += [

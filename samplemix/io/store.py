@@ -416,6 +416,18 @@ def _lease_dead(held: dict[str, Any]) -> bool:
     return False
 
 
+def _never_raising(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """``warn`` with any exception it raises suppressed: the lease's renewal thread and
+    its release tell their troubles through it, and a failing log handler must stop
+    neither the renewals nor the block's own exception."""
+
+    def say(message: str) -> None:
+        with contextlib.suppress(Exception):
+            warn(message)
+
+    return say
+
+
 class Output(Location):
     """The folder (or s3:// prefix) a run publishes to: mixture/, plan/, rejects/,
     report/ and ``_manifest.json``, written last, naming the key the files came from
@@ -496,73 +508,26 @@ class Output(Location):
         """
         path = f"{self._base}/{self.LEASE}"
         me = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
-        warn = warn or log
-
-        def say(message: str) -> None:
-            with contextlib.suppress(Exception):  # a log handler must not stop the renewals
-                warn(message)
+        say = _never_raising(warn or log)
 
         def stamp() -> bytes:
-            now = time.time()
-            return json.dumps({**me, "since": now, "expires": now + self.LEASE_TTL}).encode()
+            return self._lease_stamp(me)
 
-        deadline = time.monotonic() + wait_s
-        while True:
-            held = self._json(path)
-            if held is None or held.get("run") == me["run"] or _lease_dead(held):
-                self._write(path, stamp())
-                time.sleep(0.2)  # two runs that wrote at once: the last write wins
-                if (self._json(path) or {}).get("run") == me["run"]:
-                    break
-                continue
-            if time.monotonic() >= deadline:
-                raise StoreError(
-                    f"output {self.root} is being written by another run (host "
-                    f"{held.get('host')}, pid {held.get('pid')}, lease until "
-                    f"{datetime.fromtimestamp(held['expires'], UTC):%H:%M:%S} UTC); wait "
-                    "for it (output.lease_wait_s) or use another output.path"
-                )
-            log(f"output {self.root} is being written by another run; waiting")
-            time.sleep(2.0)
+        self._take_lease(path, me["run"], stamp, wait_s, log)
         self._lease_run = me["run"]
         stop = threading.Event()
-
-        def renew() -> None:
-            renewed = time.monotonic()
-            failing: str | None = None  # the first error of the current failed spell
-            told_expired = False
-            # Renewing well before expiry; retrying more often once a renewal failed.
-            while not stop.wait(self.LEASE_TTL / (16 if failing else 4)):
-                unrenewed = time.monotonic() - renewed
-                try:
-                    holder = self._renew(path, me["run"], stamp)
-                except Exception as e:  # noqa: BLE001 - the renewals must outlive any failure
-                    if failing is None:
-                        failing = f"{type(e).__name__}: {e}"
-                        say(
-                            f"output {self.root}: cannot renew its lease {self.LEASE} ({failing}); "
-                            f"retrying every {self.LEASE_TTL / 16:g} s (it expires "
-                            f"{self.LEASE_TTL:g} s after the last renewal)"
-                        )
-                    elif unrenewed > self.LEASE_TTL and not told_expired:
-                        told_expired = True
-                        say(
-                            f"output {self.root}: its lease {self.LEASE} went unrenewed for "
-                            f"{unrenewed:.0f} s and has expired ({failing}); still retrying"
-                        )
-                    continue
-                if holder is not None:
-                    say(self._lease_lost(holder))
-                    return
-                if failing is not None:
-                    say(f"output {self.root}: lease {self.LEASE} renewed after {unrenewed:.0f} s")
-                renewed, failing, told_expired = time.monotonic(), None, False
-
-        renewer = threading.Thread(target=renew, name=f"lease {self.root}", daemon=True)
+        renewer = threading.Thread(
+            target=self._renew_until,
+            args=(stop, path, me["run"], stamp, say),
+            name=f"lease {self.root}",
+            daemon=True,
+        )
         renewer.start()
         try:
             yield
         finally:
+            # A release that fails is only told (the lease then expires by itself), so
+            # that it never replaces the block's own exception.
             stop.set()
             renewer.join()
             self._lease_run = None
@@ -574,6 +539,89 @@ class Output(Location):
                     f"expires {self.LEASE_TTL:g} s after its last renewal, and is taken over "
                     "at once by a run on this host when this process has ended"
                 )
+
+    def _lease_stamp(self, me: dict[str, Any]) -> bytes:
+        """The lease document of holder ``me`` (run, host, pid), valid from now for
+        ``LEASE_TTL`` seconds, as the bytes written to ``_lease.json``."""
+        now = time.time()
+        return json.dumps({**me, "since": now, "expires": now + self.LEASE_TTL}).encode()
+
+    def _take_lease(
+        self,
+        path: str,
+        run: str,
+        stamp: Callable[[], bytes],
+        wait_s: float,
+        log: Callable[[str], None],
+    ) -> None:
+        """Return once ``run`` holds the lease at ``path``: taken when free, already
+        ``run``'s, expired or held by a process gone from this host; otherwise polled
+        every 2 s (each wait told to ``log``). Raises StoreError naming the holder when
+        it is still held by another run after ``wait_s`` seconds."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            held = self._json(path)
+            if held is None or held.get("run") == run or _lease_dead(held):
+                self._write(path, stamp())
+                time.sleep(0.2)  # two runs that wrote at once: the last write wins
+                if (self._json(path) or {}).get("run") == run:
+                    return
+                continue
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"output {self.root} is being written by another run (host "
+                    f"{held.get('host')}, pid {held.get('pid')}, lease until "
+                    f"{datetime.fromtimestamp(held['expires'], UTC):%H:%M:%S} UTC); wait "
+                    "for it (output.lease_wait_s) or use another output.path"
+                )
+            log(f"output {self.root} is being written by another run; waiting")
+            time.sleep(2.0)
+
+    def _renew_until(
+        self,
+        stop: threading.Event,
+        path: str,
+        run: str,
+        stamp: Callable[[], bytes],
+        say: Callable[[str], None],
+    ) -> None:
+        """The renewal thread's body: renew ``run``'s lease every TTL/4 s until ``stop``
+        is set, or until a renewal finds the lease taken or gone (told to ``say`` once).
+
+        Never raises (an exception would end the renewals, and the lease would expire
+        under the running block): a failed renewal is told to ``say`` once per failed
+        spell, again once the lease has gone unrenewed past ``LEASE_TTL``, and retried
+        every TTL/16 s; the first success after a failure is told too. ``say`` must not
+        raise."""
+        renewed = time.monotonic()
+        failing: str | None = None  # the first error of the current failed spell
+        told_expired = False
+        # Renewing well before expiry; retrying more often once a renewal failed.
+        while not stop.wait(self.LEASE_TTL / (16 if failing else 4)):
+            unrenewed = time.monotonic() - renewed
+            try:
+                holder = self._renew(path, run, stamp)
+            except Exception as e:  # noqa: BLE001 - the renewals must outlive any failure
+                if failing is None:
+                    failing = f"{type(e).__name__}: {e}"
+                    say(
+                        f"output {self.root}: cannot renew its lease {self.LEASE} ({failing}); "
+                        f"retrying every {self.LEASE_TTL / 16:g} s (it expires "
+                        f"{self.LEASE_TTL:g} s after the last renewal)"
+                    )
+                elif unrenewed > self.LEASE_TTL and not told_expired:
+                    told_expired = True
+                    say(
+                        f"output {self.root}: its lease {self.LEASE} went unrenewed for "
+                        f"{unrenewed:.0f} s and has expired ({failing}); still retrying"
+                    )
+                continue
+            if holder is not None:
+                say(self._lease_lost(holder))
+                return
+            if failing is not None:
+                say(f"output {self.root}: lease {self.LEASE} renewed after {unrenewed:.0f} s")
+            renewed, failing, told_expired = time.monotonic(), None, False
 
     def _renew(self, path: str, run: str, stamp: Callable[[], bytes]) -> dict[str, Any] | None:
         """One try at renewing the lease of ``run`` (the renewal loop is the retry):

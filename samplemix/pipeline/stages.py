@@ -1,17 +1,14 @@
-"""The pipeline's stages, each one shard (map) or one reduce, with their store I/O.
+"""The mix pipeline's stage functions: each computes one shard (map) or one reduce.
 
-Every ``*_key`` function names exactly what determines a stage's artifact (see
-design.md, "Cache keys"); every ``run_*`` function computes the artifact, writes it
-to the store, commits it, and returns its summary (small and JSON-able). The
-orchestrator (flows/, or a notebook) decides what to run; nothing here looks at
-the cache.
+Every ``run_*`` function computes its artifact, writes it to the store, commits it
+and returns its summary (small and JSON-able); its key comes from pipeline/keys.py and
+the graph (pipeline/graph.py) says when it runs. Nothing here looks at the cache.
 
 Artifacts per shard are aligned with the shard's accepted documents in file order.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -19,392 +16,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from samplemix import baselines, kmeans, materialise, mixing, quadmix
-from samplemix import diversity as div
-from samplemix import ids as dup
 from samplemix.config import Config, QualityConfig
-from samplemix.corpus import (
-    DOCS_SCHEMA,
-    REJECTS_SCHEMA,
-    CorpusError,
-    PassedOver,
-    Shard,
-    ShardDocs,
-    count_rows,
-    read_shard,
+from samplemix.io import duplicate_ids as dup
+from samplemix.io import mixture_shards as materialise
+from samplemix.io.corpus import REJECTS_SCHEMA, Shard, count_rows, read_docs
+from samplemix.io.store import Key, Output, Store
+from samplemix.mixing import baselines, kmeans, methods, quadmix
+from samplemix.mixing import diversity as div
+from samplemix.mixing import weights as mixing
+from samplemix.mixing.methods import WeightInputs
+from samplemix.pipeline.keys import quadmix_params, tokenizer_name
+from samplemix.scoring.embed import embed_texts, truncated_count
+from samplemix.scoring.models import (
+    resolve_device,
+    resolve_dtype,
+    set_torch_threads,
 )
-from samplemix.embed import embed_texts, truncated_count
-from samplemix.models import model_fingerprint, pinned, resolve_device, resolve_dtype
-from samplemix.quality import DomainClassifier, make_scorer
-from samplemix.static import is_static
-from samplemix.store import Key, Output, Store, artifact_key
-from samplemix.tokens import token_counts, token_ids
+from samplemix.scoring.quality import DomainClassifier, make_scorer
+from samplemix.scoring.static_embed import is_static
+from samplemix.scoring.tokens import token_counts, token_ids
 
-# Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
-VERSIONS = {
-    "tokens": "3",  # 2: rows read; 3: a skipped shard reads 0 rows and counts its own
-    "ids": "1",
-    "bigrams": "1",
-    "domains": "1",
-    "quality": "3",  # 2: truncated documents counted; 3: one thread per batch (below)
-    # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
-    # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
-    "embed": "3",
-    "kmeans": "1",
-    "assign": "1",
-    "clusters": "1",
-    "ranks": "1",
-    "weights": "3",  # 2: duplicate ids; 3: methods
-    "budget": "1",
-    "counts": "3",  # 3: the documents that hold most of the rounding spread
-    "output": "1",
-}
-# The stages with artifacts in the store, in pipeline order ("output" is the published
-# files, whose key lives in the output's manifest).
-STAGES = tuple(s for s in VERSIONS if s != "output")
 REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the report's plots
+
+
 # Documents kept with the largest rounding variance f(1−f)·len², per shard and then
 # overall (the overall top ones are among the shards' top ones), so that the report can
 # name the few that make a realised total miss its target.
 SPREAD_DOCS = 10
-
-
-def tokenizer_name(cfg: Config) -> str:
-    return cfg.tokens.tokenizer or cfg.embed.model
-
-
-def pinned_config(cfg: Config) -> Config:
-    """``cfg`` with every hub model it names pinned to its commit now (models.pinned),
-    each looked up once.
-
-    Flows pin once when they start, so the cache keys and the workers that load the
-    models agree on the weights, and a model pushed to the hub since the last run
-    recomputes what it feeds. A scorer keeps the name it had unpinned.
-    """
-    commits: dict[str, str] = {}
-
-    def pin(name: str | None) -> str | None:
-        if name is None:
-            return None
-        if name not in commits:
-            commits[name] = pinned(name)
-        return commits[name]
-
-    quality = [
-        q if model == q.model else q.model_copy(update={"model": model, "name": q.label})
-        for q, model in zip(cfg.quality, [pin(q.model) for q in cfg.quality], strict=True)
-    ]
-    e = cfg.evaluate
-    return cfg.model_copy(
-        update={
-            "corpus": cfg.corpus.model_copy(update={"domain_model": pin(cfg.corpus.domain_model)}),
-            "tokens": cfg.tokens.model_copy(update={"tokenizer": pin(cfg.tokens.tokenizer)}),
-            "embed": cfg.embed.model_copy(update={"model": pin(cfg.embed.model)}),
-            "quality": quality,
-            "evaluate": e
-            if e.tokenizer == "train"
-            else e.model_copy(update={"tokenizer": pin(e.tokenizer)}),
-        }
-    )
-
-
-def _corpus_part(shard: Shard, cfg: Config) -> dict:
-    c = cfg.corpus
-    return {
-        "shard": shard.shard_id,
-        "folder_domain": shard.domain,
-        "fingerprint": shard.fingerprint,
-        "columns": [c.text_column, c.id_column, c.domain_column],
-    }
-
-
-def _domain_model_part(cfg: Config) -> dict | None:
-    c = cfg.corpus
-    if c.domain_model is None:
-        return None
-    return {
-        "model": c.domain_model,
-        "max_length": c.domain_max_length,
-        "weights": model_fingerprint(c.domain_model),
-    }
-
-
-# ---- keys -------------------------------------------------------------------------------
-
-
-def tokens_key(shard: Shard, cfg: Config) -> Key:
-    name = tokenizer_name(cfg)
-    return artifact_key(
-        "tokens",
-        VERSIONS["tokens"],
-        shard.shard_id,
-        corpus=_corpus_part(shard, cfg),
-        tokens={"tokenizer": name},
-        model_weights=model_fingerprint(name),
-        domain_model=_domain_model_part(cfg),
-    )
-
-
-def ids_key(tokens: list[Key], cfg: Config) -> Key:
-    return artifact_key(
-        "ids",
-        VERSIONS["ids"],
-        tokens=[k.id for k in tokens],
-        corpus={"duplicate_ids": cfg.corpus.duplicate_ids},
-    )
-
-
-def bigrams_key(tokens: Key) -> Key:
-    """Bigrams under the budget tokenizer, by the domains of the shard's index."""
-    return artifact_key("bigrams", VERSIONS["bigrams"], tokens.shard, tokens=tokens.id)
-
-
-def domains_key(tokens: list[Key], ids: Key, bigrams: list[Key] | None) -> Key:
-    return artifact_key(
-        "domains",
-        VERSIONS["domains"],
-        tokens=[k.id for k in tokens],
-        ids=ids.id,
-        bigrams=None if bigrams is None else [k.id for k in bigrams],
-    )
-
-
-def quality_key(shard: Shard, scorer: QualityConfig, cfg: Config) -> Key:
-    """The key of one scorer's q(x) on ``shard``: each scorer is cached on its own."""
-    q = scorer.model_dump(exclude={"name", "batch_tokens", "compile", "device"})
-    fp = model_fingerprint(q["model"]) if q["model"] else None
-    return artifact_key(
-        "quality",
-        VERSIONS["quality"],
-        shard.shard_id,
-        corpus=_corpus_part(shard, cfg),
-        quality=q,
-        model_weights=fp,
-    )
-
-
-def embed_key(shard: Shard, cfg: Config) -> Key:
-    # The configured dtype, not the one a machine resolves "auto" to: keys must not
-    # depend on where they are computed (a laptop planning a GPU cluster's run). bf16
-    # and fp32 embeddings agree to cosine >= 0.999, and a rerun reuses whichever exists;
-    # so do compiled and eager ones (cosine 0.99999).
-    e = cfg.embed.model_dump(exclude={"batch_tokens", "compile", "device"})
-    return artifact_key(
-        "embed",
-        VERSIONS["embed"],
-        shard.shard_id,
-        corpus=_corpus_part(shard, cfg),
-        embed=e,
-        model_weights=model_fingerprint(cfg.embed.model),
-    )
-
-
-def _kmeans_part(cfg: Config) -> dict:
-    # The refit policy decides *whether* to fit, not what a fit computes.
-    return cfg.kmeans.model_dump(exclude={"refit", "refit_new_share"})
-
-
-def kmeans_key(embed: list[Key], cfg: Config) -> Key:
-    """The key of a fresh fit over every shard's embeddings."""
-    return artifact_key(
-        "kmeans", VERSIONS["kmeans"], embed=[k.id for k in embed], kmeans=_kmeans_part(cfg)
-    )
-
-
-def kmeans_to_use(
-    store: Store, embed: list[Key], docs: list[int | None], cfg: Config
-) -> tuple[Key | None, str]:
-    """The centroids this run assigns with, and why: a fresh fit (``kmeans_key``), or an
-    earlier fit over a subset of these shards, kept when the documents it has not seen
-    are at most ``kmeans.refit_new_share`` of all (``refit: auto``) or always
-    (``refit: never``). ``docs`` are the shards' document counts (None: not read yet);
-    returns (None, why) when the choice needs a count that is not known yet. A kept
-    fit keeps its K, also with ``k: auto``.
-    """
-    fresh = kmeans_key(embed, cfg)
-    if cfg.kmeans.refit == "always" or store.manifest(fresh) is not None:
-        return fresh, "fit over all shards"
-    best: Key | None = None
-    for kid, done in store.manifests("kmeans"):
-        p = done["parts"]
-        if p.get("version") != fresh.parts["version"] or p.get("kmeans") != fresh.parts["kmeans"]:
-            continue
-        if set(p["embed"]) <= set(fresh.parts["embed"]) and (
-            best is None or len(p["embed"]) > len(best.parts["embed"])
-        ):
-            best = Key("kmeans", kid, p)
-    if best is None:
-        return fresh, "fit over all shards"
-    kept = f"kept the fit over {len(best.parts['embed'])} of {len(embed)} shards"
-    if cfg.kmeans.refit == "never":
-        return best, f"{kept} (refit: never)"
-    if None in docs:
-        return None, "reuse or refit: decided once the new shards are read"
-    seen = set(best.parts["embed"])
-    unseen = sum(d for k, d in zip(embed, docs, strict=True) if k.id not in seen)  # type: ignore[misc]
-    share = unseen / max(sum(docs), 1)  # type: ignore[arg-type]
-    limit = cfg.kmeans.refit_new_share
-    if share <= limit:
-        return best, f"{kept} ({share:.1%} new documents <= refit_new_share {limit:g})"
-    return fresh, f"refit: {share:.1%} new documents > refit_new_share {limit:g}"
-
-
-def assign_key(embed: Key, km: Key) -> Key:
-    return artifact_key("assign", VERSIONS["assign"], embed.shard, embed=embed.id, kmeans=km.id)
-
-
-def clusters_key(assign: list[Key], cfg: Config) -> Key:
-    return artifact_key(
-        "clusters",
-        VERSIONS["clusters"],
-        assign=[k.id for k in assign],
-        diversity=cfg.diversity.model_dump(),
-    )
-
-
-BASELINES = ("vanilla", "fixed", "temperature", "ce")
-
-
-def _method_part(cfg: Config) -> dict:
-    """The mixing settings a method's weights depend on (beyond its reduce's key)."""
-    m = cfg.mixing
-    extra = {
-        "samplemix": {"alpha": m.alpha, "epsilon": m.epsilon},
-        "temperature": {"temperature": m.temperature},
-        "fixed": {"domain_weights": m.domain_weights},
-    }
-    return {"method": m.method, **extra.get(m.method, {})}
-
-
-def quadmix_params(cfg: Config, domains: list[str]) -> quadmix.QuadMixParams:
-    """θ for ``domains``: ``mixing.quadmix.params`` (a file or a mapping), with
-    ``mixing.quadmix.default`` and equal merge weights for the domains it does not list."""
-    qm = cfg.mixing.quadmix
-    given = qm.params
-    if isinstance(given, str):
-        import yaml
-        from fsspec import open as fs_open
-
-        with fs_open(given, "r", **cfg.storage.fsspec_options(given)) as f:
-            given = yaml.safe_load(f)
-    listed = dict((given or {}).get("domains", {}))
-    n = len(cfg.quality)
-    fill = {"alpha": [1.0 / n] * n, **qm.default}
-    try:
-        return quadmix.QuadMixParams.from_dict(
-            {"domains": {d: listed.get(d, fill) for d in domains}}
-        )
-    except ValueError as e:
-        raise ValueError(f"mixing.quadmix.params: {e}") from None
-
-
-def ranks_key(
-    tokens: list[Key], ids: Key, quality: list[list[Key]], params: dict, cfg: Config
-) -> Key:
-    return artifact_key(
-        "ranks",
-        VERSIONS["ranks"],
-        tokens=[k.id for k in tokens],
-        ids=ids.id,
-        quality=[[k.id for k in per_shard] for per_shard in quality],
-        quadmix={"params": params, "rank_sample": cfg.mixing.quadmix.rank_sample},
-        mixing={"seed": cfg.mixing.seed},
-    )
-
-
-def weights_key(
-    tokens: Key,
-    ids: Key,
-    quality: list[Key],
-    assign: Key,
-    clusters: Key,
-    q_range: list[float],
-    cfg: Config,
-    method: Key | None = None,
-) -> Key:
-    """``quality``: the shard's keys, one per scorer (SampleMix reads the first,
-    QuaDMix all); ``method``: the method's reduce (ranks for QuaDMix, domains for the
-    baselines)."""
-    used = quality if cfg.mixing.method == "quadmix" else quality[:1]
-    return artifact_key(
-        "weights",
-        VERSIONS["weights"],
-        tokens.shard,
-        tokens=tokens.id,
-        ids=ids.id,
-        quality=[k.id for k in used],
-        assign=assign.id,
-        clusters=clusters.id,
-        quality_range=q_range,
-        method_stats=None if method is None else method.id,
-        mixing=_method_part(cfg),
-        # Only when set, so that runs without held-out documents keep their keys.
-        **({"heldout": _heldout_part(cfg)} if cfg.evaluate.heldout_fraction else {}),
-    )
-
-
-def _heldout_part(cfg: Config) -> dict:
-    return {"fraction": cfg.evaluate.heldout_fraction, "seed": cfg.mixing.seed}
-
-
-def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
-    return artifact_key(
-        "budget",
-        VERSIONS["budget"],
-        weights=[k.id for k in weights],
-        mixing={"target_tokens": target, "max_repeats": cfg.mixing.max_repeats},
-        output={"rows_per_shard": cfg.output.rows_per_shard},
-    )
-
-
-def counts_key(weights: Key, budget: Key, cfg: Config) -> Key:
-    return artifact_key(
-        "counts",
-        VERSIONS["counts"],
-        weights.shard,
-        weights=weights.id,
-        budget=budget.id,
-        mixing={"seed": cfg.mixing.seed},
-    )
-
-
-def output_key(counts: list[Key], budget: Key) -> Key:
-    """What the files under ``output.path`` were written from."""
-    return artifact_key(
-        "output", VERSIONS["output"], counts=[k.id for k in counts], budget=budget.id
-    )
-
-
-def quality_range(quality: list[dict]) -> list[float]:
-    """[min, max] of q over all shards' quality summaries (empty shards have None)."""
-    return [
-        min(r["min"] for r in quality if r["min"] is not None),
-        max(r["max"] for r in quality if r["max"] is not None),
-    ]
-
-
-# ---- per-shard map stages ---------------------------------------------------------------
-
-
-def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
-    """The shard's documents; an unreadable shard under ``on_bad_shard: skip`` is
-    ``skipped``: no rows read, no documents, and one rejects record for the file (row
-    −1, reason ``unreadable_shard``, the error as detail)."""
-    try:
-        return read_shard(shard, cfg.corpus, cfg.storage.fsspec_options(shard.path))
-    except CorpusError as e:
-        if cfg.corpus.on_bad_shard == "error":
-            raise
-        rejects = pa.table(
-            {
-                "shard": [shard.shard_id],
-                "row": [-1],
-                "reason": ["unreadable_shard"],
-                "detail": [str(e)],
-            },
-            schema=REJECTS_SCHEMA,
-        )
-        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=0, skipped=True)
 
 
 def _texts(shard: Shard, cfg: Config) -> list[str]:
@@ -549,22 +187,6 @@ def run_domains(
     return store.commit(key, {"tokens": dict(sorted(domain_tokens.items())), "entropy": entropy})
 
 
-def baseline_proportions(cfg: Config, domains: dict) -> dict[str, float]:
-    """Token share per domain for the baseline ``cfg.mixing.method`` from the domains
-    summary."""
-    m = cfg.mixing
-    if m.method == "vanilla":
-        return baselines.vanilla_proportions(domains["tokens"])
-    if m.method == "temperature":
-        return baselines.temperature_proportions(domains["tokens"], m.temperature)
-    if m.method == "fixed":
-        try:
-            return baselines.fixed_proportions(m.domain_weights or {}, list(domains["tokens"]))
-        except ValueError as e:
-            raise ValueError(f"mixing.domain_weights: {e}") from None
-    return baselines.ce_proportions(domains["entropy"])
-
-
 def _shard_sample(
     store: Store, tok: Key, ids: Key, rates: dict[str, float], seed: int
 ) -> tuple[np.ndarray, pa.Table]:
@@ -626,30 +248,12 @@ def run_ranks(
     return store.commit(key, {"params": params.to_dict(), "sample": dict(sorted(sample.items()))})
 
 
-def load_ranks(
-    store: Store, ranks: Key
-) -> tuple[list[quadmix.PercentileMap], dict[str, quadmix.PercentileMap]]:
-    """The σ maps (criterion order) and the r̄ maps (by domain) of a ranks artifact."""
-    a = store.get_arrays(ranks, "maps.npz")
-    sigma: dict[int, dict] = {}
-    rank: dict[str, dict] = {}
-    for name, values in a.items():
-        kind, which, part = name.split(":")
-        if kind == "sigma":
-            sigma.setdefault(int(which), {})[part] = values
-        else:
-            rank.setdefault(which, {})[part] = values
-    return (
-        [quadmix.PercentileMap(sigma[n]["xs"], sigma[n]["ps"], True) for n in sorted(sigma)],
-        {d: quadmix.PercentileMap(m["xs"], m["ps"]) for d, m in rank.items()},
-    )
-
-
 def run_quality(
     shard: Shard, scorer_cfg: QualityConfig, cfg: Config, store: Store, key: Key
 ) -> dict:
     """q(x) for every accepted document. Summary: min, max (None when empty),
     truncated (documents scored on a prefix)."""
+    set_torch_threads(cfg.compute.torch_threads)
     texts = _texts(shard, cfg)
     scorer = make_scorer(scorer_cfg)
     q = scorer.score(texts).astype(np.float64)
@@ -674,6 +278,7 @@ def run_quality(
 def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """L2-normalised embeddings, float32 (n, dim). Summary: docs, dim, device, dtype,
     truncated (documents longer than embed.max_length tokens)."""
+    set_torch_threads(cfg.compute.torch_threads)
     texts = _texts(shard, cfg)
     e = embed_texts(texts, cfg.embed)
     store.put_array(key, "embeddings.npy", e)
@@ -693,9 +298,6 @@ def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
             "truncated": truncated_count(texts, cfg.embed),
         },
     )
-
-
-# ---- k-means and diversity -------------------------------------------------------------
 
 
 def cluster_count(n_docs: int, cfg: Config) -> int:
@@ -792,9 +394,6 @@ def run_clusters(assign_keys: list[Key], km: Key, cfg: Config, store: Store, key
     )
 
 
-# ---- weights, budget, counts -----------------------------------------------------------
-
-
 def run_weights(
     tok: Key,
     ids: Key,
@@ -802,17 +401,16 @@ def run_weights(
     assign: Key,
     clusters: Key,
     q_range: list[float],
-    d_range: list[float],
-    method: Key | dict | None,
+    reduce: Key | None,
     cfg: Config,
     store: Store,
     key: Key,
 ) -> dict:
-    """d(x) and the sampling weight w(x) of ``cfg.mixing.method`` per document:
-
-    - samplemix: α·d̂ + (1 − α)·q̂ + ε from the first scorer's q (``q_range``) and d;
-    - quadmix: S(r̄) from every scorer's q and the ranks artifact ``method``;
-    - baselines: p_m / T_m from the domains summary ``method`` (uniform in a domain).
+    """d(x) and the sampling weight w(x) of ``cfg.mixing.method`` per document
+    (mixing/methods.py): for SampleMix α·d̂ + (1 − α)·q̂ + ε from the first scorer's q
+    (``q_range``) and d; for QuaDMix S(r̄) from every scorer's q and the ranks artifact;
+    for a baseline p_m / T_m from the domains summary. ``reduce``: the method's last
+    reduce (ranks, domains), None for SampleMix; d's range comes from ``clusters``.
 
     A document dropped for its duplicate id weighs 0, and so does one held out for
     evaluation (``evaluate.heldout_fraction``; ``mixing.heldout_mask`` of its final id).
@@ -827,7 +425,10 @@ def run_weights(
         stats["separation"],
         cfg.diversity,
     )
-    q = store.get_array(qual[0], "quality.npy")
+    method = methods.method_of(cfg)
+    q = np.column_stack(
+        [store.get_array(k, "quality.npy") for k in (qual if method.all_scorers else qual[:1])]
+    )
     index = store.get_table(tok, "index.parquet", columns=["id", "domain", "tokens"])
     n_tok = index.column("tokens").to_numpy()
     if not len(q) == len(d) == len(n_tok):
@@ -837,19 +438,12 @@ def run_weights(
             "differently by the stages (changed while the run read it?); rerun"
         )
     domains = index.column("domain").to_numpy(zero_copy_only=False).astype(str)
-    m = cfg.mixing
-    if m.method == "samplemix":
-        w = mixing.sample_weights(q, d, tuple(q_range), tuple(d_range), m.alpha, m.epsilon)
-    elif m.method == "quadmix":
-        assert isinstance(method, Key)
-        sigma, ranks = load_ranks(store, method)
-        params = quadmix.QuadMixParams.from_dict(store.summary(method)["params"])  # type: ignore[index]
-        q_all = np.column_stack([store.get_array(k, "quality.npy") for k in qual])
-        w = quadmix.document_values(q_all, domains, sigma, ranks, params)
-    else:
-        assert isinstance(method, dict)
-        shares = baseline_proportions(cfg, method)
-        w = baselines.domain_weights(domains, shares, method["tokens"])
+    cl = store.summary(clusters)
+    assert cl is not None  # committed before the weights run
+    reduced = None if reduce is None else {**(store.summary(reduce) or {}), "key": reduce}
+    d_range = [cl["d_min"], cl["d_max"]]
+    inputs = WeightInputs(q, d, domains, q_range, d_range, reduced, store)
+    w = method.weights(inputs, cfg)
     drop, renames = shard_duplicates(store, ids, str(tok.shard))
     w[drop] = 0.0
     held = np.zeros(len(w), dtype=bool)
@@ -881,13 +475,6 @@ def heldout_mask(doc_ids: list[str], cfg: Config) -> np.ndarray:
     return mixing.heldout_mask(doc_ids, cfg.evaluate.heldout_fraction, cfg.mixing.seed)
 
 
-def target_tokens(source_tokens: int, cfg: Config) -> int:
-    """T_tgt: the configured budget, or budget_ratio (default 1.0) × T_src."""
-    if cfg.mixing.budget is not None:
-        return cfg.mixing.budget
-    return round((cfg.mixing.budget_ratio or 1.0) * source_tokens)
-
-
 def run_budget(
     parts: list[tuple[Key, Key]], target: int, cfg: Config, store: Store, key: Key
 ) -> dict:
@@ -917,14 +504,14 @@ def run_counts(
     qual: Key,
     assign: Key,
     weights: Key,
-    budget: dict,
+    budget_key: Key,
     cfg: Config,
     store: Store,
     key: Key,
 ) -> dict:
-    """c(x) and n(x); the shard's plan and its copies scattered into output buckets.
-    Documents dropped for their duplicate id are left out, renamed ones carry their
-    new id.
+    """c(x) and n(x) under the budget stage's scale (``budget_key``); the shard's plan
+    and its copies scattered into output buckets. Documents dropped for their duplicate
+    id are left out, renamed ones carry their new id.
 
     Summary: sums for the budget check (expected, realised, variance), per-domain
     documents and tokens in, copies and tokens selected, the histogram of n, a
@@ -932,6 +519,8 @@ def run_counts(
     ``SPREAD_DOCS`` documents with the largest rounding variance (id, shard, tokens,
     expected, count, variance), largest first.
     """
+    budget = store.summary(budget_key)
+    assert budget is not None  # committed before the counts run
     index = store.get_table(tok, "index.parquet")
     drop, renames = shard_duplicates(store, ids, shard.shard_id)
     keep = np.ones(index.num_rows, dtype=bool)
@@ -1013,9 +602,9 @@ def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
     }
 
 
-def run_gather(bucket: int, counts_keys: list[Key], store: Store, out: Output) -> dict:
-    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it.
-    Summary: rows."""
+def run_gather(bucket: int, counts_keys: list[Key], out: Output, store: Store, key: Key) -> dict:
+    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it
+    (``key``: the output's, which the output's manifest records). Summary: rows."""
     name = f"bucket-{bucket:05d}.parquet"
     table = materialise.gather([store.get_table(ck, name) for ck in counts_keys])
     out.put_table(f"mixture/part-{bucket:05d}.parquet", table)
@@ -1053,112 +642,3 @@ def run_publish(
     rejects = rejects.take(np.lexsort((rejects.column("row").to_numpy(), shard_order)))
     out.put_table("rejects/rejects.parquet", rejects)
     return {"plan_parts": len(counts_keys), "rejects": rejects.num_rows}
-
-
-def store_for(cfg: Config) -> Store:
-    """The artifact store: ``output.store``, else OUT/store."""
-    root = cfg.output.store or f"{cfg.output.path.rstrip('/')}/store"
-    return Store(root, cfg.storage.fsspec_options(root), cfg.storage.retries, STAGES)
-
-
-def output_for(cfg: Config) -> Output:
-    """Where the run publishes: ``output.path``."""
-    path = cfg.output.path
-    return Output(path, cfg.storage.fsspec_options(path), cfg.storage.retries)
-
-
-def source_tokens(tokens: list[dict], ids: dict) -> int:
-    """T_src: the tokens of the accepted documents (duplicates dropped excluded)."""
-    return sum(t["tokens"] for t in tokens) - sum(ids["dropped_tokens"].values())
-
-
-def shard_accounting(shards: list[str], tokens: list[dict], ids: dict) -> list[dict]:
-    """Per shard: rows read, accepted (planned) and rejected, with read = accepted +
-    rejected (a shard where they disagree lost rows, which raises), renamed, and
-    skipped_rows: None for a shard that was read; for one skipped whole
-    (``corpus.on_bad_shard: skip``, read 0) its rows, or "unknown" when the file
-    cannot tell (``run_tokens``)."""
-    rows = []
-    for shard, t in zip(shards, tokens, strict=True):
-        dropped = ids["dropped"].get(shard, 0)
-        skipped = t["skipped_rows"] if t["skipped_rows"] is not None else "unknown"
-        row = {
-            "shard": shard,
-            "read": t["read"],
-            "accepted": t["docs"] - dropped,
-            "rejected": sum(t["rejects"].values()) + dropped,
-            "renamed": ids["renamed"].get(shard, 0),
-            "skipped_rows": skipped if t["skipped"] else None,
-        }
-        if row["read"] != row["accepted"] + row["rejected"]:
-            raise RuntimeError(f"shard {shard}: rows read != accepted + rejected: {row}")
-        rows.append(row)
-    return rows
-
-
-def report_inputs(
-    shards: list[str],
-    tokens: list[dict],
-    ids: dict,
-    truncated: dict[str, int],
-    counts: list[dict],
-    clusters: dict,
-    target: int,
-    settings: dict,
-    passed_over: list[PassedOver] | None = None,
-):  # noqa: ANN201 - ReportInputs, imported lazily (matplotlib is slow to import)
-    """Combine the stage summaries (per shard in ``shards`` order: tokens, counts;
-    the ids and clusters reduces) into the report's inputs. ``truncated``: documents
-    each model read a prefix of, {"quality": n, "embed": n}; ``passed_over``: the
-    files discovery did not take as shards (``corpus.discover``)."""
-    from samplemix.report import ReportInputs
-
-    rejects: Counter = Counter()
-    for t in tokens:
-        rejects.update(t["rejects"])
-    dropped = sum(ids["dropped"].values())
-    if dropped:
-        rejects["duplicate_id"] += dropped
-    docs_before: Counter = Counter()
-    tokens_before: Counter = Counter()
-    for c in counts:
-        for d, v in c["domains"].items():
-            docs_before[d] += v["docs_in"]
-            tokens_before[d] += v["tokens_in"]
-    docs_after: Counter = Counter({d: 0 for d in docs_before})
-    tokens_after: Counter = Counter({d: 0 for d in docs_before})
-    q: dict[str, list] = {d: [] for d in docs_before}
-    dv: dict[str, list] = {d: [] for d in docs_before}
-    hist: Counter = Counter()
-    for c in counts:
-        for d, v in c["domains"].items():
-            docs_after[d] += v["copies"]
-            tokens_after[d] += v["tokens"]
-            q[d] += v["quality"]
-            dv[d] += v["diversity"]
-        hist.update({int(k): v for k, v in c["histogram"].items()})
-    # Stable: among equal variances the earlier shard's documents come first.
-    spread = sorted((d for c in counts for d in c["spread"]), key=lambda d: -d["variance"])
-    return ReportInputs(
-        target_tokens=target,
-        source_tokens=source_tokens(tokens, ids),
-        expected_tokens=sum(c["expected_tokens"] for c in counts),
-        realised_tokens=sum(c["realised_tokens"] for c in counts),
-        sigma_tokens=math.sqrt(max(sum(c["variance"] for c in counts), 0.0)),
-        docs_before=dict(sorted(docs_before.items())),
-        docs_after=dict(sorted(docs_after.items())),
-        tokens_before=dict(sorted(tokens_before.items())),
-        tokens_after=dict(sorted(tokens_after.items())),
-        quality_by_domain={d: np.array(v) for d, v in sorted(q.items())},
-        diversity_by_domain={d: np.array(v) for d, v in sorted(dv.items())},
-        count_histogram=dict(sorted(hist.items())),
-        overlap_domains=clusters["overlap_domains"],
-        overlap=np.array(clusters["overlap"]),
-        cluster_sizes=np.array(clusters["cluster_sizes"]),
-        rejects=dict(sorted(rejects.items())),
-        settings=settings,
-        shards=shard_accounting(shards, tokens, ids),
-        truncated=truncated,
-        passed_over=[{"path": f.path, "reason": f.reason} for f in passed_over or []],
-        spread=spread[:SPREAD_DOCS],
-    )

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from samplemix.config import QualityConfig
-from samplemix.models import (
+from samplemix.scoring.models import (
     batch_outputs,
     count_truncated,
     device_batches,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samplemix.models import model_cached, prefixes, resolve_model
+from samplemix.scoring.models import model_cached, prefixes, resolve_model
 
 if TYPE_CHECKING:
     from model2vec import StaticModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from samplemix.models import load_tokenizer, token_lengths
+from samplemix.scoring.models import load_tokenizer, token_lengths
 
 
 def token_counts(texts: list[str], tokenizer_name: str) -> np.ndarray:

@@ -1,8 +1,8 @@
 """QuaDMix sampling values (method.md §2).
 
 Convention, as in the QuaDMix paper: for every quality signal *smaller = better*.
-Our scorers produce higher = better, so the flip is explicit: ``fit_sigma_maps``
-requires ``higher_is_better`` and the maps it returns negate before ranking.
+Our scorers produce higher = better, so the flip is explicit: the σ maps are built
+with ``rank_percentile_map(..., higher_is_better=True)`` and negate before ranking.
 
 Per document x of domain m with raw quality criteria q_{n,x}:
 
@@ -93,19 +93,6 @@ def rank_percentile_map(
     tied = np.bincount(inverse, weights=w, minlength=xs.size)
     better = np.cumsum(tied) - tied
     return PercentileMap(xs, (better + 0.5 * tied) / tied.sum(), higher_is_better)
-
-
-def fit_sigma_maps(sample_q: np.ndarray, *, higher_is_better: bool) -> tuple[PercentileMap, ...]:
-    """σ_n for each criterion: a document-weighted global rank percentile map per column
-    of ``sample_q`` (float (k, N) raw criteria of a random document sample, or of the
-    whole corpus for exact maps). ``higher_is_better`` states the scorers' direction
-    (True for samplemix scorers); the maps flip it to the paper's 0 = best."""
-    q = np.asarray(sample_q, dtype=np.float64)
-    if q.ndim != 2:
-        raise ValueError(f"sample_q must be (documents, criteria), got shape {q.shape}")
-    return tuple(
-        rank_percentile_map(q[:, n], higher_is_better=higher_is_better) for n in range(q.shape[1])
-    )
 
 
 def merged_quality(sigmas: np.ndarray, domain_index: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -319,7 +306,8 @@ def document_values(
 ) -> np.ndarray:
     """S(x) for one shard: ``q`` float (n, N) raw criteria, ``domains`` str (n,).
 
-    ``sigma_maps`` from ``fit_sigma_maps``; ``rank_maps`` from ``fit_rank_maps`` on the
+    ``sigma_maps``: one ``rank_percentile_map(..., higher_is_better=True)`` per
+    criterion (column of ``q``); ``rank_maps`` from ``fit_rank_maps`` on the
     q̄ of a sample computed with the same ``sigma_maps`` and ``params``. Returns float64
     (n,) ≥ 0, the per-document sampling weight. Depends only on the document and the
     fitted maps, so shards can be processed independently and in any order.

@@ -1,7 +1,7 @@
 """Comparing mixtures by training proxy LMs on them (method.md §4): data and stages.
 
 Every candidate mixture (a ``mix`` run's output) trains the same small GPT
-(``samplemix.proxy``) with the same tokenizer, schedule and number of training tokens,
+(``samplemix.evaluation.proxy``) with the same tokenizer, schedule and number of training tokens,
 once per seed, and is scored by its mean next-token loss (nats per token) on:
 
 - one held-out set per domain: the documents ``evaluate.heldout_fraction`` holds out of
@@ -19,7 +19,7 @@ Artifacts live in the run's store next to the mix stages but are not among them,
 ids; ``proxy/{key}`` one proxy run's losses, keyed by (mixture key, evaluation sets,
 proxy config with its seed). A rerun trains only the proxies it has not trained.
 
-No Prefect here: flows/evaluate.py orchestrates, samplemix/evaluation_report.py presents.
+No Prefect here: flows/evaluate.py orchestrates, samplemix/reporting/evaluation_report.py presents.
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from samplemix import mixing
-from samplemix.compare import read_plan
 from samplemix.config import Config, ConfigError, CorpusConfig, ProxyConfig
-from samplemix.corpus import Shard, discover_shards, read_shard
-from samplemix.models import model_fingerprint, set_torch_threads
-from samplemix.proxy import ProxyTokenizer, load_tokenizer, train_proxy, train_tokenizer
-from samplemix.stages import read_docs
-from samplemix.store import Key, Store, artifact_key
+from samplemix.evaluation.proxy import ProxyTokenizer, load_tokenizer, train_proxy, train_tokenizer
+from samplemix.io.corpus import Shard, discover_shards, read_docs, read_shard
+from samplemix.io.store import Key, Store, artifact_key
+from samplemix.mixing import weights as mixing
+from samplemix.pipeline import keys
+from samplemix.pipeline.graph import Stage, made_by_runner
+from samplemix.reporting.compare import read_plan
+from samplemix.scoring.models import model_fingerprint, set_torch_threads
 
 VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "1"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
@@ -130,10 +131,6 @@ def cut(ids_per_doc: Sequence[Sequence[int]], max_tokens: int) -> list[np.ndarra
 # ---- tokenizer --------------------------------------------------------------------------
 
 
-def _heldout_part(cfg: Config) -> dict:
-    return {"fraction": cfg.evaluate.heldout_fraction, "seed": cfg.mixing.seed}
-
-
 def tokenizer_key(ids: Key, cfg: Config) -> Key:
     """``ids``: the ids stage key (it names every shard's tokens key, so the corpus)."""
     e = cfg.evaluate
@@ -141,7 +138,7 @@ def tokenizer_key(ids: Key, cfg: Config) -> Key:
         parts = {
             "train": {"vocab_size": e.vocab_size, "docs": e.tokenizer_docs},
             "ids": ids.id,
-            "heldout": _heldout_part(cfg),
+            "heldout": keys.heldout_part(cfg),
         }
     else:
         parts = {"name": e.tokenizer, "fingerprint": model_fingerprint(e.tokenizer)}
@@ -204,7 +201,7 @@ def evalsets_key(ids: Key, tokenizer: Key, cfg: Config) -> Key:
         VERSIONS["evalsets"],
         ids=ids.id,
         tokenizer=tokenizer.id,
-        heldout=_heldout_part(cfg),
+        heldout=keys.heldout_part(cfg),
         eval_tokens=e.eval_tokens,
         target=target,
     )
@@ -367,3 +364,18 @@ def run_proxy(
 def plan_for_evaluation(output: str, cfg: Config) -> pa.Table:
     """A mix run's plan with the columns evaluation reads (``PLAN_COLUMNS``)."""
     return read_plan(output, cfg.storage.fsspec_options(output), PLAN_COLUMNS)
+
+
+# The proxy evaluation's stages; flows/evaluate.py makes their calls.
+EVALUATION = (
+    Stage("proxytok", False, (), made_by_runner, run_tokenizer),
+    Stage("evalsets", False, ("proxytok",), made_by_runner, run_evalsets),
+    Stage(
+        "proxy",
+        per_shard=False,
+        inputs=("proxytok", "evalsets"),
+        calls=made_by_runner,
+        run=run_proxy,
+        gpu=lambda cfg, args: cfg.compute.gpus > 0,  # one proxy per GPU
+    ),
+)

@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplemix.config import ProxyConfig
-from samplemix.models import load_tokenizer as hf_tokenizer
-from samplemix.models import resolve_device, resolve_model
+from samplemix.scoring.models import load_tokenizer as hf_tokenizer
+from samplemix.scoring.models import resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
 

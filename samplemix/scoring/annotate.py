@@ -4,7 +4,7 @@ An LLM rates a *sample* of documents on seven dimensions; those labels train the
 quality evaluator that then scores the whole corpus. This module does the annotation:
 
 * :data:`DIMENSIONS` — the rubric: short key -> allowed integer scores. Total 0..9.
-* :func:`load_prompt` — a prompt template, ``samplemix/prompts/<name>.md`` or any file.
+* :func:`load_prompt` — a prompt template, ``samplemix/scoring/prompts/<name>.md`` or any file.
   Its *version* is the file name stem (``rubric_v1``) and its *hash* the SHA-256 of the
   file's bytes; both are part of the cache key, so editing a template without renaming
   it still invalidates cached answers. ``{document}`` in the template is replaced by the
@@ -14,7 +14,7 @@ quality evaluator that then scores the whole corpus. This module does the annota
 * :class:`Annotator` — sends each document to an OpenAI-compatible
   ``POST {base_url}/chat/completions`` endpoint (vLLM, llama.cpp, SGLang, OpenAI, ...),
   retries, rate-limits, caches, and returns one label row per document.
-* :func:`write_labels` / :func:`read_labels` — the labels as Parquet (fsspec paths).
+* :func:`write_labels` — the labels as Parquet (fsspec paths).
 * :func:`stratified_sample` — which documents to annotate, spread over domains and
   length quantiles.
 
@@ -75,11 +75,10 @@ import fsspec
 import httpx
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from samplemix.config import Config
-from samplemix.store import parquet_bytes, put_bytes
+from samplemix.io.store import parquet_bytes, put_bytes
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ LABEL_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
     ]
 )
-METADATA_KEY = b"samplemix.annotate"
+METADATA_KEY = b"samplemix.scoring.annotate"
 
 
 class MalformedAnswer(ValueError):
@@ -214,8 +213,9 @@ class Prompt:
 
 
 def load_prompt(spec: str | Path) -> Prompt:
-    """Load a template by packaged name (``"rubric_v1"`` -> ``samplemix/prompts/rubric_v1.md``)
-    or by path (anything with a path separator or a suffix, or an existing file).
+    """Load a template by packaged name (``"rubric_v1"`` ->
+    ``samplemix/scoring/prompts/rubric_v1.md``) or by path (anything with a path separator
+    or a suffix, or an existing file).
 
     Raises ValueError for an unknown packaged name (listing the known ones) or a
     template without the ``{document}`` placeholder.
@@ -587,14 +587,6 @@ def write_table(table: pa.Table, path: str, storage_options: dict[str, Any] | No
     put_bytes(fs, p, parquet_bytes(table))
 
 
-def read_labels(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Read a label table written by :func:`write_labels`; ValueError if columns are missing."""
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        table = pq.read_table(f)
-    _check_label_columns(table.schema, path)
-    return table
-
-
 def _check_label_columns(schema: pa.Schema, path: str) -> None:
     missing = [n for n in LABEL_SCHEMA.names if n not in schema.names]
     if missing:
@@ -721,8 +713,7 @@ def corpus_sample(cfg: Config, n: int, seed: int = 0) -> pa.Table:
     """``n`` accepted documents of ``cfg.corpus`` chosen by ``stratified_sample`` over
     domains and lengths (characters): a table id, domain, text. Reads every shard once
     (point ``corpus.input`` at a slice for a large corpus)."""
-    from samplemix.corpus import discover_shards
-    from samplemix.stages import read_docs
+    from samplemix.io.corpus import discover_shards, read_docs
 
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     docs = pa.concat_tables([read_docs(s, cfg).docs for s in shards])

@@ -1,5 +1,5 @@
 """Document embeddings: transformers encoder, mean pooling, L2-normalised; a model2vec
-static model (samplemix/static.py) when ``embed.model`` is one."""
+static model (samplemix/scoring/static_embed.py) when ``embed.model`` is one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from samplemix.config import EmbedConfig
-from samplemix.models import (
+from samplemix.scoring.models import (
     batch_outputs,
     count_truncated,
     device_batches,
@@ -17,7 +17,7 @@ from samplemix.models import (
     resolve_device,
     resolve_dtype,
 )
-from samplemix.static import embed_static, is_static, static_truncated
+from samplemix.scoring.static_embed import embed_static, is_static, static_truncated
 
 
 def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     Returns float32 (n, dim), each row L2-normalised, in input order. Batches are
     formed over length-sorted documents so that each holds about ``cfg.batch_tokens``
     padded tokens; results do not depend on the batching. A static model (is_static)
-    is read to ``cfg.max_length`` tokens by samplemix.static.embed_static.
+    is read to ``cfg.max_length`` tokens by samplemix.scoring.static_embed.embed_static.
     """
     if is_static(cfg.model):
         return embed_static(texts, cfg.model, cfg.max_length)

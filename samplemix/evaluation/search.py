@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import lightgbm as lgb
 import numpy as np
 
-from samplemix.quadmix import PARAM_FIELDS, QuadMixParams, sample_parameters
-from samplemix.report import markdown_table, new_figure, no_data_panel, png_bytes
+from samplemix.mixing.quadmix import PARAM_FIELDS, QuadMixParams, sample_parameters
+from samplemix.reporting.run_report import markdown_table, new_figure, no_data_panel, png_bytes
 
 SPACES = ("samplemix", "quadmix")
 

@@ -1,13 +1,14 @@
 """The proxy evaluation report: which mixture trains the better small LM (method.md §4).
 
-``samplemix.evaluate`` trains one proxy per (mixture, seed) and commits a summary per run.
+``samplemix.evaluation.stages`` trains one proxy per (mixture, seed) and commits a summary per run.
 This module turns those summaries into statistics over seeds per variant (``variant_stats``),
 a plain-words verdict that weighs each margin against the seed spread (``verdict``),
 Markdown, PNG plots and a CSV, written together by ``write_evaluation``. Every number is a
 held-out loss in nats/token: lower is better.
 
-Like ``samplemix.report`` this is pure presentation and arithmetic: it never imports Prefect
-or torch, and never touches pyplot's global state (figures come from ``report.new_figure``).
+Like ``samplemix.reporting.run_report`` this is pure presentation and arithmetic: it never
+imports Prefect or torch, and never touches pyplot's global state (figures come from
+``report.new_figure``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from samplemix.report import (
+from samplemix.reporting.formatting import csv_float, json_float
+from samplemix.reporting.run_report import (
     image_lines,
     label_ticks,
     markdown_table,
@@ -454,10 +456,6 @@ def evaluation_plots(
 # CSV and writing
 
 
-def _csv_float(value: float | None) -> str:
-    return repr(float(value)) if value is not None and math.isfinite(value) else ""
-
-
 def results_csv(runs: Sequence[ProxyRun]) -> str:
     """One row per run, in order: variant, seed, objective, heldout, target, then
     ``loss:<domain>`` per domain (sorted), seconds, epochs, mixture_tokens, cached
@@ -471,16 +469,12 @@ def results_csv(runs: Sequence[ProxyRun]) -> str:
     )
     for r in runs:
         writer.writerow(
-            [r.variant, r.seed, *map(_csv_float, (r.objective, r.heldout, r.target))]
-            + [_csv_float(r.losses.get(d)) for d in domains]
-            + [_csv_float(r.seconds), _csv_float(r.epochs), r.mixture_tokens]
+            [r.variant, r.seed, *map(csv_float, (r.objective, r.heldout, r.target))]
+            + [csv_float(r.losses.get(d)) for d in domains]
+            + [csv_float(r.seconds), csv_float(r.epochs), r.mixture_tokens]
             + ["true" if r.cached else "false"]
         )
     return buf.getvalue()
-
-
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 def write_evaluation(
@@ -520,12 +514,12 @@ def write_evaluation(
 
     summary: dict = {
         v: {
-            "mean": _json_float(s.mean),
-            "std": _json_float(s.std),
+            "mean": json_float(s.mean),
+            "std": json_float(s.std),
             "n": s.n,
-            "heldout": _json_float(s.heldout[0]),
-            "target": None if s.target is None else _json_float(s.target[0]),
-            "domains": {d: _json_float(m) for d, (m, _) in s.domains.items()},
+            "heldout": json_float(s.heldout[0]),
+            "target": None if s.target is None else json_float(s.target[0]),
+            "domains": {d: json_float(m) for d, (m, _) in s.domains.items()},
         }
         for v, s in stats.items()
     }

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from samplemix.config import ConfigError
-from samplemix.onednn import with_onednn_linears
+from samplemix.scoring.onednn import with_onednn_linears
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

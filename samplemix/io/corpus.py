@@ -20,8 +20,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from samplemix.config import CorpusConfig
-from samplemix.store import transient
+from samplemix.config import Config, CorpusConfig
+from samplemix.io.store import transient
 
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
@@ -357,3 +357,24 @@ def _normalise(records: list[tuple], shard: Shard, cfg: CorpusConfig) -> ShardDo
             texts.append(text)
     docs = pa.table([rows, ids, domains, texts], schema=DOCS_SCHEMA)
     return ShardDocs(docs, pa.table(rejects, schema=REJECTS_SCHEMA), len(records))
+
+
+def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
+    """The shard's documents; an unreadable shard under ``on_bad_shard: skip`` is
+    ``skipped``: no rows read, no documents, and one rejects record for the file (row
+    −1, reason ``unreadable_shard``, the error as detail)."""
+    try:
+        return read_shard(shard, cfg.corpus, cfg.storage.fsspec_options(shard.path))
+    except CorpusError as e:
+        if cfg.corpus.on_bad_shard == "error":
+            raise
+        rejects = pa.table(
+            {
+                "shard": [shard.shard_id],
+                "row": [-1],
+                "reason": ["unreadable_shard"],
+                "detail": [str(e)],
+            },
+            schema=REJECTS_SCHEMA,
+        )
+        return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=0, skipped=True)

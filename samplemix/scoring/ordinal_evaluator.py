@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +56,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from samplemix.models import pretrained, resolve_device
+from samplemix.scoring.models import pretrained, resolve_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +357,56 @@ def train_scorer(
     """
     from transformers import AutoTokenizer
 
+    y, K = _checked_levels(texts, levels, head, K, val_share)
+    train_idx, val_idx = split(len(y), val_share, seed, y)
+
+    dev = resolve_device(device)
+    torch.manual_seed(seed)  # fixes the fresh head's initial weights and the dropout
+    source, revision = pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(source, **revision)
+    pad_id = tokenizer.pad_token_id or 0
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    encoded = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    model, linear = _build_model(base, head, K, y[train_idx])
+    model.to(dev)
+
+    history, best_epoch, best_state = _best_epoch(
+        model,
+        encoded,
+        y,
+        train_idx,
+        val_idx,
+        head=head,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        seed=seed,
+        device=dev,
+    )
+    model.load_state_dict(best_state)
+    out = _saved_model_dir(model, linear, tokenizer, head, out_dir)
+    mean_level = int(np.clip(round(float(y[train_idx].mean())), 0, K - 1))
+    result = {
+        **{k: v for k, v in history[best_epoch - 1].items() if k not in ("epoch", "train_loss")},
+        "head": head,
+        "K": K,
+        "base": base,
+        "n_train": len(train_idx),
+        "n_val": len(val_idx),
+        "best_epoch": best_epoch,
+        "baseline": metrics(np.full(len(val_idx), mean_level), y[val_idx]),
+        "history": history,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _checked_levels(
+    texts: list[str], levels: Sequence[int], head: str, K: int | None, val_share: float
+) -> tuple[np.ndarray, int]:
+    """(levels as int64, K) for ``train_scorer``, whose arguments it checks: ValueError
+    names the first that is wrong. ``K`` None becomes max(levels) + 1 (at least 2)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if len(texts) != len(levels):
@@ -366,41 +419,49 @@ def train_scorer(
         raise ValueError(f"levels must lie in 0..K-1 = 0..{K - 1} with K >= 2")
     if not 0 < val_share < 1:
         raise ValueError(f"val_share must be in (0, 1), got {val_share}")
-    train_idx, val_idx = split(len(y), val_share, seed, y)
+    return y, K
 
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    source, revision = pretrained(base)
-    tokenizer = AutoTokenizer.from_pretrained(source, **revision)
-    pad_id = tokenizer.pad_token_id or 0
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    encoded = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-    model, linear = _build_model(base, head, K, y[train_idx])
-    model.to(dev)
 
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total_steps = max(1, epochs * steps_per_epoch)
-    warmup = max(1, total_steps // 10)
+def _best_epoch(
+    model: PreTrainedModel,
+    encoded: dict[str, list[list[int]]],
+    levels: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    *,
+    head: Head,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[dict], int, dict[str, torch.Tensor]]:
+    """(history, best epoch, its state dict on CPU) of training ``model`` (on ``device``)
+    for ``epochs`` epochs on the documents ``train_idx``, evaluating on ``val_idx``
+    after each.
+
+    ``history`` holds one dict per epoch: ``epoch`` (from 1), ``train_loss`` (mean over
+    its batches) and the validation metrics of ``_evaluate``. The best epoch is the one
+    with the lowest validation MAE, the earliest on ties. The model is left as trained
+    after the last epoch; the caller loads the returned state.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))),
-    )
-    shuffle = torch.Generator().manual_seed(seed)
-    targets = torch.from_numpy(y).to(dev)
-    mean_level = int(np.clip(round(float(y[train_idx].mean())), 0, K - 1))
-
+    total_steps = max(1, epochs * math.ceil(len(train_idx) / batch_size))
+    schedule = _warmup_then_decay(optimizer, total_steps)
+    shuffle = torch.Generator().manual_seed(seed)  # its own stream: independent of the init
+    targets = torch.from_numpy(levels).to(device)
     history: list[dict] = []
-    best: tuple[float, int, dict] | None = None  # (val MAE, epoch, state on CPU)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val MAE, epoch, state)
     for epoch in range(1, epochs + 1):
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=shuffle).numpy()]
         losses = []
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            with _autocast(dev):
-                logits = model(**_batch(encoded, chunk, pad_id, dev)).logits.float()
-            target = targets[torch.from_numpy(chunk).to(dev)]
+            with _autocast(device):
+                logits = model(**_batch(encoded, chunk, pad_id, device)).logits.float()
+            target = targets[torch.from_numpy(chunk).to(device)]
             if head == "ordinal":
                 loss = coral_loss(logits, target)
             else:
@@ -411,35 +472,44 @@ def train_scorer(
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        val = _evaluate(model, encoded, val_idx, y, head, batch_size, pad_id, dev)
+        val = _evaluate(model, encoded, val_idx, levels, head, batch_size, pad_id, device)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **val})
         log.info("%s epoch %d: loss %.4f, val %s", head, epoch, np.mean(losses), val)
-        if best is None or val["MAE"] < best[0]:
+        if best is None or val["MAE"] < best[0]:  # strictly lower: the earliest wins ties
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best = (val["MAE"], epoch, state)
+    assert best is not None  # epochs >= 1
+    return history, best[1], best[2]
 
-    assert best is not None
-    model.load_state_dict(best[2])
+
+def _warmup_then_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``optimizer`` over ``total_steps`` steps: linear
+    warm-up over the first 10% (at least one step), then linear decay to 0."""
+    warmup = max(1, total_steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))),
+    )
+
+
+def _saved_model_dir(
+    model: PreTrainedModel,
+    linear: nn.Linear,
+    tokenizer: PreTrainedTokenizerBase,
+    head: Head,
+    out_dir: str | Path,
+) -> Path:
+    """``out_dir`` (created if needed) once ``model`` (moved to CPU) and ``tokenizer``
+    are saved there as a plain transformers model directory."""
     if head == "ordinal":  # fold the shared row into an ordinary (K-1, hidden) Linear
         parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out)
     tokenizer.save_pretrained(out)
-    best_val = history[best[1] - 1]
-    result = {
-        **{k: v for k, v in best_val.items() if k not in ("epoch", "train_loss")},
-        "head": head,
-        "K": K,
-        "base": base,
-        "n_train": len(train_idx),
-        "n_val": len(val_idx),
-        "best_epoch": best[1],
-        "baseline": metrics(np.full(len(val_idx), mean_level), y[val_idx]),
-        "history": history,
-    }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return out
 
 
 def compare_heads(

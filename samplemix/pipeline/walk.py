@@ -1,0 +1,240 @@
+"""Walking the stage graph: one walk for the Prefect flow, ``samplemix plan`` and the
+in-process runner, each of which hands it an ``Executor``.
+
+``walk`` goes through ``GRAPH`` in order. For each stage the run has, a runner's
+executor first has the stage's inputs finished, then the stage's ``calls`` give its
+tasks and keys; the store says which are committed already, and the executor starts
+the rest (Dask, or right here) or, for the plan, only records them. Stages whose calls
+need nothing unfinished start together (tokens, embeddings and quality scores).
+
+``build`` is a whole run on top of a walk: the mixture's parts, the plan and rejects,
+the report files and the run summary; ``run`` adds the checks and the output's lease;
+``run_in_process`` is that with no Prefect and no Dask (notebooks, tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from samplemix.config import Config
+from samplemix.io.corpus import Shard, discover, passed_over_lines
+from samplemix.io.store import Key, Output, Store
+from samplemix.pipeline import keys, stages, summary
+from samplemix.pipeline.graph import GRAPH, GRAPH_BY_NAME, MATERIALISE, Call, Stage, Unknown
+from samplemix.scoring.models import model_fingerprint
+
+Log = logging.Logger | logging.LoggerAdapter
+
+
+class Executor(Protocol):
+    """Runs (or, for the plan, records) a stage's calls.
+
+    ``runs``: False for the plan, which computes nothing and reads only the store.
+    ``submit`` starts the calls (``cached[i]``: call i's committed summary, or None)
+    and returns a handle; ``collect`` waits on it and returns one result per call (a
+    summary with ``key``, ``cached`` and ``seconds``; the plan returns None for a call
+    not in the store); ``unknown`` records a stage whose calls cannot be known yet."""
+
+    runs: bool
+
+    def submit(self, stage: Stage, calls: list[Call], cached: list[dict | None]) -> Any: ...
+
+    def collect(self, stage: Stage, handle: Any) -> list[dict | None]: ...
+
+    def unknown(self, stage: Stage, shards: list[str | None], reason: str) -> None: ...
+
+
+def call_result(stage: Stage, call: Call, store: Store, cached: dict | None = None) -> dict:
+    """Call ``call`` of ``stage``: its summary with ``key``, ``cached`` (served from the
+    store: ``cached`` given, or committed meanwhile by another run) and ``seconds``
+    (wall time computing it, 0 when cached)."""
+    hit = cached if cached is not None else store.summary(call.key)
+    if hit is not None:
+        return {**hit, "key": call.key, "cached": True, "seconds": 0.0}
+    t0 = time.perf_counter()
+    result = stage.run(*call.args, store, call.key)
+    return {**result, "key": call.key, "cached": False, "seconds": time.perf_counter() - t0}
+
+
+class Walk:
+    """What a walk knows so far: per stage its calls and, once collected, its results."""
+
+    def __init__(
+        self, cfg: Config, store: Store, shards: list[Shard], executor: Executor, log: Log
+    ) -> None:
+        self.cfg, self.store, self.shards, self.executor, self.log = (
+            cfg,
+            store,
+            shards,
+            executor,
+            log,
+        )
+        self.calls: dict[str, list[Call]] = {}
+        self.handles: dict[str, Any] = {}
+        self.results: dict[str, list[dict]] = {}
+
+    def keys(self, stage: str) -> list[Key]:
+        """The keys of ``stage``'s calls, in call order."""
+        return [c.key for c in self.calls[stage]]
+
+    def quality_keys(self) -> list[list[Key]]:
+        """Per shard, its quality keys, one per scorer (the calls go scorer by scorer)."""
+        flat, n = self.keys("quality"), len(self.shards)
+        return [flat[i::n] for i in range(n)]
+
+    def summaries(self, stage: str, partial: bool = False) -> list[dict]:
+        """``stage``'s results, in call order, once finished. Where a result is not known
+        (the plan, before it is computed), raises Unknown, or with ``partial`` has None."""
+        if stage in self.results:
+            return self.results[stage]
+        got = self.executor.collect(GRAPH_BY_NAME[stage], self.handles[stage])
+        if None in got:
+            if partial:
+                return got  # type: ignore[return-value]
+            raise Unknown(stage)
+        self.results[stage] = got  # type: ignore[assignment]
+        done = GRAPH_BY_NAME[stage].done
+        if done is not None and self.executor.runs:
+            done(self)
+        return self.results[stage]
+
+    def summary(self, stage: str) -> dict:
+        """The one result of the reduce ``stage``."""
+        return self.summaries(stage)[0]
+
+
+def walk(cfg: Config, store: Store, shards: list[Shard], executor: Executor, log: Log) -> Walk:
+    """Every stage of ``GRAPH`` that a run of ``cfg`` has, in order, handed to
+    ``executor``; with a runner, returns once every stage has finished. After a stage
+    whose calls cannot be known (the plan only), every later stage is "after" it."""
+    w = Walk(cfg, store, shards, executor, log)
+    blocked: str | None = None
+    for stage in GRAPH:
+        if not stage.applies(cfg):
+            continue
+        items: list[str | None] = [s.shard_id for s in shards] if stage.per_shard else [None]
+        if blocked is not None:
+            executor.unknown(stage, items, f"after {blocked}")
+            continue
+        try:
+            if executor.runs:
+                for name in stage.inputs:
+                    if GRAPH_BY_NAME[name].applies(cfg):
+                        w.summaries(name)
+            calls = stage.calls(w)
+        except Unknown as u:
+            blocked = u.stage
+            executor.unknown(stage, items, u.reason or f"after {u.stage}")
+            continue
+        w.calls[stage.name] = calls
+        done = store.summaries([c.key for c in calls])
+        w.handles[stage.name] = executor.submit(stage, calls, [done.get(c.key) for c in calls])
+    if executor.runs:
+        for name in list(w.handles):
+            w.summaries(name)
+    return w
+
+
+@dataclass(frozen=True)
+class Built:
+    """A finished run: its summary (as sealed into the output's manifest), the report's
+    inputs, the output, and whether this run wrote the output (else it was current)."""
+
+    summary: dict
+    report: Any  # reporting.run_report.ReportInputs (matplotlib is imported late)
+    out: Output
+    fresh: bool
+
+
+def _materialise(w: Walk, out: Output, out_key: Key, fresh: bool) -> list[dict]:
+    """The mixture's parts: each written from the counts artifacts holding copies in
+    it, or, when the output is current (not ``fresh``), served from its manifest."""
+    buckets = w.summary("budget")["buckets"]
+    holders: dict[int, list[Key]] = {b: [] for b in range(buckets)}
+    for k, c in zip(w.keys("counts"), w.summaries("counts"), strict=True):
+        for b in c["buckets"]:
+            holders[b].append(k)
+    calls = [Call(out_key, f"part-{b:05d}", (b, holders[b], out)) for b in range(buckets)]
+    rows = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
+    cached = [None if rows is None else {"rows": rows[b]} for b in range(buckets)]
+    handle = w.executor.submit(MATERIALISE, calls, cached)
+    return w.executor.collect(MATERIALISE, handle)  # type: ignore[return-value]
+
+
+def build(cfg: Config, store: Store, out: Output, executor: Executor, log: Log) -> Built:
+    """Walk the graph for ``cfg`` with ``executor`` and publish the output: the mixture,
+    the per-document plan, the rejects and the report files (when the output is not
+    current already), then seal it with the run summary."""
+    found = discover(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
+    log.info("%d shards under %s; store %s", len(found.shards), cfg.corpus.input, store.root)
+    for line in passed_over_lines(found.passed_over):
+        log.warning(line)
+    w = walk(cfg, store, found.shards, executor, log)
+    out_key = keys.output_key(w.keys("counts"), w.keys("budget")[0])
+    fresh = not out.current(out_key)
+    if fresh:
+        out.clear()
+    mixture = _materialise(w, out, out_key, fresh)
+    if fresh:
+        stages.run_publish(w.keys("counts"), w.keys("tokens"), w.keys("ids")[0], store, out)
+    inputs = summary.run_report_inputs(w, found.passed_over)
+    from samplemix.reporting import run_report  # matplotlib: imported once the report is due
+
+    if fresh:
+        run_report.write_report(inputs, f"{out.url}/report", out.fs.storage_options)
+    warnings = run_report.run_warnings(inputs)
+    for line in warnings:
+        log.warning(line)
+    totals = summary.run_summary(w, inputs, mixture, warnings, out, out_key)
+    out.seal(out_key, totals)
+    log.info(
+        "mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
+        totals["mixture_rows"],
+        totals["mixture_parts"],
+        totals["realised_tokens"],
+        totals["target_tokens"],
+        totals["sigma_tokens"],
+    )
+    return Built(totals, inputs, out, fresh)
+
+
+def run(cfg: Config, executor: Callable[[Config, Store], Executor], log: Log) -> Built:
+    """A whole mix run: hub models pinned to their commits for the run, store and
+    output checked, then ``build`` while this run holds the output's lease."""
+    cfg = keys.pinned_config(cfg)  # one commit per hub model for the whole run
+    model_fingerprint.cache_clear()  # a model replaced since the last run must show
+    store, out = keys.store_for(cfg), keys.output_for(cfg)
+    store.check()
+    out.check()  # a missing or refused output fails now, not after the compute
+    with out.lease(cfg.output.lease_wait_s, log.info, log.warning):
+        return build(cfg, store, out, executor(cfg, store), log)
+
+
+class InProcess:
+    """An executor that computes every call at once, in this process, in order."""
+
+    runs = True
+
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.store = store
+
+    def submit(self, stage: Stage, calls: list[Call], cached: list[dict | None]) -> list[dict]:
+        return [
+            call_result(stage, c, self.store, hit) for c, hit in zip(calls, cached, strict=True)
+        ]
+
+    def collect(self, stage: Stage, handle: list[dict]) -> list[dict]:
+        return handle
+
+    def unknown(self, stage: Stage, shards: list[str | None], reason: str) -> None:
+        raise AssertionError(f"{stage.name}: {reason}")  # a runner knows every result
+
+
+def run_in_process(cfg: Config, log: Log | None = None) -> dict:
+    """The mix run of ``cfg`` in this process, no Prefect, no Dask: the same artifacts,
+    keys and output bytes as the flow. Returns the run summary."""
+    return run(cfg, InProcess, log or logging.getLogger("samplemix")).summary
