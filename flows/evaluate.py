@@ -234,7 +234,7 @@ def search(
     domains = sorted(
         set(ev.plan_for_evaluation(base_mix["output"], cfg).column("domain").to_pylist())
     )
-    sp = sr.SearchSpace(space, tuple(domains), len(cfg.quality))
+    sp = sr.search_space(space, domains, len(cfg.quality))
     thetas = sr.draw_parameters(sp, draws, cfg.mixing.seed)
     configs = {"base": base}
     for i, theta in enumerate(thetas):

@@ -180,6 +180,20 @@ def _finished(pending: list[PrefectFuture], watch: _WorkerWatch) -> Iterator[Pre
                 watch.check()
 
 
+def _result(fut: PrefectFuture, watch: _WorkerWatch) -> dict:
+    """``fut``'s result. A finished task's result that lived on a worker that died since
+    is rescheduled by Dask and gathered again, which waits for a worker: meanwhile
+    ``watch`` checks the workers, so that this wait ends too."""
+    while True:
+        try:
+            return fut.result(timeout=POLL_S)
+        except TimeoutError as e:
+            # Prefect's words for its own timeout; a task's TimeoutError is the task's.
+            if not str(e).startswith(f"Task run {fut.task_run_id} did not complete within"):
+                raise
+            watch.check()
+
+
 def _collect(
     launched: Launched, stage: str, gpu: bool = False, compute: ComputeConfig | None = None
 ) -> list[dict]:
@@ -211,7 +225,7 @@ def _collect(
         watch = _WorkerWatch(stage, gpu, timeout)
         for done, fut in enumerate(_finished(pending, watch), 1):
             try:
-                results[futures[id(fut)]] = fut.result()
+                results[futures[id(fut)]] = _result(fut, watch)
             except Exception as e:
                 from prefect import get_client
 

@@ -31,13 +31,6 @@ def _retryable(task: object, task_run: object, state: State) -> bool:
         return True
 
 
-@task(
-    task_run_name="{stage}/{label}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retryable,
-)
 def step(
     stage: str, label: str, args: tuple, store: Store, key: Key, cached: dict | None = None
 ) -> dict | State:
@@ -49,5 +42,22 @@ def step(
 
 @cache
 def stage_task(stage: str) -> Task:
-    """The task that runs ``stage``'s calls, named after it (the UI groups by name)."""
-    return step.with_options(name=stage)
+    """The task that runs ``stage``'s calls, named after it: the Prefect UI groups task
+    runs by the task's name, and Dask names its tasks (keys, dashboard) after the
+    function's, so each stage gets a function of its own name."""
+
+    def run(
+        stage: str, label: str, args: tuple, store: Store, key: Key, cached: dict | None = None
+    ) -> dict | State:
+        return step(stage, label, args, store, key, cached)
+
+    run.__name__ = run.__qualname__ = stage
+    return task(
+        run,
+        name=stage,
+        task_run_name="{stage}/{label}",
+        cache_policy=NO_CACHE,
+        retries=2,
+        retry_delay_seconds=[2, 10],
+        retry_condition_fn=_retryable,
+    )

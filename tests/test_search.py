@@ -18,11 +18,13 @@ from samplemix.evaluation.search import (
     search,
     search_markdown,
     search_plots,
+    search_space,
 )
 from samplemix.mixing.quadmix import QuadMixParams
 
-SAMPLEMIX = SearchSpace("samplemix")
-QUADMIX = SearchSpace("quadmix", ("books", "code", "web"), n_criteria=2)
+SAMPLEMIX = search_space("samplemix")
+DOMAINS = ("books", "code", "web")
+QUADMIX = search_space("quadmix", DOMAINS, n_criteria=2)
 # The quadmix objective's optimum: ω/0.1 = 0.7 and α[0] = 0.4 in every domain.
 PLANTED = np.array([0.7, 0.4])
 
@@ -115,22 +117,22 @@ def test_draw_parameters_prefix_and_seed(space: SearchSpace) -> None:
 
 
 @pytest.mark.parametrize(
-    "space", [SAMPLEMIX, QUADMIX, SearchSpace("quadmix", ("x",))], ids=[*SPACES, "quadmix-1"]
+    "space", [SAMPLEMIX, QUADMIX, search_space("quadmix", ("x",))], ids=[*SPACES, "quadmix-1"]
 )
 def test_vectorised_candidates_equal_draws(space: SearchSpace) -> None:
     # search scores candidates as a feature block; it must be the θ that draw() gives.
     r1, r2 = np.random.default_rng(9), np.random.default_rng(9)
-    block = space._draw_features(r1, 200)
+    block = space.draw_features(r1, 200)
     thetas = [space.draw(r2) for _ in range(200)]
     np.testing.assert_array_equal(block, np.stack([space.features(t) for t in thetas]))
-    assert [space._theta(row) for row in block] == thetas
+    assert [space.theta(row) for row in block] == thetas
     assert r1.random() == r2.random()  # both streams advanced alike
 
 
 def test_quadmix_draws_follow_algorithm_1_and_average_stays_on_simplex() -> None:
     thetas = draw_parameters(QUADMIX, 300, seed=11)
     for t in thetas:
-        assert list(t["domains"]) == list(QUADMIX.domains)
+        assert list(t["domains"]) == list(DOMAINS)
         for e in t["domains"].values():
             assert len(e["alpha"]) == 2 and min(e["alpha"]) >= 0
             assert sum(e["alpha"]) == pytest.approx(1.0, abs=1e-12)
@@ -173,19 +175,22 @@ def test_quadmix_mixing_update_validates_and_reaches_the_pipeline(tmp_path) -> N
             {"corpus": {"input": "x"}, "quality": quality, "mixing": mixing}
         )
         assert cfg.mixing.method == "quadmix"
-        got = quadmix_params(cfg, list(QUADMIX.domains))
+        got = quadmix_params(cfg, list(DOMAINS))
         assert got.domains == expected.domains
         for f in ("alpha", "lam", "omega", "eta", "eps"):
             np.testing.assert_array_equal(getattr(got, f), getattr(expected, f))
 
 
-def test_search_space_rejects_bad_settings() -> None:
+def test_search_space_names_its_method_and_rejects_bad_settings() -> None:
+    assert (SAMPLEMIX.method, QUADMIX.method) == SPACES
     with pytest.raises(ValueError, match="one of"):
-        SearchSpace("regmix")
+        search_space("regmix")
     with pytest.raises(ValueError, match="domains"):
-        SearchSpace("quadmix")
+        search_space("quadmix")
     with pytest.raises(ValueError, match="n_criteria"):
-        SearchSpace("quadmix", ("a",), n_criteria=0)
+        search_space("quadmix", ("a",), n_criteria=0)
+    with pytest.raises(ValueError, match="distinct"):
+        search_space("quadmix", ("a", "a"))
 
 
 def test_search_input_errors_name_the_problem() -> None:
@@ -207,10 +212,10 @@ def test_search_input_errors_name_the_problem() -> None:
         search(SAMPLEMIX, [{"alpha": 1.5}, *thetas[1:]], losses, validation=2)
 
     q = draw_parameters(QUADMIX, 10, seed=0)
-    other = draw_parameters(SearchSpace("quadmix", ("books", "code", "news"), 2), 1, seed=0)
+    other = draw_parameters(search_space("quadmix", ("books", "code", "news"), 2), 1, seed=0)
     with pytest.raises(ValueError, match=r"θ 3: .*wrong domains: missing \['web'\]"):
         search(QUADMIX, [*q[:3], *other, *q[4:]], losses, validation=2)
-    one_criterion = draw_parameters(SearchSpace("quadmix", QUADMIX.domains, 1), 1, seed=0)
+    one_criterion = draw_parameters(search_space("quadmix", DOMAINS, 1), 1, seed=0)
     with pytest.raises(ValueError, match="1 quality criteria"):
         search(QUADMIX, [*one_criterion, *q[1:]], losses, validation=2)
 

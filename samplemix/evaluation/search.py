@@ -1,10 +1,11 @@
 """Mixture-parameter search: a regressor θ → proxy loss picks θ (method.md §2.6, RegMix style).
 
-The caller draws K parameter sets (``draw_parameters``), evaluates each by training a
-proxy model (method.md §4), and passes θ and losses to ``search``: it fits LightGBM on
-all but the last ``validation`` draws and reports the MAE on those, refits on all draws,
-predicts ``candidates`` fresh draws, and averages the ``top`` best predicted θ. The
-chosen θ goes into the run configuration through ``SearchSpace.mixing_update``.
+The caller picks a space (``search_space``), draws K parameter sets (``draw_parameters``),
+evaluates each by training a proxy model (method.md §4), and passes θ and losses to
+``search``: it fits LightGBM on all but the last ``validation`` draws and reports the MAE on
+those, refits on all draws, predicts ``candidates`` fresh draws, and averages the ``top``
+best predicted θ. The chosen θ goes into the run configuration through
+``SearchSpace.mixing_update``.
 
 Engine rule, as in report.py: no Prefect, no torch, no pyplot global state.
 """
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import lightgbm as lgb
 import numpy as np
 
 from samplemix.mixing.quadmix import PARAM_FIELDS, QuadMixParams, sample_parameters
-from samplemix.reporting.run_report import markdown_table, new_figure, no_data_panel, png_bytes
-
-SPACES = ("samplemix", "quadmix")
+from samplemix.reporting.formatting import markdown_table, new_figure, no_data_panel, png_bytes
 
 # Candidates come from a child SeedSequence of `seed` (spawn key below). Its entropy is
 # padded to 4 words before the key is appended, so no plain integer seed below 2**128
@@ -45,33 +45,211 @@ _LGB_PARAMS = {
 _ROUNDS = 300
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """What a search varies. method 'samplemix': θ = {"alpha": a}, a ~ U(0, 1)
-    (the SampleMix weight w = α·d̂ + (1−α)·q̂). method 'quadmix': θ = QuadMixParams.to_dict()
-    for `domains` and `n_criteria`, drawn by quadmix.sample_parameters (Algorithm 1)."""
+class SearchSpace(Protocol):
+    """What a search varies: θ, a JSON-able dict, and its numeric features for the regressor.
 
-    method: str
-    domains: tuple[str, ...] = ()
+    ``method`` names the mixing method θ configures (one of ``SPACES``). Contracts:
+    ``draw_features(rng, k)`` equals ``np.stack([features(draw(rng)) for _ in range(k)])``
+    and advances ``rng`` as those k draws do; ``theta(features(t)) == t`` for a drawn ``t``;
+    ``features``, ``average`` and ``mixing_update`` raise ValueError for a malformed θ."""
+
+    method: ClassVar[str]
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """One θ; the same ``rng`` state gives the same θ."""
+        ...
+
+    def features(self, theta: dict) -> np.ndarray:
+        """float64 (n_features,), in ``feature_names`` order."""
+        ...
+
+    def draw_features(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """float64 (k, n_features): the features of k draws, vectorised."""
+        ...
+
+    def theta(self, row: np.ndarray) -> dict:
+        """The θ whose ``features`` are ``row``."""
+        ...
+
+    def feature_names(self) -> list[str]:
+        """One name per feature column."""
+        ...
+
+    def average(self, thetas: Sequence[dict]) -> dict:
+        """The field-wise mean θ of a non-empty list (ValueError when empty)."""
+        ...
+
+    def mixing_update(self, theta: dict) -> dict:
+        """What to merge, deeply, into the config's ``mixing`` section so that
+        ``samplemix run`` uses θ."""
+        ...
+
+    def theta_table(self, theta: dict) -> str:
+        """θ as a Markdown table."""
+        ...
+
+    def inline(self, theta: dict) -> str:
+        """θ in a few words for a report line, or "" when it does not fit on one."""
+        ...
+
+    def plots(
+        self, result: SearchResult, thetas: Sequence[dict], losses: Sequence[float]
+    ) -> dict[str, bytes]:
+        """The method's own plots of a search (PNG bytes keyed by file name); may be empty."""
+        ...
+
+
+@dataclass(frozen=True)
+class SampleMixSpace:
+    """θ = {"alpha": a}, a ~ U(0, 1): the SampleMix weight w = α·d̂ + (1−α)·q̂."""
+
+    method: ClassVar[str] = "samplemix"
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        return {"alpha": float(rng.random())}
+
+    def features(self, theta: dict) -> np.ndarray:
+        return np.array([self._alpha(theta)])
+
+    def draw_features(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        return rng.random(k)[:, None]
+
+    def theta(self, row: np.ndarray) -> dict:
+        return {"alpha": float(row[0])}
+
+    def feature_names(self) -> list[str]:
+        return ["alpha"]
+
+    def average(self, thetas: Sequence[dict]) -> dict:
+        if not thetas:
+            raise ValueError("cannot average an empty list of θ")
+        return {"alpha": float(np.mean([self._alpha(t) for t in thetas]))}
+
+    def mixing_update(self, theta: dict) -> dict:
+        return {"method": "samplemix", "alpha": self._alpha(theta)}
+
+    def theta_table(self, theta: dict) -> str:
+        return markdown_table(["Parameter", "Value"], [["alpha", f"{theta['alpha']:.4g}"]])
+
+    def inline(self, theta: dict) -> str:
+        return f"alpha = {theta['alpha']:.4g}"
+
+    def plots(
+        self, result: SearchResult, thetas: Sequence[dict], losses: Sequence[float]
+    ) -> dict[str, bytes]:
+        """``search_alpha.png``: loss vs α, the fitted curve when ``result.model`` is set,
+        the chosen α marked."""
+        fig = new_figure(6.5, 4.2)
+        ax = fig.subplots()
+        ax.scatter(
+            [self._alpha(t) for t in thetas], losses, s=14, color="#9aa5b1", label="evaluated draw"
+        )
+        if result.model is not None:
+            grid = np.linspace(0.0, 1.0, 201)
+            ax.plot(grid, result.model.predict(grid[:, None]), color="#1f77b4", label="regressor")
+        chosen = result.theta["alpha"]
+        ax.axvline(chosen, color="#d62728", ls="--", lw=1, label=f"chosen α = {chosen:.3g}")
+        ax.set_xlabel("α (0 = quality only, 1 = diversity only)")
+        ax.set_ylabel("proxy loss")
+        ax.set_title("Loss vs α")
+        ax.legend(frameon=False)
+        return {"search_alpha.png": png_bytes(fig)}
+
+    @staticmethod
+    def _alpha(theta: dict) -> float:
+        """θ's α; ValueError unless it is a number in [0, 1]."""
+        a = theta.get("alpha") if isinstance(theta, dict) else None
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a <= 1:
+            raise ValueError(f"samplemix θ needs 'alpha' in [0, 1], got {theta!r}")
+        return float(a)
+
+
+@dataclass(frozen=True)
+class QuadMixSpace:
+    """θ = QuadMixParams.to_dict() for ``domains`` (distinct, stored as str) and
+    ``n_criteria`` ≥ 1 quality criteria, drawn by quadmix.sample_parameters (Algorithm 1).
+    Features are domain-major: a domain's N + 4 numbers are adjacent."""
+
+    method: ClassVar[str] = "quadmix"
+    domains: tuple[str, ...]
     n_criteria: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in SPACES:
-            raise ValueError(f"search method must be one of {SPACES}, got {self.method!r}")
         object.__setattr__(self, "domains", tuple(str(d) for d in self.domains))
-        if self.method == "quadmix":
-            if not self.domains:
-                raise ValueError("a quadmix search needs the corpus's domains (none given)")
-            if len(set(self.domains)) != len(self.domains):
-                raise ValueError(f"domains must be distinct, got {list(self.domains)}")
-            if self.n_criteria < 1:
-                raise ValueError(f"n_criteria must be ≥ 1, got {self.n_criteria}")
+        if not self.domains:
+            raise ValueError("a quadmix search needs the corpus's domains (none given)")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains must be distinct, got {list(self.domains)}")
+        if self.n_criteria < 1:
+            raise ValueError(f"n_criteria must be ≥ 1, got {self.n_criteria}")
 
     def draw(self, rng: np.random.Generator) -> dict:
-        """One θ (JSON-able dict); the same ``rng`` state gives the same θ."""
-        if self.method == "samplemix":
-            return {"alpha": float(rng.random())}
         return sample_parameters(self.n_criteria, self.domains, rng).to_dict()
+
+    def features(self, theta: dict) -> np.ndarray:
+        p = self._params(theta)
+        fields = [p.alpha, *(getattr(p, f)[None, :] for f in PARAM_FIELDS)]
+        return np.concatenate(fields, axis=0).T.reshape(-1)
+
+    def draw_features(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """Skips the dict round trip (~0.25 ms per θ, 25 s for the paper's 100,000
+        candidates). Generator.random fills sequentially, so one block in
+        sample_parameters' order (a, b, λ, ω, η, ε; each 1 − U) is the same stream."""
+        n, m = self.n_criteria, len(self.domains)
+        u = 1.0 - rng.random((k, n + n * m + 4 * m))
+        ab = u[:, :n, None] * u[:, n : n + n * m].reshape(k, n, m)
+        lam, omega, eta, eps = np.moveaxis(u[:, n + n * m :].reshape(k, 4, m), 1, 0)
+        scaled = np.stack([1e3 * lam, 0.1 * omega, eta, eps / 1e3], axis=1)
+        cols = np.concatenate([ab / ab.sum(axis=1, keepdims=True), scaled], axis=1)
+        return cols.transpose(0, 2, 1).reshape(k, -1)
+
+    def theta(self, row: np.ndarray) -> dict:
+        n = self.n_criteria
+        cols = np.asarray(row, dtype=np.float64).reshape(len(self.domains), n + 4).T
+        fields = {f: cols[n + i] for i, f in enumerate(PARAM_FIELDS)}
+        return QuadMixParams(alpha=cols[:n], **fields, domains=self.domains).to_dict()
+
+    def feature_names(self) -> list[str]:
+        return [f"{name}@{d}" for d in self.domains for name in self._columns()]
+
+    def average(self, thetas: Sequence[dict]) -> dict:
+        """Every α column is a mean of simplex points, so it stays on the simplex; it is
+        renormalised only against rounding."""
+        if not thetas:
+            raise ValueError("cannot average an empty list of θ")
+        ps = [self._params(t) for t in thetas]
+        alpha = np.mean([p.alpha for p in ps], axis=0)
+        mean = QuadMixParams(
+            alpha=alpha / alpha.sum(axis=0),
+            **{f: np.mean([getattr(p, f) for p in ps], axis=0) for f in PARAM_FIELDS},
+            domains=self.domains,
+        )
+        return mean.to_dict()
+
+    def mixing_update(self, theta: dict) -> dict:
+        """``quadmix`` holds only ``params``, not the section's other keys."""
+        return {"method": "quadmix", "quadmix": {"params": self._params(theta).to_dict()}}
+
+    def theta_table(self, theta: dict) -> str:
+        rows = []
+        for d in self.domains:
+            e = theta["domains"][d]
+            rows.append(
+                [d, *(f"{a:.4g}" for a in e["alpha"]), *(f"{e[f]:.4g}" for f in PARAM_FIELDS)]
+            )
+        return markdown_table(["Domain", *self._columns()], rows)
+
+    def inline(self, theta: dict) -> str:
+        return ""
+
+    def plots(
+        self, result: SearchResult, thetas: Sequence[dict], losses: Sequence[float]
+    ) -> dict[str, bytes]:
+        return {}
+
+    def _columns(self) -> list[str]:
+        """A domain's parameter names: the N α weights, then PARAM_FIELDS."""
+        return [f"alpha[{n}]" for n in range(self.n_criteria)] + list(PARAM_FIELDS)
 
     def _params(self, theta: dict) -> QuadMixParams:
         """θ as validated QuaDMix parameters in ``domains`` column order."""
@@ -90,73 +268,19 @@ class SearchSpace:
             )
         return params
 
-    def _alpha(self, theta: dict) -> float:
-        a = theta.get("alpha") if isinstance(theta, dict) else None
-        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a <= 1:
-            raise ValueError(f"samplemix θ needs 'alpha' in [0, 1], got {theta!r}")
-        return float(a)
 
-    def features(self, theta: dict) -> np.ndarray:
-        """float64 (n_features,), in ``feature_names`` order; ValueError for a malformed θ."""
-        if self.method == "samplemix":
-            return np.array([self._alpha(theta)])
-        p = self._params(theta)
-        fields = [p.alpha, *(getattr(p, f)[None, :] for f in PARAM_FIELDS)]
-        # Domain-major: a domain's N + 4 numbers are adjacent, as in the names.
-        return np.concatenate(fields, axis=0).T.reshape(-1)
+SPACES = (SampleMixSpace.method, QuadMixSpace.method)
 
-    def _draw_features(self, rng: np.random.Generator, k: int) -> np.ndarray:
-        """float64 (k, n_features): exactly ``np.stack([features(draw(rng)) for _ in
-        range(k)])``, vectorised (the dict round trip costs ~0.25 ms per θ, 25 s for the
-        paper's 100,000 candidates). Generator.random fills sequentially, so one block in
-        sample_parameters' order (a, b, λ, ω, η, ε; each 1 − U) is the same stream."""
-        if self.method == "samplemix":
-            return rng.random(k)[:, None]
-        n, m = self.n_criteria, len(self.domains)
-        u = 1.0 - rng.random((k, n + n * m + 4 * m))
-        ab = u[:, :n, None] * u[:, n : n + n * m].reshape(k, n, m)
-        lam, omega, eta, eps = np.moveaxis(u[:, n + n * m :].reshape(k, 4, m), 1, 0)
-        scaled = np.stack([1e3 * lam, 0.1 * omega, eta, eps / 1e3], axis=1)
-        cols = np.concatenate([ab / ab.sum(axis=1, keepdims=True), scaled], axis=1)
-        return cols.transpose(0, 2, 1).reshape(k, -1)
 
-    def _theta(self, row: np.ndarray) -> dict:
-        """Inverse of ``features``."""
-        if self.method == "samplemix":
-            return {"alpha": float(row[0])}
-        n = self.n_criteria
-        cols = np.asarray(row, dtype=np.float64).reshape(len(self.domains), n + 4).T
-        fields = {f: cols[n + i] for i, f in enumerate(PARAM_FIELDS)}
-        return QuadMixParams(alpha=cols[:n], **fields, domains=self.domains).to_dict()
-
-    def feature_names(self) -> list[str]:
-        if self.method == "samplemix":
-            return ["alpha"]
-        per = [f"alpha[{n}]" for n in range(self.n_criteria)] + list(PARAM_FIELDS)
-        return [f"{name}@{d}" for d in self.domains for name in per]
-
-    def average(self, thetas: Sequence[dict]) -> dict:
-        """Field-wise mean θ. Every α column is a mean of simplex points, so it stays on
-        the simplex; it is renormalised only against rounding."""
-        if not thetas:
-            raise ValueError("cannot average an empty list of θ")
-        if self.method == "samplemix":
-            return {"alpha": float(np.mean([self._alpha(t) for t in thetas]))}
-        ps = [self._params(t) for t in thetas]
-        alpha = np.mean([p.alpha for p in ps], axis=0)
-        mean = QuadMixParams(
-            alpha=alpha / alpha.sum(axis=0),
-            **{f: np.mean([getattr(p, f) for p in ps], axis=0) for f in PARAM_FIELDS},
-            domains=self.domains,
-        )
-        return mean.to_dict()
-
-    def mixing_update(self, theta: dict) -> dict:
-        """What to merge into the config's ``mixing`` section so ``samplemix run`` uses θ.
-        Merge it deeply: ``quadmix`` holds only ``params``, not the section's other keys."""
-        if self.method == "samplemix":
-            return {"method": "samplemix", "alpha": self._alpha(theta)}
-        return {"method": "quadmix", "quadmix": {"params": self._params(theta).to_dict()}}
+def search_space(method: str, domains: Sequence[str] = (), n_criteria: int = 1) -> SearchSpace:
+    """The search space of ``method`` (one of ``SPACES``). ``domains`` (the corpus's) and
+    ``n_criteria`` (its number of quality criteria) matter only to quadmix, which needs
+    distinct domains and n_criteria ≥ 1; ValueError otherwise or for an unknown method."""
+    if method == SampleMixSpace.method:
+        return SampleMixSpace()
+    if method == QuadMixSpace.method:
+        return QuadMixSpace(tuple(domains), n_criteria)
+    raise ValueError(f"search method must be one of {SPACES}, got {method!r}")
 
 
 def draw_parameters(space: SearchSpace, k: int, seed: int) -> list[dict]:
@@ -241,10 +365,10 @@ def search(
 
     model = _fit(x, y, seed)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_CANDIDATE_SPAWN_KEY))
-    pool = space._draw_features(rng, candidates)
+    pool = space.draw_features(rng, candidates)
     pred = model.predict(pool)
     best = np.argsort(pred, kind="stable")[:top]
-    chosen = [space._theta(pool[i]) for i in best]
+    chosen = [space.theta(pool[i]) for i in best]
     theta = space.average(chosen)
     gain = model.feature_importance(importance_type="gain")
     i_obs = int(np.argmin(y))
@@ -262,17 +386,6 @@ def search(
     )
 
 
-def _theta_table(theta: dict, space: SearchSpace) -> str:
-    if space.method == "samplemix":
-        return markdown_table(["Parameter", "Value"], [["alpha", f"{theta['alpha']:.4g}"]])
-    per = [f"alpha[{n}]" for n in range(space.n_criteria)] + list(PARAM_FIELDS)
-    rows = []
-    for d in space.domains:
-        e = theta["domains"][d]
-        rows.append([d, *(f"{a:.4g}" for a in e["alpha"]), *(f"{e[f]:.4g}" for f in PARAM_FIELDS)])
-    return markdown_table(["Domain", *per], rows)
-
-
 def search_markdown(result: SearchResult, space: SearchSpace) -> str:
     """A short Markdown report: chosen θ, validation MAE, draws used, best observed draw,
     and the features the final regressor gained most from."""
@@ -283,9 +396,8 @@ def search_markdown(result: SearchResult, space: SearchSpace) -> str:
         spread = f"; the validation losses span {np.ptp(losses):.4g}" if losses else ""
         mae = f"{result.mae:.4g} on {result.n_validation} held-out draws{spread}"
     best_theta, best_loss = result.best_observed
-    best = f"{best_loss:.4g}"
-    if space.method == "samplemix":
-        best += f" at alpha = {best_theta['alpha']:.4g}"
+    where = space.inline(best_theta)
+    best = f"{best_loss:.4g} at {where}" if where else f"{best_loss:.4g}"
     ranked = sorted(result.importance.items(), key=lambda kv: -kv[1])[:10]
     total = sum(result.importance.values()) or 1.0
     lines = [
@@ -293,7 +405,7 @@ def search_markdown(result: SearchResult, space: SearchSpace) -> str:
         "",
         f"Chosen θ: the mean of the {len(result.top)} best predicted candidates.",
         "",
-        _theta_table(result.theta, space),
+        space.theta_table(result.theta),
         "",
         f"- Predicted loss at the chosen θ: {result.predicted_loss:.4g}",
         f"- Validation MAE: {mae}",
@@ -311,8 +423,7 @@ def search_plots(
     result: SearchResult, thetas: Sequence[dict], losses: Sequence[float], space: SearchSpace
 ) -> dict[str, bytes]:
     """PNG bytes keyed by file name: ``search_validation.png`` always (a "no data" panel when
-    validation = 0); ``search_alpha.png`` for samplemix (loss vs α, the fitted curve when
-    ``result.model`` is set, the chosen α marked)."""
+    validation = 0), then ``space.plots`` (samplemix: ``search_alpha.png``)."""
     fig = new_figure(5.5, 5.0)
     ax = fig.subplots()
     title = "Validation: observed vs predicted loss"
@@ -327,33 +438,18 @@ def search_plots(
         ax.set_ylabel("predicted loss")
         ax.set_title(f"{title}\nMAE {result.mae:.4g} over {len(obs)} draws")
         ax.legend(frameon=False)
-    plots = {"search_validation.png": png_bytes(fig)}
-    if space.method != "samplemix":
-        return plots
-
-    fig = new_figure(6.5, 4.2)
-    ax = fig.subplots()
-    alphas = [space.features(t)[0] for t in thetas]
-    ax.scatter(alphas, losses, s=14, color="#9aa5b1", label="evaluated draw")
-    if result.model is not None:
-        grid = np.linspace(0.0, 1.0, 201)
-        ax.plot(grid, result.model.predict(grid[:, None]), color="#1f77b4", label="regressor")
-    chosen = result.theta["alpha"]
-    ax.axvline(chosen, color="#d62728", ls="--", lw=1, label=f"chosen α = {chosen:.3g}")
-    ax.set_xlabel("α (0 = quality only, 1 = diversity only)")
-    ax.set_ylabel("proxy loss")
-    ax.set_title("Loss vs α")
-    ax.legend(frameon=False)
-    plots["search_alpha.png"] = png_bytes(fig)
-    return plots
+    return {"search_validation.png": png_bytes(fig), **space.plots(result, thetas, losses)}
 
 
 __all__ = [
     "SPACES",
+    "QuadMixSpace",
+    "SampleMixSpace",
     "SearchResult",
     "SearchSpace",
     "draw_parameters",
     "search",
     "search_markdown",
     "search_plots",
+    "search_space",
 ]

@@ -156,31 +156,29 @@ def _baseline_weights(x: WeightInputs, cfg: Config) -> np.ndarray:
     return baselines.domain_weights(x.domains, shares, x.reduce["tokens"])
 
 
-def _baseline_settings(cfg: Config, domains: dict | None) -> dict:
-    assert domains is not None
-    shares = baseline_proportions(cfg, domains)
-    settings = {"domain shares": ", ".join(f"{d} {p:.1%}" for d, p in shares.items())}
-    if cfg.mixing.method == "temperature":
-        settings["temperature"] = cfg.mixing.temperature
-    return settings
+def _baseline(
+    name: str, reduces: tuple[str, ...], key_settings: Callable, shown: tuple[str, ...] = ()
+) -> MixingMethod:
+    """A domain-wise baseline: uniform in a domain, its share from ``PROPORTIONS[name]``.
+    The report lists the shares and the ``shown`` ones of its key settings."""
 
+    def settings(cfg: Config, domains: dict | None) -> dict:
+        assert domains is not None
+        shares = baseline_proportions(cfg, domains)
+        listed = {"domain shares": ", ".join(f"{d} {p:.1%}" for d, p in shares.items())}
+        return listed | {k: key_settings(cfg.mixing)[k] for k in shown}
 
-def _baseline(name: str, reduces: tuple[str, ...], key_settings: Callable) -> MixingMethod:
     return MixingMethod(
-        name=name,
-        reduces=reduces,
-        all_scorers=False,
-        key_settings=key_settings,
-        weights=_baseline_weights,
-        settings=_baseline_settings,
-        label=lambda m: name,
+        name, reduces, False, key_settings, _baseline_weights, settings, lambda m: name
     )
 
 
 BASELINES = (
     _baseline("vanilla", ("domains",), lambda m: {}),
     _baseline("fixed", ("domains",), lambda m: {"domain_weights": m.domain_weights}),
-    _baseline("temperature", ("domains",), lambda m: {"temperature": m.temperature}),
+    _baseline(
+        "temperature", ("domains",), lambda m: {"temperature": m.temperature}, ("temperature",)
+    ),
     _baseline("ce", ("bigrams", "domains"), lambda m: {}),
 )
 

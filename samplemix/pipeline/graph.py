@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from samplemix.config import Config
-from samplemix.io.corpus import CorpusError
+from samplemix.io.corpus import CorpusError, Shard
 from samplemix.io.store import Key
 from samplemix.mixing import kmeans, methods
 from samplemix.pipeline import keys, stages
@@ -137,7 +137,7 @@ def _kmeans_calls(w: Walk) -> list[Call]:
     return [Call(key, "fit", (list(zip(tok, emb, strict=True)), n_docs, w.cfg), note)]
 
 
-def _assign(w: Walk, i: int, shard: object) -> tuple[Key, tuple]:
+def _assign(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
     tok, emb, km = w.keys("tokens")[i], w.keys("embed")[i], w.keys("kmeans")[0]
     return keys.assign_key(emb, km), (tok, emb, km)
 
@@ -160,7 +160,7 @@ def _ranks_calls(w: Walk) -> list[Call]:
     return [Call(key, "quadmix", (tok, ids, qual, dict(domain_docs), w.cfg))]
 
 
-def _bigrams(w: Walk, i: int, shard: object) -> tuple[Key, tuple]:
+def _bigrams(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
     tok = w.keys("tokens")[i]
     return keys.bigrams_key(tok), (shard, tok, w.cfg)
 
@@ -199,7 +199,7 @@ def _budget_calls(w: Walk) -> list[Call]:
     return [Call(keys.budget_key(weights, target, w.cfg), "scale", (parts, target, w.cfg))]
 
 
-def _counts(w: Walk, i: int, shard: object) -> tuple[Key, tuple]:
+def _counts(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
     budget = w.keys("budget")[0]
     weights = w.keys("weights")[i]
     tok, ids, assign = w.keys("tokens")[i], w.keys("ids")[0], w.keys("assign")[i]
@@ -208,72 +208,53 @@ def _counts(w: Walk, i: int, shard: object) -> tuple[Key, tuple]:
     return keys.counts_key(weights, budget, w.cfg), args
 
 
+def _tokens(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
+    return keys.tokens_key(shard, w.cfg), (shard, w.cfg)
+
+
+def _embed(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
+    return keys.embed_key(shard, w.cfg), (shard, w.cfg)
+
+
+def _domain_model_gpu(cfg: Config, args: tuple) -> bool:
+    return cfg.compute.gpus > 0 and bool(cfg.corpus.domain_model)
+
+
+def _encoder_gpu(cfg: Config, args: tuple) -> bool:
+    return cfg.compute.gpus > 0 and not is_static(cfg.embed.model)
+
+
+def _scorer_gpu(cfg: Config, args: tuple) -> bool:
+    return cfg.compute.gpus > 0 and args[1].scorer != "heuristic"  # args: shard, scorer, cfg
+
+
+# The pipeline, in the order a walk takes it. The inputs are what a stage's run reads;
+# a stage whose inputs are all finished starts, so tokens, embed and quality run together.
+# kmeans waits for the ids only so that a corpus with no usable document fails in one
+# line (_ids_done) before a fit on nothing.
+# fmt: off
 GRAPH: tuple[Stage, ...] = (
-    Stage(
-        "tokens",
-        per_shard=True,
-        inputs=(),
-        calls=_per_shard(lambda w, i, s: (keys.tokens_key(s, w.cfg), (s, w.cfg))),
-        run=stages.run_tokens,
-        gpu=lambda cfg, args: cfg.compute.gpus > 0 and bool(cfg.corpus.domain_model),
-    ),
-    Stage(
-        "embed",
-        per_shard=True,
-        inputs=(),
-        calls=_per_shard(lambda w, i, s: (keys.embed_key(s, w.cfg), (s, w.cfg))),
-        run=stages.run_embed,
-        gpu=lambda cfg, args: cfg.compute.gpus > 0 and not is_static(cfg.embed.model),
-    ),
-    Stage(
-        "quality",
-        per_shard=True,
-        inputs=(),
-        calls=_quality_calls,
-        run=stages.run_quality,
-        gpu=lambda cfg, args: cfg.compute.gpus > 0 and args[1].scorer != "heuristic",
-    ),
+    # Stage(name, per shard, inputs, calls, run, gpu)
+    Stage("tokens", True, (), _per_shard(_tokens), stages.run_tokens, _domain_model_gpu),
+    Stage("embed", True, (), _per_shard(_embed), stages.run_embed, _encoder_gpu),
+    Stage("quality", True, (), _quality_calls, stages.run_quality, _scorer_gpu),
     Stage("ids", False, ("tokens",), _ids_calls, stages.run_ids, done=_ids_done),
-    # The ids come first only so that a corpus with no usable document fails in one line
-    # (_ids_done) before a fit on nothing.
-    Stage(
-        "kmeans", False, ("tokens", "ids", "embed"), _kmeans_calls, stages.run_kmeans, _faiss_gpu
-    ),
-    Stage(
-        "assign",
-        per_shard=True,
-        inputs=("tokens", "embed", "kmeans"),
-        calls=_per_shard(_assign),
-        run=stages.run_assign,
-        gpu=_faiss_gpu,
-    ),
+    Stage("kmeans", False, ("tokens", "ids", "embed"), _kmeans_calls, stages.run_kmeans,
+          _faiss_gpu),
+    Stage("assign", True, ("tokens", "embed", "kmeans"), _per_shard(_assign), stages.run_assign,
+          _faiss_gpu),
     Stage("clusters", False, ("assign", "kmeans"), _clusters_calls, stages.run_clusters),
     Stage("ranks", False, ("tokens", "ids", "quality"), _ranks_calls, stages.run_ranks),
     Stage("bigrams", True, ("tokens",), _per_shard(_bigrams), stages.run_bigrams),
-    Stage(
-        "domains",
-        per_shard=False,
-        inputs=("tokens", "ids", "bigrams"),
-        calls=_domains_calls,
-        run=stages.run_domains,
-        done=_domains_done,
-    ),
-    Stage(
-        "weights",
-        per_shard=True,
-        inputs=("tokens", "ids", "quality", "assign", "clusters", "ranks", "domains"),
-        calls=_weights_calls,
-        run=stages.run_weights,
-    ),
+    Stage("domains", False, ("tokens", "ids", "bigrams"), _domains_calls, stages.run_domains,
+          done=_domains_done),
+    Stage("weights", True, ("tokens", "ids", "quality", "assign", "clusters", "ranks", "domains"),
+          _weights_calls, stages.run_weights),
     Stage("budget", False, ("tokens", "ids", "weights"), _budget_calls, stages.run_budget),
-    Stage(
-        "counts",
-        per_shard=True,
-        inputs=("tokens", "ids", "quality", "assign", "weights", "budget"),
-        calls=_per_shard(_counts),
-        run=stages.run_counts,
-    ),
+    Stage("counts", True, ("tokens", "ids", "quality", "assign", "weights", "budget"),
+          _per_shard(_counts), stages.run_counts),
 )
+# fmt: on
 GRAPH_BY_NAME = {s.name: s for s in GRAPH}
 # The stages that only some methods have: those the methods name as their reduces.
 METHOD_STAGES = frozenset(r for m in methods.BY_NAME.values() for r in m.reduces)

@@ -102,11 +102,14 @@ def _domain_model_part(cfg: Config) -> dict | None:
     }
 
 
+def _key(stage: str, shard: str | None = None, **parts: object) -> Key:
+    """The key of ``stage`` at its current version (``VERSIONS``) over ``parts``."""
+    return artifact_key(stage, VERSIONS[stage], shard, **parts)
+
+
 def _shard_key(stage: str, shard: Shard, cfg: Config, **parts: object) -> Key:
     """The key of a stage that reads ``shard``'s documents: the shard's part and ``parts``."""
-    return artifact_key(
-        stage, VERSIONS[stage], shard.shard_id, corpus=_corpus_part(shard, cfg), **parts
-    )
+    return _key(stage, shard.shard_id, corpus=_corpus_part(shard, cfg), **parts)
 
 
 def tokens_key(shard: Shard, cfg: Config) -> Key:
@@ -122,9 +125,8 @@ def tokens_key(shard: Shard, cfg: Config) -> Key:
 
 
 def ids_key(tokens: list[Key], cfg: Config) -> Key:
-    return artifact_key(
+    return _key(
         "ids",
-        VERSIONS["ids"],
         tokens=[k.id for k in tokens],
         corpus={"duplicate_ids": cfg.corpus.duplicate_ids},
     )
@@ -132,13 +134,12 @@ def ids_key(tokens: list[Key], cfg: Config) -> Key:
 
 def bigrams_key(tokens: Key) -> Key:
     """Bigrams under the budget tokenizer, by the domains of the shard's index."""
-    return artifact_key("bigrams", VERSIONS["bigrams"], tokens.shard, tokens=tokens.id)
+    return _key("bigrams", tokens.shard, tokens=tokens.id)
 
 
 def domains_key(tokens: list[Key], ids: Key, bigrams: list[Key] | None) -> Key:
-    return artifact_key(
+    return _key(
         "domains",
-        VERSIONS["domains"],
         tokens=[k.id for k in tokens],
         ids=ids.id,
         bigrams=None if bigrams is None else [k.id for k in bigrams],
@@ -170,9 +171,7 @@ def _kmeans_part(cfg: Config) -> dict:
 
 def kmeans_key(embed: list[Key], cfg: Config) -> Key:
     """The key of a fresh fit over every shard's embeddings."""
-    return artifact_key(
-        "kmeans", VERSIONS["kmeans"], embed=[k.id for k in embed], kmeans=_kmeans_part(cfg)
-    )
+    return _key("kmeans", embed=[k.id for k in embed], kmeans=_kmeans_part(cfg))
 
 
 FRESH_FIT = "fit over all shards"  # kmeans_to_use's reason for a fit of its own
@@ -217,13 +216,12 @@ def kmeans_to_use(
 
 
 def assign_key(embed: Key, km: Key) -> Key:
-    return artifact_key("assign", VERSIONS["assign"], embed.shard, embed=embed.id, kmeans=km.id)
+    return _key("assign", embed.shard, embed=embed.id, kmeans=km.id)
 
 
 def clusters_key(assign: list[Key], cfg: Config) -> Key:
-    return artifact_key(
+    return _key(
         "clusters",
-        VERSIONS["clusters"],
         assign=[k.id for k in assign],
         diversity=cfg.diversity.model_dump(),
     )
@@ -254,9 +252,8 @@ def quadmix_params(cfg: Config, domains: list[str]) -> quadmix.QuadMixParams:
 def ranks_key(
     tokens: list[Key], ids: Key, quality: list[list[Key]], params: dict, cfg: Config
 ) -> Key:
-    return artifact_key(
+    return _key(
         "ranks",
-        VERSIONS["ranks"],
         tokens=[k.id for k in tokens],
         ids=ids.id,
         quality=[[k.id for k in per_shard] for per_shard in quality],
@@ -279,9 +276,8 @@ def weights_key(
     QuaDMix all); ``method``: the method's reduce (ranks for QuaDMix, domains for the
     baselines)."""
     used = quality if methods.method_of(cfg).all_scorers else quality[:1]
-    return artifact_key(
+    return _key(
         "weights",
-        VERSIONS["weights"],
         tokens.shard,
         tokens=tokens.id,
         ids=ids.id,
@@ -302,9 +298,8 @@ def heldout_part(cfg: Config) -> dict:
 
 
 def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
-    return artifact_key(
+    return _key(
         "budget",
-        VERSIONS["budget"],
         weights=[k.id for k in weights],
         mixing={"target_tokens": target, "max_repeats": cfg.mixing.max_repeats},
         output={"rows_per_shard": cfg.output.rows_per_shard},
@@ -312,9 +307,8 @@ def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
 
 
 def counts_key(weights: Key, budget: Key, cfg: Config) -> Key:
-    return artifact_key(
+    return _key(
         "counts",
-        VERSIONS["counts"],
         weights.shard,
         weights=weights.id,
         budget=budget.id,
@@ -324,9 +318,7 @@ def counts_key(weights: Key, budget: Key, cfg: Config) -> Key:
 
 def output_key(counts: list[Key], budget: Key) -> Key:
     """What the files under ``output.path`` were written from."""
-    return artifact_key(
-        "output", VERSIONS["output"], counts=[k.id for k in counts], budget=budget.id
-    )
+    return _key("output", counts=[k.id for k in counts], budget=budget.id)
 
 
 def quality_range(quality: list[dict]) -> list[float]:

@@ -347,15 +347,9 @@ def run_assign(tok: Key, emb: Key, km: Key, store: Store, key: Key) -> dict:
         cluster, dist, domains.column("domain").to_numpy(zero_copy_only=False), len(centroids)
     )
     store.put_table(key, "assign.parquet", pa.table({"cluster": cluster, "distance": dist}))
-    store.put_arrays(
-        key,
-        "partials.npz",
-        count=p.count,
-        dist_sum=p.dist_sum,
-        dist_min=p.dist_min,
-        dist_max=p.dist_max,
-        **{f"domain:{d}": c for d, c in p.by_domain.items()},
-    )
+    sums = {name: getattr(p, name) for name in ("count", "dist_sum", "dist_min", "dist_max")}
+    by_domain = {f"domain:{d}": c for d, c in p.by_domain.items()}
+    store.put_arrays(key, "partials.npz", **sums, **by_domain)
     return store.commit(key, {"docs": int(len(cluster))})
 
 

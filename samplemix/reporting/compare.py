@@ -37,14 +37,17 @@ from fsspec.implementations.local import LocalFileSystem
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from samplemix.reporting.formatting import csv_float, json_float, percent_of_share, significant
-from samplemix.reporting.run_report import (
+from samplemix.reporting.formatting import (
+    csv_float,
     image_lines,
+    json_float,
     label_ticks,
     markdown_table,
     new_figure,
     no_data_panel,
+    percent_of_share,
     png_bytes,
+    significant,
 )
 
 #: Plot names in report order; ``compare_plots`` returns ``<name>.png`` for each, and the

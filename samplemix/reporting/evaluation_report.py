@@ -8,7 +8,7 @@ held-out loss in nats/token: lower is better.
 
 Like ``samplemix.reporting.run_report`` this is pure presentation and arithmetic: it never
 imports Prefect or torch, and never touches pyplot's global state (figures come from
-``report.new_figure``).
+``formatting.new_figure``).
 """
 
 from __future__ import annotations
@@ -26,15 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from samplemix.reporting.formatting import csv_float, json_float
-from samplemix.reporting.run_report import (
-    image_lines,
-    label_ticks,
-    markdown_table,
-    new_figure,
-    no_data_panel,
-    png_bytes,
-)
+from samplemix.reporting import formatting as fmt
 
 #: Plot names in report order; ``evaluation_plots`` returns ``<name>.png`` for each.
 PLOTS = ("evaluate_methods", "evaluate_alpha", "evaluate_domains")
@@ -238,7 +230,7 @@ def _variants_section(
         row.append(f"{np.mean([r.epochs for r in groups.get(v, [])] or [math.nan]):.2f}")
         rows.append(row)
     headers = ["Variant", "Seeds", "Objective", "Held-out", *(["Target"] * has_target), "Epochs"]
-    lines = ["## Variants", "", markdown_table(headers, rows), ""]
+    lines = ["## Variants", "", fmt.markdown_table(headers, rows), ""]
     if any(r.epochs > 1 for r in runs):
         lines += [
             "Epochs > 1: the proxy cycled its mixture (fewer tokens than it trains on), so"
@@ -262,7 +254,7 @@ def _domains_section(stats: Mapping[str, VariantStats], labels: Mapping[str, str
     headers = ["Domain", *(labels.get(v, v) for v in stats)]
     lines = ["## Per-domain held-out loss", ""]
     lines += ["Mean ± seed std per domain; the lowest of each row in bold.", ""]
-    return lines + [markdown_table(headers, rows) if rows else "none recorded", ""]
+    return lines + [fmt.markdown_table(headers, rows) if rows else "none recorded", ""]
 
 
 def _runs_section(runs: Sequence[ProxyRun]) -> list[str]:
@@ -279,7 +271,7 @@ def _runs_section(runs: Sequence[ProxyRun]) -> list[str]:
         for r in runs
     ]
     headers = ["Variant", "Seed", "Objective", *domains, "Seconds", "Cached"]
-    return ["## Runs", "", markdown_table(headers, rows), ""]
+    return ["## Runs", "", fmt.markdown_table(headers, rows), ""]
 
 
 def evaluation_markdown(
@@ -310,15 +302,15 @@ def evaluation_markdown(
     ]
     lines += [f"- {s}" for s in verdict(stats, baseline)] + [""]
     lines += _variants_section(runs, stats, labels)
-    lines += image_lines(imgs, "evaluate_methods", "Objective per variant")
-    lines += image_lines(imgs, "evaluate_alpha", "Mean objective vs SampleMix α")
+    lines += fmt.image_lines(imgs, "evaluate_methods", "Objective per variant")
+    lines += fmt.image_lines(imgs, "evaluate_alpha", "Mean objective vs SampleMix α")
     lines += _domains_section(stats, labels)
-    lines += image_lines(imgs, "evaluate_domains", "Per-domain loss difference")
+    lines += fmt.image_lines(imgs, "evaluate_domains", "Per-domain loss difference")
     lines += _runs_section(runs)
     lines += ["## Settings", ""]
     if settings:
         rows = [(k, f"{v:g}" if isinstance(v, float) else v) for k, v in settings.items()]
-        lines += [markdown_table(["Setting", "Value"], rows, right=2), ""]
+        lines += [fmt.markdown_table(["Setting", "Value"], rows, right=2), ""]
     else:
         lines += ["none recorded", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -335,11 +327,11 @@ def _methods_plot(
     baseline: str | None,
 ) -> Figure:
     names = list(stats)
-    fig = new_figure(min(max(6.0, 1.1 * len(names) + 2.5), 16.0), 4.5)
+    fig = fmt.new_figure(min(max(6.0, 1.1 * len(names) + 2.5), 16.0), 4.5)
     ax = fig.subplots()
     title = "Objective per variant (bar: mean, error bar: seed std, dots: seeds)"
     if not names:
-        no_data_panel(ax, title, "proxy runs")
+        fmt.no_data_panel(ax, title, "proxy runs")
         return fig
     x = np.arange(len(names))
     means = np.array([stats[v].mean for v in names])
@@ -360,7 +352,7 @@ def _methods_plot(
     if ends.size:
         pad = 0.15 * (ends.max() - ends.min()) or 0.05 * max(abs(ends.max()), 1e-3)
         ax.set_ylim(ends.min() - pad, ends.max() + pad)
-    label_ticks(ax, [labels.get(v, v) for v in names], x)
+    fmt.label_ticks(ax, [labels.get(v, v) for v in names], x)
     ax.set_ylabel("objective (nats/token; axis not from 0)")
     ax.set_title(title)
     return fig
@@ -372,14 +364,14 @@ def _alpha_plot(
     alphas: Mapping[str, float],
     baseline: str | None,
 ) -> Figure:
-    fig = new_figure(6.5, 4.5)
+    fig = fmt.new_figure(6.5, 4.5)
     ax = fig.subplots()
     title = "Mean objective vs SampleMix α (error bar: seed std)"
     points = sorted(
         ((float(a), stats[v]) for v, a in alphas.items() if v in stats), key=lambda p: p[0]
     )
     if len({a for a, _ in points}) < 2:
-        no_data_panel(ax, title, "α sweep (fewer than 2 α values)")
+        fmt.no_data_panel(ax, title, "α sweep (fewer than 2 α values)")
         return fig
     xs = [a for a, _ in points]
     means, stds = [s.mean for _, s in points], [s.std for _, s in points]
@@ -399,7 +391,7 @@ def _domains_plot(
     stats: Mapping[str, VariantStats], labels: Mapping[str, str], baseline: str | None
 ) -> Figure:
     domains = sorted({d for s in stats.values() for d in s.domains})
-    fig = new_figure(min(max(6.0, (0.3 * len(stats) + 0.6) * len(domains) + 2.5), 18.0), 4.8)
+    fig = fmt.new_figure(min(max(6.0, (0.3 * len(stats) + 0.6) * len(domains) + 2.5), 18.0), 4.8)
     ax = fig.subplots()
     if baseline in stats:
         ref = stats[baseline].domains
@@ -415,7 +407,7 @@ def _domains_plot(
             for d in domains
         }
     if not domains or not shown:
-        no_data_panel(ax, title, "variants to compare")
+        fmt.no_data_panel(ax, title, "variants to compare")
         return fig
     x = np.arange(len(domains))
     w = 0.8 / len(shown)
@@ -425,7 +417,7 @@ def _domains_plot(
         diff = [own[d][0] - reference[d] if d in own and d in reference else 0.0 for d in domains]
         ax.bar(x - 0.4 + (k + 0.5) * w, diff, w, color=cmap(k % cmap.N), label=labels.get(v, v))
     ax.axhline(0, color="black", lw=1)
-    label_ticks(ax, domains, x)
+    fmt.label_ticks(ax, domains, x)
     ax.set_xlabel("domain")
     ax.set_ylabel("Δ loss (nats/token)")
     ax.set_title(title, fontsize=10)
@@ -449,7 +441,7 @@ def evaluation_plots(
         "evaluate_alpha": _alpha_plot(stats, labels, alphas, baseline),
         "evaluate_domains": _domains_plot(stats, labels, baseline),
     }
-    return {f"{name}.png": png_bytes(figures[name]) for name in PLOTS}
+    return {f"{name}.png": fmt.png_bytes(figures[name]) for name in PLOTS}
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,9 +461,9 @@ def results_csv(runs: Sequence[ProxyRun]) -> str:
     )
     for r in runs:
         writer.writerow(
-            [r.variant, r.seed, *map(csv_float, (r.objective, r.heldout, r.target))]
-            + [csv_float(r.losses.get(d)) for d in domains]
-            + [csv_float(r.seconds), csv_float(r.epochs), r.mixture_tokens]
+            [r.variant, r.seed, *map(fmt.csv_float, (r.objective, r.heldout, r.target))]
+            + [fmt.csv_float(r.losses.get(d)) for d in domains]
+            + [fmt.csv_float(r.seconds), fmt.csv_float(r.epochs), r.mixture_tokens]
             + ["true" if r.cached else "false"]
         )
     return buf.getvalue()
@@ -514,12 +506,12 @@ def write_evaluation(
 
     summary: dict = {
         v: {
-            "mean": json_float(s.mean),
-            "std": json_float(s.std),
+            "mean": fmt.json_float(s.mean),
+            "std": fmt.json_float(s.std),
             "n": s.n,
-            "heldout": json_float(s.heldout[0]),
-            "target": None if s.target is None else json_float(s.target[0]),
-            "domains": {d: json_float(m) for d, (m, _) in s.domains.items()},
+            "heldout": fmt.json_float(s.heldout[0]),
+            "target": None if s.target is None else fmt.json_float(s.target[0]),
+            "domains": {d: fmt.json_float(m) for d, (m, _) in s.domains.items()},
         }
         for v, s in stats.items()
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -24,14 +24,20 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from matplotlib import cbook
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from samplemix.reporting.formatting import percent, significant
-
-DPI = 110
+from samplemix.reporting.formatting import (
+    image_lines,
+    label_ticks,
+    markdown_table,
+    new_figure,
+    no_data_panel,
+    percent,
+    png_bytes,
+    significant,
+)
 
 #: Plot names in report order; ``plot_files`` writes ``<name>.png`` for each, and the
 #: ``images`` argument of ``report_markdown`` is keyed by these names.
@@ -274,27 +280,10 @@ def run_warnings(inp: ReportInputs) -> list[str]:
 # Markdown
 
 
-def _cell(value: object) -> str:
-    """A Markdown table cell: pipes escaped and newlines flattened so the row stays one row."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: int = 1) -> str:
-    """A pipe table; columns from index ``right`` on are right-aligned (numbers)."""
-    align = ["---" if i < right else "---:" for i in range(len(headers))]
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _setting(value: object) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
-
-
-def image_lines(images: dict[str, str], name: str, alt: str) -> list[str]:
-    return [f"![{alt}]({images[name]})", ""] if name in images else []
 
 
 def _budget_section(inp: ReportInputs, images: dict[str, str]) -> list[str]:
@@ -630,41 +619,6 @@ def report_markdown(inp: ReportInputs, images: dict[str, str] | None = None) -> 
 
 # ---------------------------------------------------------------------------------------
 # Plots
-
-
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    # An explicit Agg canvas: rendering works headless and leaves pyplot's backend alone.
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
-
-def label_ticks(ax: Axes, names: Sequence[str], positions: Sequence[float]) -> None:
-    """Domain tick labels, slanted when the longest line would not fit its slot."""
-    ax.set_xticks(list(positions))
-    # About 11 characters of 10 pt text per inch; axes take roughly 85% of the width.
-    slot_chars = 11 * 0.85 * ax.figure.get_figwidth() / max(len(names), 1)
-    longest = max((len(line) for n in names for line in n.split("\n")), default=0)
-    if longest > slot_chars:
-        # Slanted multi-line labels drift apart; one line per slanted label stays aligned.
-        flat = [n.replace("\n", " ") for n in names]
-        ax.set_xticklabels(flat, rotation=30, ha="right", rotation_mode="anchor")
-    else:
-        ax.set_xticklabels(names)
-
-
-def no_data_panel(ax: Axes, title: str, what: str) -> None:
-    """An empty panel that keeps its title, so a missing input is visible, not a blank."""
-    ax.set_title(title)
-    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def _budget_plot(inp: ReportInputs) -> Figure:

@@ -7,16 +7,7 @@ import numpy as np
 import torch
 
 from samplemix.config import EmbedConfig
-from samplemix.scoring.models import (
-    batch_outputs,
-    count_truncated,
-    device_batches,
-    load_model,
-    load_tokenizer,
-    resolve_batch_tokens,
-    resolve_device,
-    resolve_dtype,
-)
+from samplemix.scoring import models
 from samplemix.scoring.static_embed import embed_static, is_static, static_truncated
 
 
@@ -36,11 +27,11 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     """
     if is_static(cfg.model):
         return embed_static(texts, cfg.model, cfg.max_length)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, "encoder", cfg.device, compile=cfg.compile)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    batch_tokens = resolve_batch_tokens(cfg.batch_tokens, device)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, "encoder", cfg.device, compile=cfg.compile)
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    batch_tokens = models.resolve_batch_tokens(cfg.batch_tokens, device)
     dim = model.config.hidden_size
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -50,9 +41,11 @@ def embed_texts(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
         pooled = mean_pooled(model(**enc).last_hidden_state.float(), enc["attention_mask"])
         return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
-    batches = device_batches(tokenizer, texts, cfg.max_length, batch_tokens, device)
+    batches = models.device_batches(tokenizer, texts, cfg.max_length, batch_tokens, device)
     amp = dtype if dtype != torch.float32 else None
-    for idx, rows in batch_outputs(batches, forward, device, amp, concurrent=not cfg.compile):
+    for idx, rows in models.batch_outputs(
+        batches, forward, device, amp, concurrent=not cfg.compile
+    ):
         out[idx] = rows
     return out
 
@@ -62,4 +55,4 @@ def truncated_count(texts: list[str], cfg: EmbedConfig) -> int:
     embedding covers only their beginning."""
     if is_static(cfg.model):
         return static_truncated(texts, cfg.model, cfg.max_length)
-    return count_truncated(load_tokenizer(cfg.model), texts, cfg.max_length)
+    return models.count_truncated(models.load_tokenizer(cfg.model), texts, cfg.max_length)
