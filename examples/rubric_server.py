@@ -23,7 +23,7 @@ import json
 import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from samplemix.scoring.quality import STOP_WORDS, rule_scores
+from samplemix.scoring.heuristic import STOP_WORDS, rule_scores
 
 DOCUMENT = re.compile(r"<document>\n?(.*?)\n?</document>", re.S)
 

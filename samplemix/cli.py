@@ -336,7 +336,21 @@ def annotate(
 
 @app.command("train-scorer")
 def train_scorer(
-    labels: Annotated[str, typer.Option(help="Folder written by `samplemix annotate`")],
+    labels: Annotated[
+        str | None, typer.Option(help="Folder written by `samplemix annotate` (ordinal)")
+    ] = None,
+    head: Annotated[
+        str, typer.Option(help="ordinal (fine-tune an encoder on labels) or fasttext (DCLM)")
+    ] = "ordinal",
+    positives: Annotated[
+        str | None,
+        typer.Option(help="fasttext: good text: 'domains:a,b' of --input, or a folder/glob"),
+    ] = None,
+    negatives: Annotated[
+        str, typer.Option(help="fasttext: the rest: 'all' of --input, domains:..., a folder")
+    ] = "all",
+    input: Annotated[str | None, typer.Option(help="fasttext: the corpus of domains:/all")] = None,
+    max_docs: Annotated[int, typer.Option(help="fasttext: documents per side, at most")] = 20_000,
     base: Annotated[
         str, typer.Option(help="Encoder to fine-tune: local path, hub id or 'minilm'")
     ] = "minilm",
@@ -353,7 +367,14 @@ def train_scorer(
         bool, typer.Option(help="Also train a classification head (Table 2)")
     ] = True,
 ) -> None:
-    """Fine-tune an ordinal (CORAL) quality evaluator on the annotator's labels."""
+    """Train a quality scorer: an ordinal (CORAL) evaluator fine-tuned on the annotator's
+    labels, or (``--head fasttext``) a DCLM-style fastText classifier of good text
+    (``--positives``) against the corpus at large (``--negatives``)."""
+    if head == "fasttext":
+        _train_fasttext(positives, negatives, input, max_docs, out, epochs, seed)
+        return
+    if head != "ordinal" or labels is None:
+        raise _fail(ValueError("--head ordinal needs --labels; --head is ordinal or fasttext"))
     import pyarrow.parquet as pq
 
     from samplemix.scoring.ordinal_evaluator import metrics_table, train_from_labels
@@ -382,6 +403,36 @@ def train_scorer(
     typer.echo(
         f"skipped: {result['skipped']}\nscore with it: --set quality.scorer=hf-classifier "
         f"--set quality.model={model_dir}"
+    )
+
+
+def _train_fasttext(
+    positives: str | None,
+    negatives: str,
+    corpus: str | None,
+    max_docs: int,
+    out: str,
+    epochs: int,
+    seed: int,
+) -> None:
+    """``train-scorer --head fasttext``: sample both sides, train, print how to use it."""
+    from samplemix.io.corpus import CorpusError, sample_texts
+    from samplemix.scoring.fasttext_scorer import train_fasttext
+
+    if positives is None:
+        raise _fail(ValueError("--head fasttext needs --positives (e.g. domains:books,reference)"))
+    cfg = _load(None, None, **{"corpus.input": corpus or "."})
+    path = out if out.endswith((".bin", ".ftz")) else f"{out.rstrip('/')}/fasttext.bin"
+    try:
+        good = sample_texts(positives, cfg, max_docs, seed)
+        rest = sample_texts(negatives, cfg, len(good), seed + 1)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        train_fasttext(good, rest, path, epoch=epochs, seed=seed, bucket=200_000)
+    except (OSError, ValueError, CorpusError) as e:
+        raise _fail(e) from None
+    typer.echo(
+        f"fastText scorer: {path} ({len(good)} positives, {len(rest)} negatives)\n"
+        f"score with it: --set quality.scorer=fasttext --set quality.model={path}"
     )
 
 

@@ -157,25 +157,55 @@ class TokensConfig(_Section):
     tokenizer: str | None = Field(None, description="Tokenizer for len(x); default: embedder's")
 
 
+SCORERS = (
+    "heuristic",
+    "graded-heuristic",
+    "fasttext",
+    "reference",
+    "embedding-probe",
+    "hf-classifier",
+    "perplexity",
+)
+FITTED_SCORERS = ("reference", "embedding-probe")  # fitted by the run on quality.reference
+
+
 class QualityConfig(_Section):
     name: str | None = Field(
         None,
         description="The criterion's name in reports and QuaDMix parameters; "
         "default: the scorer, or scorer:model-folder for model scorers",
     )
-    scorer: Literal["heuristic", "hf-classifier", "perplexity"] = "heuristic"
-    model: str | None = Field(None, description="Local path or hub id (hf-classifier, perplexity)")
+    scorer: Literal[SCORERS] = "heuristic"  # type: ignore[valid-type]
+    model: str | None = Field(
+        None,
+        description="Local path or hub id (hf-classifier, perplexity); a fastText .bin (fasttext)",
+    )
     gguf_file: str | None = Field(None, description="GGUF file inside `model` (perplexity)")
     readout: str = Field(
         "auto",
         description="hf-classifier: 'regression' (logit 0), 'expected' (sum of p_i*i), "
         "'ordinal' (sum of sigmoid(logit_k): a trained evaluator's expected level), "
-        "'label:NAME' (probability of NAME), or 'auto' (what the model's config names)",
+        "'label:NAME' (probability of NAME), or 'auto' (what the model's config names); "
+        "fasttext: 'label:NAME', 'auto' = label:__label__hq",
     )
     max_length: int = Field(512, gt=1)
     batch_tokens: int | None = Field(None, gt=0, description=_BATCH)
     compile: bool = Field(False, description=_COMPILE)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    reference: list[str] | None = Field(
+        None,
+        description="reference, embedding-probe: the corpus domains whose documents are "
+        "the good text to resemble, e.g. [books, reference]; the run fits the scorer on "
+        "them against the corpus",
+    )
+
+    @model_validator(mode="after")
+    def _reference_for_fitted(self) -> QualityConfig:
+        if self.scorer in FITTED_SCORERS and not self.reference:
+            raise ValueError(f"scorer {self.scorer!r} needs quality.reference: [domain, ...]")
+        if self.scorer not in FITTED_SCORERS and self.reference is not None:
+            raise ValueError("quality.reference is for the scorers reference and embedding-probe")
+        return self
 
     @property
     def label(self) -> str:

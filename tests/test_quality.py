@@ -23,8 +23,9 @@ from transformers import (
 )
 
 from samplemix.config import QualityConfig
+from samplemix.scoring.heuristic import heuristic_score, rule_scores
 from samplemix.scoring.models import load_tokenizer
-from samplemix.scoring.quality import heuristic_score, make_scorer, rule_scores
+from samplemix.scoring.quality import make_scorer
 
 CLEAN = (
     "The river runs through the old town and past the mill that my grandfather built "

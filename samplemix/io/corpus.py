@@ -9,6 +9,7 @@ row of the file lands in exactly one of the two.
 
 from __future__ import annotations
 
+import heapq
 import json
 import posixpath
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from samplemix.config import Config, CorpusConfig
@@ -378,3 +380,33 @@ def read_docs(shard: Shard, cfg: Config) -> ShardDocs:
             schema=REJECTS_SCHEMA,
         )
         return ShardDocs(DOCS_SCHEMA.empty_table(), rejects, read=0, skipped=True)
+
+
+def sample_texts(spec: str, cfg: Config, limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` document texts from ``spec``, drawn by a hash of their ids (the
+    same documents for the same seed, however the corpus is sharded), in draw order.
+
+    ``spec``: ``domains:a,b`` = the documents of those domains under
+    ``cfg.corpus.input``; ``all`` = every document there; else a folder, glob or file of
+    shards read with ``cfg.corpus``'s columns. Raises CorpusError when it holds no
+    document (naming the spec)."""
+    from samplemix.mixing.weights import doc_uniforms  # not at import: corpus is low-level
+
+    domains: set[str] | None = None
+    corpus = cfg.corpus
+    if spec.startswith("domains:"):
+        domains = {d.strip() for d in spec.removeprefix("domains:").split(",") if d.strip()}
+    elif spec != "all":
+        corpus = corpus.model_copy(update={"input": spec})
+    read_cfg = cfg.model_copy(update={"corpus": corpus})
+    kept: list[tuple[float, str]] = []  # the `limit` documents with the smallest uniforms
+    for shard in discover_shards(corpus, cfg.storage.fsspec_options(corpus.input)):
+        docs = read_docs(shard, read_cfg).docs
+        if domains is not None:
+            docs = docs.filter(pc.is_in(docs.column("domain"), pa.array(sorted(domains))))
+        u = doc_uniforms(docs.column("id").to_pylist(), seed, "sample_texts")
+        kept += zip(u.tolist(), docs.column("text").to_pylist(), strict=True)
+        kept = heapq.nsmallest(limit, kept, key=lambda d: d[0])
+    if not kept:
+        raise CorpusError(f"no documents for {spec!r} under {corpus.input}")
+    return [text for _, text in kept]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from samplemix.config import Config
+from samplemix.config import Config, QualityConfig
 from samplemix.io.corpus import CorpusError, Shard
 from samplemix.io.store import Key
 from samplemix.mixing import kmeans, methods
@@ -67,9 +67,13 @@ class Stage:
     run: Callable[..., dict]
     gpu: Callable[[Config, tuple], bool] = field(default=_no_gpu)
     done: Callable[[Walk], None] | None = None  # checks and log lines once its results are in
+    when: Callable[[Config], bool] | None = None  # None: every run has it (but see applies)
 
     def applies(self, cfg: Config) -> bool:
-        """Whether a run of ``cfg`` has this stage: a method's reduce only for its method."""
+        """Whether a run of ``cfg`` has this stage: ``when`` says, and a method's reduce
+        is only for its method."""
+        if self.when is not None and not self.when(cfg):
+            return False
         return self.name not in METHOD_STAGES or self.name in methods.method_of(cfg).reduces
 
 
@@ -86,14 +90,49 @@ def _per_shard(make: Callable[..., tuple[Key, tuple]]) -> Callable[[Walk], list[
 # ---- corpus-wide reads: tokens, ids, embeddings, quality ---------------------------------
 
 
-def _quality_calls(w: Walk) -> list[Call]:
-    """Scorer by scorer, shard by shard (``Walk.quality_keys`` reads them back per shard)."""
-    cfg = w.cfg
+def _fitted(cfg: Config, scorer: str) -> list[QualityConfig]:
+    """The scorers of kind ``scorer`` (reference, embedding-probe) of ``cfg``."""
+    return [q for q in cfg.quality if q.scorer == scorer]
+
+
+def _reference_calls(w: Walk) -> list[Call]:
+    """One fit per reference scorer, over every shard."""
+    tok = w.keys("tokens")
     return [
-        Call(keys.quality_key(s, q, cfg), f"{q.label}/{s.shard_id}", (s, q, cfg))
-        for q in cfg.quality
-        for s in w.shards
+        Call(keys.reference_key(tok, q), q.label, (w.shards, tok, q, w.cfg))
+        for q in _fitted(w.cfg, "reference")
     ]
+
+
+def _probe_calls(w: Walk) -> list[Call]:
+    """One fit per embedding-probe scorer, over every shard's embeddings."""
+    tok, emb = w.keys("tokens"), w.keys("embed")
+    return [
+        Call(keys.probe_key(tok, emb, q), q.label, (tok, emb, q))
+        for q in _fitted(w.cfg, "embedding-probe")
+    ]
+
+
+def _quality_calls(w: Walk) -> list[Call]:
+    """Scorer by scorer, shard by shard (``Walk.quality_keys`` reads them back per shard);
+    a fitted scorer's calls name the model the run fitted for it (and a probe's, the
+    shard's embeddings)."""
+    cfg = w.cfg
+    model: dict[int, Key] = {}
+    for stage, kind in (("reference", "reference"), ("probe", "embedding-probe")):
+        scorers = _fitted(cfg, kind)
+        if scorers:
+            model |= dict(zip(map(id, scorers), w.keys(stage), strict=True))
+    calls = []
+    for q in cfg.quality:
+        for i, s in enumerate(w.shards):
+            fitted = model.get(id(q))
+            reads = () if fitted is None else (fitted,)
+            if q.scorer == "embedding-probe":
+                reads = (*reads, w.keys("embed")[i])
+            key = keys.quality_key(s, q, cfg, fitted)
+            calls.append(Call(key, f"{q.label}/{s.shard_id}", (s, q, reads, cfg)))
+    return calls
 
 
 def _ids_done(w: Walk) -> None:
@@ -225,7 +264,8 @@ def _encoder_gpu(cfg: Config, args: tuple) -> bool:
 
 
 def _scorer_gpu(cfg: Config, args: tuple) -> bool:
-    return cfg.compute.gpus > 0 and args[1].scorer != "heuristic"  # args: shard, scorer, cfg
+    # args: shard, scorer, cfg. Rules and fastText run on CPU (fastText has no GPU path).
+    return cfg.compute.gpus > 0 and args[1].scorer in ("hf-classifier", "perplexity")
 
 
 # The pipeline, in the order a walk takes it. The inputs are what a stage's run reads;
@@ -237,7 +277,12 @@ GRAPH: tuple[Stage, ...] = (
     # Stage(name, per shard, inputs, calls, run, gpu)
     Stage("tokens", True, (), _per_shard(_tokens), stages.run_tokens, _domain_model_gpu),
     Stage("embed", True, (), _per_shard(_embed), stages.run_embed, _encoder_gpu),
-    Stage("quality", True, (), _quality_calls, stages.run_quality, _scorer_gpu),
+    Stage("reference", False, ("tokens",), _reference_calls, stages.run_reference,
+          when=lambda cfg: bool(_fitted(cfg, "reference"))),
+    Stage("probe", False, ("tokens", "embed"), _probe_calls, stages.run_probe,
+          when=lambda cfg: bool(_fitted(cfg, "embedding-probe"))),
+    Stage("quality", True, ("reference", "probe"), _quality_calls, stages.run_quality,
+          _scorer_gpu),
     Stage("ids", False, ("tokens",), _ids_calls, stages.run_ids, done=_ids_done),
     Stage("kmeans", False, ("tokens", "ids", "embed"), _kmeans_calls, stages.run_kmeans,
           _faiss_gpu),

@@ -22,6 +22,8 @@ VERSIONS = {
     "ids": "1",
     "bigrams": "1",
     "domains": "1",
+    "reference": "1",
+    "probe": "1",
     "quality": "3",  # 2: truncated documents counted; 3: one thread per batch (below)
     # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
     # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
@@ -146,11 +148,43 @@ def domains_key(tokens: list[Key], ids: Key, bigrams: list[Key] | None) -> Key:
     )
 
 
-def quality_key(shard: Shard, scorer: QualityConfig, cfg: Config) -> Key:
-    """The key of one scorer's q(x) on ``shard``: each scorer is cached on its own."""
+def quality_key(
+    shard: Shard, scorer: QualityConfig, cfg: Config, reference: Key | None = None
+) -> Key:
+    """The key of one scorer's q(x) on ``shard``: each scorer is cached on its own; a
+    fitted scorer's (reference, embedding-probe) names the model the run fitted for it
+    (``reference``)."""
     q = scorer.model_dump(exclude={"name", "batch_tokens", "compile", "device"})
+    if q["reference"] is None:
+        del q["reference"]  # a field added later: the other scorers keep their keys
     fp = model_fingerprint(q["model"]) if q["model"] else None
-    return _shard_key("quality", shard, cfg, quality=q, model_weights=fp)
+    fitted = {"reference_model": reference.id} if reference is not None else {}
+    return _shard_key("quality", shard, cfg, quality=q, model_weights=fp, **fitted)
+
+
+def probe_key(tokens: list[Key], embed: list[Key], scorer: QualityConfig) -> Key:
+    """The embedding probe of ``scorer``: fitted on the embeddings ``embed`` of the
+    documents of the domains ``scorer.reference`` against the corpus (``tokens``)."""
+    assert scorer.reference is not None
+    return _key(
+        "probe",
+        tokens=[k.id for k in tokens],
+        embed=[k.id for k in embed],
+        reference={"domains": sorted(scorer.reference)},
+    )
+
+
+def reference_key(tokens: list[Key], scorer: QualityConfig) -> Key:
+    """The reference scorer's model: fitted on the domains ``scorer.reference`` of the
+    shards ``tokens`` index, against all of them."""
+    from samplemix.scoring.reference import TOKENIZER_VERSION
+
+    assert scorer.reference is not None
+    return _key(
+        "reference",
+        tokens=[k.id for k in tokens],
+        reference={"domains": sorted(scorer.reference), "features": TOKENIZER_VERSION},
+    )
 
 
 def embed_key(shard: Shard, cfg: Config) -> Key:

@@ -32,7 +32,9 @@ from samplemix.scoring.models import (
     resolve_dtype,
     set_torch_threads,
 )
-from samplemix.scoring.quality import DomainClassifier, make_scorer
+from samplemix.scoring.probe import Probe, fit_probe
+from samplemix.scoring.quality import DomainClassifier, Scorer, make_scorer
+from samplemix.scoring.reference import ReferenceModel, fit_reference
 from samplemix.scoring.static_embed import is_static
 from samplemix.scoring.tokens import token_counts, token_ids
 
@@ -248,14 +250,125 @@ def run_ranks(
     return store.commit(key, {"params": params.to_dict(), "sample": dict(sorted(sample.items()))})
 
 
-def run_quality(
-    shard: Shard, scorer_cfg: QualityConfig, cfg: Config, store: Store, key: Key
+REFERENCE_SAMPLE = 50_000  # documents per side of a fitted scorer, at most, however large N
+
+
+def _reference_samples(
+    tokens: list[Key], scorer_cfg: QualityConfig, store: Store
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per shard (``tokens``: their indexes), bool masks (positives, background) over its
+    documents: the documents of the domains ``scorer_cfg.reference`` and of all domains,
+    each side at most about ``REFERENCE_SAMPLE`` documents, drawn by a hash of their ids
+    (the same however the corpus is sharded). Raises ValueError when no document is of
+    the reference domains."""
+    wanted = sorted(scorer_cfg.reference or [])
+    domain_docs: Counter[str] = Counter()
+    for tok in tokens:
+        domain_docs.update(store.summary(tok)["domain_docs"])  # type: ignore[index]
+    n_ref = sum(domain_docs[d] for d in wanted)
+    if n_ref == 0:
+        raise ValueError(
+            f"quality.reference {wanted}: no document of these domains; the corpus has "
+            f"{sorted(domain_docs)}"
+        )
+    ref_rate = min(1.0, REFERENCE_SAMPLE / n_ref)
+    bg_rate = min(1.0, REFERENCE_SAMPLE / sum(domain_docs.values()))
+    for tok in tokens:
+        index = store.get_table(tok, "index.parquet", columns=["id", "domain"])
+        u = mixing.doc_uniforms(index.column("id").to_pylist(), 0, "reference")
+        in_ref = np.isin(index.column("domain").to_numpy(zero_copy_only=False), wanted)
+        yield in_ref & (u < ref_rate), u < bg_rate
+
+
+def run_reference(
+    shards: list[Shard],
+    tokens: list[Key],
+    scorer_cfg: QualityConfig,
+    cfg: Config,
+    store: Store,
+    key: Key,
 ) -> dict:
-    """q(x) for every accepted document. Summary: min, max (None when empty),
-    truncated (documents scored on a prefix)."""
+    """Fit the DSIR model of a reference scorer (scoring/reference.py) on the documents
+    of the reference domains against the corpus (``_reference_samples``). Writes
+    model.npz (log_ratio). Summary: reference_docs, background_docs, fingerprint,
+    max_chars."""
+    ref: list[str] = []
+    background: list[str] = []
+    for shard, (pos, bg) in zip(shards, _reference_samples(tokens, scorer_cfg, store), strict=True):
+        texts = _texts(shard, cfg)
+        ref += [t for t, keep in zip(texts, pos, strict=True) if keep]
+        background += [t for t, keep in zip(texts, bg, strict=True) if keep]
+    model = fit_reference(ref, background)
+    store.put_arrays(key, "model.npz", log_ratio=model.log_ratio)
+    summary = {"reference_docs": len(ref), "background_docs": len(background)}
+    summary |= {"fingerprint": model.fingerprint(), "max_chars": model.max_chars}
+    return store.commit(key, summary)
+
+
+def run_probe(
+    tokens: list[Key], embed: list[Key], scorer_cfg: QualityConfig, store: Store, key: Key
+) -> dict:
+    """Fit the embedding probe of a scorer (scoring/probe.py) on the embeddings of the
+    reference domains' documents against the corpus's (``_reference_samples``). Writes
+    probe.npz (weights, bias). Summary: positives, negatives, fingerprint."""
+    pos: list[np.ndarray] = []
+    neg: list[np.ndarray] = []
+    samples = _reference_samples(tokens, scorer_cfg, store)
+    for emb, (is_pos, is_bg) in zip(embed, samples, strict=True):
+        e = store.get_array(emb, "embeddings.npy")
+        pos.append(e[is_pos])
+        neg.append(e[is_bg])
+    probe = fit_probe(np.concatenate(pos), np.concatenate(neg))
+    store.put_arrays(key, "probe.npz", weights=probe.weights, bias=np.float64(probe.bias))
+    summary = {"positives": sum(map(len, pos)), "negatives": sum(map(len, neg))}
+    return store.commit(key, summary | {"fingerprint": probe.fingerprint()})
+
+
+class _EmbeddingScorer:
+    """A probe read over the shard's embeddings: the texts only give the count."""
+
+    name = "embedding-probe"
+
+    def __init__(self, probe: Probe, embeddings: np.ndarray) -> None:
+        self.probe, self.embeddings = probe, embeddings
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        assert len(texts) == len(self.embeddings)  # both are the shard's accepted documents
+        return self.probe.score(self.embeddings)
+
+    def truncated(self, texts: list[str]) -> int:
+        return 0  # the embedding's own truncation is counted by the embed stage
+
+
+def _scorer(scorer_cfg: QualityConfig, fitted: tuple[Key, ...], store: Store) -> Scorer:
+    """The scorer of ``scorer_cfg``; a fitted one's model as the run fitted it
+    (``fitted``: the reference model; the probe and the shard's embeddings)."""
+    if scorer_cfg.scorer == "reference":
+        (model,) = fitted
+        log_ratio = store.get_arrays(model, "model.npz")["log_ratio"]
+        return ReferenceModel(log_ratio, max_chars=store.summary(model)["max_chars"])  # type: ignore[index]
+    if scorer_cfg.scorer == "embedding-probe":
+        model, embed = fitted
+        a = store.get_arrays(model, "probe.npz")
+        probe = Probe(a["weights"], float(a["bias"]))
+        return _EmbeddingScorer(probe, store.get_array(embed, "embeddings.npy"))
+    return make_scorer(scorer_cfg)
+
+
+def run_quality(
+    shard: Shard,
+    scorer_cfg: QualityConfig,
+    fitted: tuple[Key, ...],
+    cfg: Config,
+    store: Store,
+    key: Key,
+) -> dict:
+    """q(x) for every accepted document; ``fitted``: what a fitted scorer reads (the
+    reference model; the probe and this shard's embeddings), else (). Summary: min, max
+    (None when empty), truncated (documents scored on a prefix)."""
     set_torch_threads(cfg.compute.torch_threads)
     texts = _texts(shard, cfg)
-    scorer = make_scorer(scorer_cfg)
+    scorer = _scorer(scorer_cfg, fitted, store)
     q = scorer.score(texts).astype(np.float64)
     if not np.isfinite(q).all():
         row = int(np.flatnonzero(~np.isfinite(q))[0])

@@ -126,7 +126,10 @@ def pretrained(name: str) -> tuple[str, dict[str, str]]:
 
 
 def _files(folder: Path) -> list[tuple[str, Path]]:
-    """Every file under ``folder`` as (path relative to it, posix; path), sorted."""
+    """Every file under ``folder`` as (path relative to it, posix; path), sorted; a
+    single-file model (a fastText ``.bin``) as [(its name, its path)]."""
+    if folder.is_file():
+        return [(folder.name, folder)]
     return [(f.relative_to(folder).as_posix(), f) for f in sorted(folder.rglob("*")) if f.is_file()]
 
 
@@ -136,7 +139,7 @@ def local_version(name: str) -> tuple:
     moves on every write, rename and copy, and cannot be set back); () for a hub id.
     Costs a stat per file."""
     path = Path(resolve_model(name)).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         return ()
     return tuple(
         (rel, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
@@ -190,10 +193,10 @@ def model_fingerprint(name: str) -> str:
     if hub_id(name) is not None:
         return hashlib.sha256(name.encode()).hexdigest()[:16]
     path = Path(resolve_model(name)).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         raise ConfigError(
-            f"model {name!r} is not a folder on this machine; cache keys are computed "
-            "from the model's files, so it must be readable where the flow runs"
+            f"model {name!r} is not a folder or file on this machine; cache keys are "
+            "computed from the model's files, so it must be readable where the flow runs"
         )
 
     version = local_version(name)  # before reading: a write while hashing moves it
@@ -214,7 +217,8 @@ def model_fingerprint(name: str) -> str:
 
 
 def content_hash(folder: Path) -> str:
-    """A short sha256 over every file's path under ``folder`` and the sha256 of its bytes."""
+    """A short sha256 over every file's path under ``folder`` (or the one file) and the
+    sha256 of its bytes."""
     h = hashlib.sha256()
     for rel, f in _files(folder):
         digest = hashlib.sha256()

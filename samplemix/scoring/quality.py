@@ -4,36 +4,21 @@ Every scorer has a ``name`` and ``score(texts) -> np.ndarray`` returning float64
 shape ``(len(texts),)``, finite, in input order. ``make_scorer(cfg.quality)`` picks
 one of three:
 
-``heuristic``
-    Rule-based text statistics after Gopher (Rae et al. 2021, appendix A) and the C4
-    cleaning rules. Each rule turns one statistic into a *soft pass* value in [0, 1]:
-    1 inside its bound, falling linearly over a margin outside it to 0 at the value in
-    the "zero at" column, and 0 beyond. The score is the **unweighted mean of the ten
-    pass values**, so it lies in [0, 1]; a document failing one rule outright loses
-    0.1. Words are whitespace-separated tokens; lines are the non-blank lines,
-    stripped.
+``heuristic`` and ``graded-heuristic``
+    Rule-based text statistics after Gopher and C4, no model (scoring/heuristic.py): the
+    mean of ten rules' soft pass values, or their graded values' geometric mean, which
+    keeps ordering the documents that pass every rule.
 
-    ========================  =============================================  ===========  ==========
-    rule                      statistic                                      pass = 1     zero at
-    ========================  =============================================  ===========  ==========
-    ``word_count``            number of words                                50..100,000  0; 200,000
-    ``mean_word_length``      mean characters per word                       3..10        1; 12
-    ``symbol_ratio``          (``#`` chars + ``...`` + ``…``) per word       <= 0.1       0.2
-    ``ellipsis_lines``        share of lines ending in ``...`` or ``…``      <= 0.3       0.6
-    ``bullet_lines``          share of lines starting with a bullet          <= 0.9       1.0
-                              (``•●○◦▪‣·*-–``)
-    ``alpha_words``           share of words containing a letter             >= 0.8       0.4
-    ``stop_words``            occurrences of the, be, to, of, and, that,     >= 2         0
-                              have, with (case-insensitive)
-    ``duplicate_lines``       share of lines that repeat an earlier line     <= 0.3       0.6
-    ``uppercase``             uppercase letters / letters (0 if none)        <= 0.25      0.5
-    ``digit_punct``           non-letters (digits, punctuation, symbols)     <= 0.25      0.5
-                              / non-space characters
-    ========================  =============================================  ===========  ==========
+``fasttext``
+    A fastText classifier (``quality.model``: a ``.bin``, or a folder holding one; a
+    DCLM model works as published). The score is the probability of the label
+    ``quality.readout`` names (``label:NAME``; ``auto`` = ``__label__hq``), in [0, 1]
+    (scoring/fasttext_scorer.py; ``samplemix train-scorer --head fasttext`` trains one).
 
-    Only the first 100,000 characters are analysed, so a 1 MB document costs the
-    same as a 100 kB one; its word count is extrapolated from that prefix (prefix
-    words x total length / prefix length). Empty or whitespace-only text scores 0.
+``reference``
+    DSIR-style resemblance to a reference set (scoring/reference.py): the mean over a
+    document's hashed word uni- and bigrams of log p_ref − log p_corpus, fitted by the
+    run on ``quality.reference`` (corpus domains) against the whole corpus.
 
 ``hf-classifier``
     A Hugging Face sequence-classification model (``quality.model``). ``quality.readout``
@@ -62,15 +47,15 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from samplemix.config import QualityConfig
+from samplemix.scoring.heuristic import GradedHeuristicScorer, HeuristicScorer
 from samplemix.scoring.models import (
     batch_outputs,
     count_truncated,
@@ -99,111 +84,22 @@ class Scorer(Protocol):
 
 
 def make_scorer(cfg: QualityConfig) -> Scorer:
-    """The scorer ``cfg.scorer`` names, with its model loaded (once per process)."""
+    """The scorer ``cfg.scorer`` names, with its model loaded (once per process). The
+    ``reference`` scorer is made by the quality stage, from the run's fitted model."""
     if cfg.scorer == "heuristic":
         return HeuristicScorer()
+    if cfg.scorer == "graded-heuristic":
+        return GradedHeuristicScorer()
+    if cfg.scorer == "fasttext":
+        from samplemix.scoring.fasttext_scorer import FastTextScorer
+
+        label = "__label__hq" if cfg.readout == "auto" else cfg.readout.removeprefix("label:")
+        return FastTextScorer(_require_model(cfg), label=label)
     if cfg.scorer == "hf-classifier":
         return HFClassifierScorer(cfg)
-    return PerplexityScorer(cfg)
-
-
-# ---------------------------------------------------------------- heuristic rules
-
-MAX_CHARS = 100_000
-STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-BULLETS = ("•", "●", "○", "◦", "▪", "‣", "·", "*", "-", "–")
-ELLIPSES = ("...", "…")
-_LETTER = re.compile(r"[^\W\d_]")
-_STRIP = "\"'()[]{}<>.,;:!?`“”‘’«»"
-
-
-class Bound(NamedTuple):
-    """Pass = 1 on [lo, hi]; linear to 0 at lo - below and at hi + above."""
-
-    lo: float
-    hi: float
-    below: float = 1.0
-    above: float = 1.0
-
-
-RULES: dict[str, Bound] = {
-    "word_count": Bound(50, 100_000, below=50, above=100_000),
-    "mean_word_length": Bound(3, 10, below=2, above=2),
-    "symbol_ratio": Bound(-math.inf, 0.1, above=0.1),
-    "ellipsis_lines": Bound(-math.inf, 0.3, above=0.3),
-    "bullet_lines": Bound(-math.inf, 0.9, above=0.1),
-    "alpha_words": Bound(0.8, math.inf, below=0.4),
-    "stop_words": Bound(2, math.inf, below=2),
-    "duplicate_lines": Bound(-math.inf, 0.3, above=0.3),
-    "uppercase": Bound(-math.inf, 0.25, above=0.25),
-    "digit_punct": Bound(-math.inf, 0.25, above=0.25),
-}
-
-
-def soft_pass(value: float, bound: Bound) -> float:
-    """1 inside ``bound``, decaying linearly to 0 over its margin outside; in [0, 1]."""
-    if value < bound.lo:
-        return max(0.0, 1.0 - (bound.lo - value) / bound.below)
-    if value > bound.hi:
-        return max(0.0, 1.0 - (value - bound.hi) / bound.above)
-    return 1.0
-
-
-def _share(count: int, total: int) -> float:
-    return count / total if total else 0.0
-
-
-def text_statistics(text: str) -> dict[str, float]:
-    """The statistic of every rule in ``RULES`` for a non-blank ``text``.
-
-    Analyses the first ``MAX_CHARS`` characters; the word count is extrapolated.
-    """
-    prefix = text[:MAX_CHARS]
-    words = prefix.split()
-    lines = [s for s in (line.strip() for line in prefix.splitlines()) if s]
-    n_words, n_lines = len(words), len(lines)
-    word_chars = sum(map(len, words))  # = non-whitespace characters
-    letters = sum(map(str.isalpha, prefix))  # 5x faster than a regex findall
-    return {
-        "word_count": n_words * len(text) / len(prefix),
-        "mean_word_length": _share(word_chars, n_words),
-        "symbol_ratio": _share(prefix.count("#") + sum(prefix.count(e) for e in ELLIPSES), n_words),
-        "ellipsis_lines": _share(sum(s.endswith(ELLIPSES) for s in lines), n_lines),
-        "bullet_lines": _share(sum(s.startswith(BULLETS) for s in lines), n_lines),
-        "alpha_words": _share(sum(map(bool, map(_LETTER.search, words))), n_words),
-        "stop_words": sum(map(STOP_WORDS.__contains__, [w.strip(_STRIP).lower() for w in words])),
-        "duplicate_lines": _share(n_lines - len(set(lines)), n_lines),
-        "uppercase": _share(sum(map(str.isupper, prefix)), letters),
-        "digit_punct": _share(word_chars - letters, word_chars),
-    }
-
-
-def rule_scores(text: str) -> dict[str, float]:
-    """The soft pass value in [0, 1] of every rule; all 0 for blank text."""
-    if not text.strip():
-        return dict.fromkeys(RULES, 0.0)
-    stats = text_statistics(text)
-    return {name: soft_pass(stats[name], bound) for name, bound in RULES.items()}
-
-
-def heuristic_score(text: str) -> float:
-    """Mean of the rules' pass values, in [0, 1]; 0 for blank text."""
-    passes = rule_scores(text).values()
-    return sum(passes) / len(passes)
-
-
-class HeuristicScorer:
-    """The rule-based scorer; pure Python, no model."""
-
-    name = "heuristic"
-
-    def score(self, texts: list[str]) -> np.ndarray:
-        """float64 in [0, 1], shape ``(len(texts),)``."""
-        return np.fromiter(map(heuristic_score, texts), dtype=np.float64, count=len(texts))
-
-    def truncated(self, texts: list[str]) -> int:
-        """Texts longer than MAX_CHARS characters (their statistics use the prefix)."""
-        return sum(len(t) > MAX_CHARS for t in texts)
+    if cfg.scorer == "perplexity":
+        return PerplexityScorer(cfg)
+    raise ValueError(f"quality.scorer {cfg.scorer!r} is made by the pipeline, not make_scorer")
 
 
 # ---------------------------------------------------------------- model scorers
