@@ -175,7 +175,9 @@ class QualityConfig(_Section):
         description="The criterion's name in reports and QuaDMix parameters; "
         "default: the scorer, or scorer:model-folder for model scorers",
     )
-    scorer: Literal[SCORERS] = "heuristic"  # type: ignore[valid-type]
+    # The graded rules: no setup, any corpus, and unlike the pass/fail heuristic they
+    # order the documents that pass every rule (BENCHMARKS.md, "Quality scorers").
+    scorer: Literal[SCORERS] = "graded-heuristic"  # type: ignore[valid-type]
     model: str | None = Field(
         None,
         description="Local path or hub id (hf-classifier, perplexity); a fastText .bin (fasttext)",
