@@ -199,7 +199,7 @@ def test_keys_do_not_depend_on_the_machine(tmp_path: Path) -> None:
     (b / "config.json").write_text((b / "config.json").read_text().replace("384", "385"))
     model_fingerprint.cache_clear()
     assert model_fingerprint(str(a)) != model_fingerprint(str(b))
-    with pytest.raises(ConfigError, match="not a folder on this machine"):
+    with pytest.raises(ConfigError, match="not a folder or file on this machine"):
         model_fingerprint(str(tmp_path / "missing-model"))
     assert len(model_fingerprint("org/hub-model")) == 16  # a hub id: its name
 

@@ -40,17 +40,10 @@ def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int 
         raise ValueError(
             f"kmeans.k = {k} clusters but only {n} documents to fit on; lower kmeans.k"
         )
-    km = faiss.Kmeans(
-        dim,
-        k,
-        niter=niter,
-        nredo=nredo,
-        seed=seed,
-        spherical=True,
-        max_points_per_centroid=n,
-        verbose=False,
-        gpu=gpus() > 0,
-    )
+    # Spherical: cosine k-means of unit vectors. max_points_per_centroid = n: FAISS keeps
+    # every point of the sample, which is bounded already. On the GPUs FAISS sees.
+    options = {"niter": niter, "nredo": nredo, "seed": seed, "verbose": False}
+    km = faiss.Kmeans(dim, k, spherical=True, max_points_per_centroid=n, gpu=gpus() > 0, **options)
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     centroids = km.centroids.astype(np.float32)
     return centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(min=1e-12)

@@ -282,6 +282,9 @@ def train_fasttext(
     _check_training_args(
         epoch=epoch, lr=lr, word_ngrams=word_ngrams, dim=dim, min_count=min_count, bucket=bucket
     )
+    # fastText's own names for them.
+    options = {"epoch": epoch, "lr": lr, "wordNgrams": word_ngrams, "dim": dim}
+    options |= {"minCount": min_count, "bucket": bucket}
     lines = [_training_line(POSITIVE, t) for t in positives]
     lines += [_training_line(NEGATIVE, t) for t in negatives]
     # fastText reads its file in order and with one thread never reorders it: without a
@@ -296,17 +299,7 @@ def train_fasttext(
             f.writelines(lines)
         with _train_lock, _zero_filled_allocations():
             model = fasttext.train_supervised(
-                input=train_file,
-                epoch=epoch,
-                lr=lr,
-                wordNgrams=word_ngrams,
-                dim=dim,
-                minCount=min_count,
-                bucket=bucket,
-                loss="softmax",
-                thread=1,
-                seed=seed,
-                verbose=0,
+                input=train_file, loss="softmax", thread=1, seed=seed, verbose=0, **options
             )
         # Saved beside the target and renamed over it, so a process loading ``path``
         # meanwhile reads the old model or the new one, never a part-written file.
