@@ -458,3 +458,39 @@ def test_jsonl_with_a_utf8_bom_keeps_its_first_row(tmp_path: Path) -> None:
     sd = read_file(write_jsonl(tmp_path / "web" / "a.jsonl", data))
     assert sd.docs.column("text").to_pylist() == ["first", "second"]
     assert sd.rejects.num_rows == 0
+
+
+def test_sample_texts_draws_the_same_documents_however_the_corpus_is_sharded(
+    tmp_path: Path,
+) -> None:
+    import pyarrow.parquet as pq
+    from conftest import write_tiny_corpus
+
+    from samplemix.config import load_config
+    from samplemix.io.corpus import sample_texts
+
+    two = write_tiny_corpus(tmp_path / "two", shards_per_domain=2)
+    four = write_tiny_corpus(tmp_path / "four", shards_per_domain=4)
+    drawn = {}
+    for name, corpus in (("two", two), ("four", four)):
+        cfg = load_config(None, {"corpus.input": str(corpus)})
+        drawn[name] = {
+            "books": sample_texts("domains:books", cfg, 5),
+            "all": sample_texts("all", cfg, 10),
+            "folder": sample_texts(str(corpus / "code"), cfg, 3),
+            "every book": sample_texts("domains:books", cfg, 1000),
+        }
+    assert drawn["two"] == drawn["four"]
+    # Read independently: the domains' texts as written.
+    texts = {
+        d: set(pq.read_table(sorted((two / d).glob("*.parquet"))).column("text").to_pylist())
+        for d in ("books", "code", "reference")
+    }
+    got = drawn["two"]
+    assert len(got["books"]) == 5 and set(got["books"]) <= texts["books"]
+    assert set(got["every book"]) == texts["books"]  # a limit above the domain: all of it
+    assert len(set(got["all"])) == 10 and set(got["all"]) <= set().union(*texts.values())
+    assert len(got["folder"]) == 3 and set(got["folder"]) <= texts["code"]
+    cfg = load_config(None, {"corpus.input": str(two)})
+    with pytest.raises(CorpusError, match="no documents for 'domains:web'"):
+        sample_texts("domains:web", cfg, 5)
