@@ -421,6 +421,10 @@ def _train_fasttext(
 
     if positives is None:
         raise _fail(ValueError("--head fasttext needs --positives (e.g. domains:books,reference)"))
+    from_corpus = [s for s in (positives, negatives) if s == "all" or s.startswith("domains:")]
+    if from_corpus and corpus is None:
+        raise _fail(ValueError(f"{from_corpus[0]!r} reads the corpus: give it with --input"))
+    # Specs that name folders read those alone; the corpus setting is then a placeholder.
     cfg = _load(None, None, **{"corpus.input": corpus or "."})
     path = out if out.endswith((".bin", ".ftz")) else f"{out.rstrip('/')}/fasttext.bin"
     try:

@@ -186,3 +186,17 @@ def save_tiny_encoder(path: Path) -> str:
     BertModel(tiny_bert_config(len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+JUNK_IDS = ["symbols", "repeated-lines", "all-caps", "bullets"]
+
+
+def junk_texts(clean: str) -> list[str]:
+    """Texts every quality heuristic must score below ``clean`` prose, as ``JUNK_IDS``
+    name them: symbols, one repeated line, ``clean`` in capitals, a bullet list."""
+    return [
+        "#### $$$ %%% @@@ !!! *** &&& ^^^ ~~~ ### ... ... ...",
+        "click here to subscribe\n" * 30,
+        clean.upper(),
+        "\n".join(f"- item number {i} on the list" for i in range(40)),
+    ]

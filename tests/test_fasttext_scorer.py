@@ -270,6 +270,8 @@ def test_train_scorer_cli_then_the_quality_stage_scores_with_it(tmp_path: Path) 
     corpus = write_tiny_corpus(tmp_path / "corpus")
     out = tmp_path / "scorer"
     args = ["train-scorer", "--head", "fasttext", "--positives", "domains:books,reference"]
+    unsaid = CliRunner().invoke(app, [*args, "--out", str(out)])  # which corpus's domains?
+    assert unsaid.exit_code == 1 and "give it with --input" in unsaid.output
     result = CliRunner().invoke(app, [*args, "--input", str(corpus), "--out", str(out)])
     assert result.exit_code == 0, result.output
     path = out / "fasttext.bin"

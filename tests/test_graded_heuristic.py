@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import JUNK_IDS, junk_texts
 
 from samplemix.scoring.heuristic import (
     GRADED_RULES,
@@ -131,16 +132,7 @@ def test_failing_a_rule_scores_below_passing(passing: str, failing: str) -> None
     assert graded_heuristic_score(failing) < graded_heuristic_score(passing)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "#### $$$ %%% @@@ !!! *** &&& ^^^ ~~~ ### ... ... ...",
-        "click here to subscribe\n" * 30,
-        CLEAN.upper(),
-        "\n".join(f"- item number {i} on the list" for i in range(40)),
-    ],
-    ids=["symbols", "repeated-lines", "all-caps", "bullets"],
-)
+@pytest.mark.parametrize("bad", junk_texts(CLEAN), ids=JUNK_IDS)
 def test_clean_paragraph_beats_junk(bad: str) -> None:
     assert graded_heuristic_score(CLEAN) > graded_heuristic_score(bad) > 0.0
 

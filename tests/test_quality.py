@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny_classifier
+from conftest import JUNK_IDS, junk_texts, save_tiny_classifier
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
@@ -55,16 +55,7 @@ def test_clean_paragraph_scores_full_marks() -> None:
     assert heuristic_score(CLEAN) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "#### $$$ %%% @@@ !!! *** &&& ^^^ ~~~ ### ... ... ...",
-        "click here to subscribe\n" * 30,
-        CLEAN.upper(),
-        "\n".join(f"- item number {i} on the list" for i in range(40)),
-    ],
-    ids=["symbols", "repeated-lines", "all-caps", "bullets"],
-)
+@pytest.mark.parametrize("bad", junk_texts(CLEAN), ids=JUNK_IDS)
 def test_clean_paragraph_beats_junk(bad: str) -> None:
     assert heuristic_score(CLEAN) > heuristic_score(bad)
     assert 0.0 <= heuristic_score(bad) <= 1.0

@@ -15,6 +15,7 @@ from samplemix.io.corpus import (
 from samplemix.io.store import Key, Output, Store, artifact_key
 from samplemix.mixing import methods, quadmix
 from samplemix.scoring.models import model_fingerprint, pinned
+from samplemix.scoring.reference import TOKENIZER_VERSION
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
@@ -177,8 +178,6 @@ def probe_key(tokens: list[Key], embed: list[Key], scorer: QualityConfig) -> Key
 def reference_key(tokens: list[Key], scorer: QualityConfig) -> Key:
     """The reference scorer's model: fitted on the domains ``scorer.reference`` of the
     shards ``tokens`` index, against all of them."""
-    from samplemix.scoring.reference import TOKENIZER_VERSION
-
     assert scorer.reference is not None
     return _key(
         "reference",

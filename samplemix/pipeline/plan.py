@@ -117,8 +117,8 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     recorder = _Recorder(store)
     w = walk(cfg, store, shards, recorder, logging.getLogger("samplemix.plan"))
-    if "counts" not in w.calls:  # not known yet: the walk recorded why
-        recorder.unknown(MATERIALISE, [None], recorder.steps[-1].reason)
+    if w.blocked is not None:  # the counts are not known yet: nor is the output
+        recorder.unknown(MATERIALISE, [None], f"after {w.blocked}")
         return recorder.steps
     output = keys.output_key(w.keys("counts"), w.keys("budget")[0])
     current = out.current(output)

@@ -61,30 +61,39 @@ def call_result(stage: Stage, call: Call, store: Store, cached: dict | None = No
 
 
 class Walk:
-    """What a walk knows so far: per stage its calls and, once collected, its results."""
+    """What a walk knows so far: per stage its calls and, once collected, its results;
+    ``blocked``: the stage whose result the plan could not know (then every later stage
+    is "after" it), else None."""
 
     def __init__(
         self, cfg: Config, store: Store, shards: list[Shard], executor: Executor, log: Log
     ) -> None:
-        self.cfg, self.store, self.shards, self.executor, self.log = (
-            cfg,
-            store,
-            shards,
-            executor,
-            log,
-        )
+        self.cfg = cfg
+        self.store = store
+        self.shards = shards
+        self.executor = executor
+        self.log = log
         self.calls: dict[str, list[Call]] = {}
         self.handles: dict[str, Any] = {}
         self.results: dict[str, list[dict]] = {}
+        self.blocked: str | None = None
+        # The calls' keys, listed once per stage: per-shard calls read them by index, so
+        # building the list per shard would cost O(shards²) a stage.
+        self._keys: dict[str, list[Key]] = {}
+        self._quality_by_shard: list[list[Key]] | None = None
 
     def keys(self, stage: str) -> list[Key]:
-        """The keys of ``stage``'s calls, in call order."""
-        return [c.key for c in self.calls[stage]]
+        """The keys of ``stage``'s calls, in call order (do not modify the list)."""
+        if stage not in self._keys:
+            self._keys[stage] = [c.key for c in self.calls[stage]]
+        return self._keys[stage]
 
     def quality_keys(self) -> list[list[Key]]:
         """Per shard, its quality keys, one per scorer (the calls go scorer by scorer)."""
-        flat, n = self.keys("quality"), len(self.shards)
-        return [flat[i::n] for i in range(n)]
+        if self._quality_by_shard is None:
+            flat, n = self.keys("quality"), len(self.shards)
+            self._quality_by_shard = [flat[i::n] for i in range(n)]
+        return self._quality_by_shard
 
     def summaries(self, stage: str, partial: bool = False) -> list[dict]:
         """``stage``'s results, in call order, once finished. Where a result is not known
@@ -112,13 +121,12 @@ def walk(cfg: Config, store: Store, shards: list[Shard], executor: Executor, log
     ``executor``; with a runner, returns once every stage has finished. After a stage
     whose calls cannot be known (the plan only), every later stage is "after" it."""
     w = Walk(cfg, store, shards, executor, log)
-    blocked: str | None = None
     for stage in GRAPH:
         if not stage.applies(cfg):
             continue
         items: list[str | None] = [s.shard_id for s in shards] if stage.per_shard else [None]
-        if blocked is not None:
-            executor.unknown(stage, items, f"after {blocked}")
+        if w.blocked is not None:
+            executor.unknown(stage, items, f"after {w.blocked}")
             continue
         try:
             if executor.runs:
@@ -127,7 +135,7 @@ def walk(cfg: Config, store: Store, shards: list[Shard], executor: Executor, log
                         w.summaries(name)
             calls = stage.calls(w)
         except Unknown as u:
-            blocked = u.stage
+            w.blocked = u.stage
             executor.unknown(stage, items, u.reason or f"after {u.stage}")
             continue
         w.calls[stage.name] = calls
