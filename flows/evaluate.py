@@ -33,12 +33,15 @@ from flows.runtime import (
     task_runner,
     with_block_credentials,
 )
-from samplemix.config import Config, config_to_yaml
+from samplemix.config import Config, ConfigError, config_to_yaml
 from samplemix.evaluation import stages as ev
+from samplemix.evaluation.paired import bootstrap_paired
 from samplemix.io.corpus import discover_shards
+from samplemix.io.store import Key
 from samplemix.pipeline import keys
 from samplemix.pipeline.graph import Call
 from samplemix.reporting.evaluation_report import (
+    NgramRun,
     ProxyRun,
     evaluation_markdown,
     variant_stats,
@@ -79,41 +82,87 @@ def _merged(base: dict, update: Mapping[str, Any]) -> dict:
     return out
 
 
-def _evaluate_mixtures(
-    cfg: Config, configs: dict[str, Config]
-) -> tuple[dict, list[ProxyRun], dict]:
-    """Mix every config, then train ``evaluate.seeds`` proxies on each mixture.
+def control_arms(
+    cfg: Config, configs: Mapping[str, Config], baseline: str, domains: list[str]
+) -> tuple[dict[str, Config], dict[str, tuple[str, int]], list[str]]:
+    """The arms ``evaluate.controls`` plant: (new mix configs by arm name, ``repeat`` arms
+    {name: (the variant whose mixture they cut, documents)}, every control's arm name in
+    spec order). ``domains``: the corpus's. Raises ConfigError for a domain not in
+    ``domains`` or a variant name not among ``configs``."""
+    root, mixes, repeats, names = _root(cfg), {}, {}, []
+    for spec in cfg.evaluate.controls:
+        kind, _, arg = spec.partition(":")
+        if kind == "one-domain":
+            if arg not in domains:
+                raise ConfigError(
+                    f"evaluate.controls {spec!r}: no domain {arg!r}; the corpus has {domains}"
+                )
+            name = f"control-one-domain-{arg}"
+            weights = {d: float(d == arg) for d in domains}
+            update = {"method": "fixed", "domain_weights": weights, "max_repeats": None}
+            mixes[name] = variant(cfg, update, f"{root}/{name}")
+        elif kind == "repeat":
+            name = f"control-repeat-{arg}"
+            repeats[name] = (baseline, int(arg))
+        elif spec in configs:
+            name = spec
+        else:
+            raise ConfigError(
+                f"evaluate.controls {spec!r}: not a variant of this run ({list(configs)}); "
+                "use one-domain:<domain>, repeat:<docs> or a name given to --methods"
+            )
+        names.append(name)
+    return mixes, repeats, names
 
-    Returns ({variant: mix summary}, the proxy runs in (variant, seed) order, the
-    settings the report lists)."""
+
+def _evaluate_mixtures(
+    cfg: Config,
+    configs: dict[str, Config],
+    repeats: Mapping[str, tuple[str, int]] | None = None,
+    mixed: Mapping[str, dict] | None = None,
+    baseline: str | None = None,
+) -> tuple[dict, list[ProxyRun], list[NgramRun], dict]:
+    """Mix every config (but those in ``mixed``: {name: its mix summary}), then train
+    ``evaluate.seeds`` proxies on each mixture, and on the first documents of a mixture
+    for each ``repeats`` arm ({name: (variant, documents)}), and fit the n-gram
+    instrument on each (its differences paired with ``baseline``'s).
+
+    Returns ({variant: mix summary}, the proxy runs in (variant, seed) order, the n-gram
+    runs in arm order, the settings the report lists)."""
     log = get_run_logger()
-    mixes = {name: run_mix(c) for name, c in configs.items()}
+    mixes = dict(mixed or {})
+    mixes |= {name: run_mix(c) for name, c in configs.items() if name not in mixes}
     store = keys.store_for(cfg)
     shards = discover_shards(cfg.corpus, cfg.storage.fsspec_options(cfg.corpus.input))
     ids_key = keys.ids_key([keys.tokens_key(s, cfg) for s in shards], cfg)
     plan = ev.plan_for_evaluation(next(iter(mixes.values()))["output"], cfg)
     by_id = {s.shard_id: s for s in shards}
     tok_key = ev.tokenizer_key(ids_key, cfg)
-    tokenizer, evalsets, proxy_stage = ev.EVALUATION
+    tokenizer, evalsets, proxy_stage, _ = ev.EVALUATION
     label = cfg.evaluate.tokenizer
     tok = run_calls(tokenizer, [Call(tok_key, label, (plan, by_id, cfg))], cfg, store)[0]
     sets_key = ev.evalsets_key(ids_key, tok_key, cfg)
     sets_call = Call(sets_key, "heldout", (plan, by_id, tok_key, cfg))
     sets = run_calls(evalsets, [sets_call], cfg, store)[0]
     log.info("evaluation sets (tokens): %s", sets["tokens"])
+    arms = {name: (name, None) for name in mixes} | {
+        name: (source, docs) for name, (source, docs) in (repeats or {}).items()
+    }
     calls, which = [], []
-    for name, mix in mixes.items():
+    for name, (source, docs) in arms.items():
+        mix = mixes[source]
         for seed in cfg.evaluate.seeds:
             proxy = cfg.evaluate.proxy.model_copy(update={"seed": seed})
-            key = ev.proxy_key(mix["mixture_key"], sets_key, proxy)
-            args = (mix["output"], tok_key, sets_key, proxy, cfg)
+            key = ev.proxy_key(mix["mixture_key"], sets_key, proxy, docs)
+            args = (mix["output"], tok_key, sets_key, proxy, cfg, docs)
             calls.append(Call(key, f"{name}/seed-{seed}", args))
             which.append((name, seed))
     results = run_calls(proxy_stage, calls, cfg, store)
     runs = [
-        ProxyRun.from_summary(name, seed, r, r["cached"])
+        ProxyRun.from_summary(name, seed, r, r["cached"], sets["tokens"])
         for (name, seed), r in zip(which, results, strict=True)
     ]
+    ngram = _ngram_runs(cfg, arms, mixes, tok_key, sets_key, baseline)
     p = cfg.evaluate.proxy
     first = results[0]
     settings = {
@@ -132,25 +181,71 @@ def _evaluate_mixtures(
         ),
         "device": first["device"],
     }
-    return mixes, runs, settings
+    if ngram:
+        settings["n-gram instrument"] = (
+            f"interpolated Kneser–Ney, order {cfg.evaluate.ngram_order} (and 1, 2), on "
+            f"{cfg.evaluate.proxy.steps * cfg.evaluate.proxy.tokens_per_step:,} tokens"
+        )
+    return mixes, runs, ngram, settings
+
+
+def _ngram_runs(
+    cfg: Config,
+    arms: Mapping[str, tuple[str, int | None]],
+    mixes: Mapping[str, dict],
+    tok_key: Key,
+    sets_key: Key,
+    reference: str | None,
+) -> list[NgramRun]:
+    """The seedless instrument on every arm ({name: (mixed variant, documents)}), each
+    paired by document with ``reference`` (or the first arm); none when
+    ``evaluate.ngram_order`` is 0."""
+    order = cfg.evaluate.ngram_order
+    if not order:
+        return []
+    store = keys.store_for(cfg)
+    tokens = cfg.evaluate.proxy.steps * cfg.evaluate.proxy.tokens_per_step  # the proxy's
+    calls = []
+    for name, (source, docs) in arms.items():
+        mix = mixes[source]
+        key = ev.ngram_key(mix["mixture_key"], sets_key, tokens, order, docs)
+        calls.append(Call(key, name, (mix["output"], tok_key, sets_key, tokens, cfg, docs)))
+    *_, ngram_stage = ev.EVALUATION
+    results = run_calls(ngram_stage, calls, cfg, store)
+    docs = {c.label: ev.load_doc_losses(store, sets_key, c.key) for c in calls}
+    reference = reference if reference in arms else next(iter(arms))
+    runs = []
+    for call, r in zip(calls, results, strict=True):
+        floors = {n: r["objectives"][str(n)]["objective"] for n in ev.FLOORS}
+        versus = None
+        if call.label != reference:
+            versus = bootstrap_paired(call.label, docs[call.label], reference, docs[reference])
+        objective = r["objectives"][str(order)]["objective"]
+        runs.append(NgramRun(call.label, order, objective, floors, versus))
+    return runs
 
 
 def _publish(
     cfg: Config,
     runs: list[ProxyRun],
+    ngram: list[NgramRun],
     labels: dict[str, str],
     alphas: dict[str, float],
     baseline: str | None,
     settings: dict,
     out: str,
+    controls: list[str],
 ) -> dict:
     """Write the evaluation report under ``out`` and show it in the UI."""
+    options = cfg.storage.fsspec_options(out)
     summary = write_evaluation(
-        runs, labels, alphas, baseline, settings, out, cfg.storage.fsspec_options(out)
+        runs, labels, alphas, baseline, settings, out, options, controls=controls, ngram=ngram
     )
     stats = variant_stats(runs)
     create_markdown_artifact(
-        evaluation_markdown(runs, stats, labels, settings, baseline=baseline),
+        evaluation_markdown(
+            runs, stats, labels, settings, baseline=baseline, controls=controls, ngram=ngram
+        ),
         key="proxy-evaluation",
         description="Held-out loss of proxies trained on each mixture",
     )
@@ -186,12 +281,24 @@ def evaluate(config: Config, methods: list[str], alphas: list[float]) -> dict:
     cfg = keys.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
     configs = variants(cfg, methods, alphas)
-    mixes, runs, settings = _evaluate_mixtures(cfg, configs)
+    baseline = "vanilla" if "vanilla" in configs else next(iter(configs))
+    mixed = {}
+    if cfg.evaluate.controls:  # a control needs the corpus's domains: the baseline's plan
+        mixed[baseline] = run_mix(configs[baseline])
+        plan = ev.plan_for_evaluation(mixed[baseline]["output"], cfg)
+        domains = sorted(set(plan.column("domain").to_pylist()))
+    else:
+        domains = []
+    planted, repeats, controls = control_arms(cfg, configs, baseline, domains)
+    mixes, runs, ngram, settings = _evaluate_mixtures(
+        cfg, configs | planted, repeats, mixed, baseline
+    )
     labels = {name: label(c) for name, c in configs.items()}
+    labels |= {name: f"{name.removeprefix('control-one-domain-')} only" for name in planted}
+    labels |= {n: f"{source}'s first {docs} documents" for n, (source, docs) in repeats.items()}
     alphas_of = {n: c.mixing.alpha for n, c in configs.items() if c.mixing.method == "samplemix"}
-    baseline = "vanilla" if "vanilla" in configs else None
     out = f"{_root(cfg)}/evaluate"
-    report = _publish(cfg, runs, labels, alphas_of, baseline, settings, out)
+    report = _publish(cfg, runs, ngram, labels, alphas_of, baseline, settings, out, controls)
     get_run_logger().info("evaluation report: %s/evaluate.md", out)
     return {"mixes": mixes, "runs": [r.__dict__ for r in runs], "report": report, "output": out}
 
@@ -241,7 +348,7 @@ def search(
         configs[f"draw-{i:03d}"] = variant(
             cfg, sp.mixing_update(theta), f"{out}/draws/draw-{i:03d}"
         )
-    _, runs, settings = _evaluate_mixtures(cfg, configs)
+    _, runs, _, settings = _evaluate_mixtures(cfg, configs)
     stats = variant_stats(runs)
     losses = [stats[f"draw-{i:03d}"].mean for i in range(draws)]
     result = sr.search(
@@ -254,7 +361,7 @@ def search(
         seed=cfg.mixing.seed,
     )
     chosen = variant(cfg, sp.mixing_update(result.theta), f"{out}/chosen")
-    _, chosen_runs, _ = _evaluate_mixtures(cfg, {"chosen": chosen})
+    _, chosen_runs, _, _ = _evaluate_mixtures(cfg, {"chosen": chosen})
     observed = variant_stats(chosen_runs)["chosen"]
     log.info(
         "chosen θ: predicted %.4f, observed %.4f ± %.4f; base %.4f; best draw %.4f",

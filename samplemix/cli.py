@@ -65,6 +65,16 @@ def _evaluation_config(config: Path | None, pairs: list[str] | None, **flags: An
     return cfg
 
 
+def _names(text: str) -> list[str]:
+    """The names in comma-separated ``text``, blanks dropped."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _name_list(text: str | None) -> list[str] | None:
+    """``_names(text)``; None (not given) as None."""
+    return None if text is None else _names(text)
+
+
 def _seed_list(seeds: str | None) -> list[int] | None:
     """``"0,1,2"`` as ``[0, 1, 2]``; None or empty (not given) as None."""
     return [int(s) for s in seeds.split(",")] if seeds else None
@@ -112,6 +122,12 @@ _FIELD_OPTIONS = {
         "evaluate.heldout_fraction",
         float,
         "Share of each domain held out (evaluate.heldout_fraction)",
+    ),
+    "controls": _FieldOption(
+        "evaluate.controls",
+        str,
+        "Planted control arms that must train worse proxies, e.g. one-domain:code,repeat:20",
+        _name_list,
     ),
 }
 
@@ -178,11 +194,6 @@ def _run_flow(module: str, name: str, *args: Any) -> Any:
         raise _fail(e) from None
 
 
-def _method_names(methods: str) -> list[str]:
-    """The names in comma-separated ``methods``, blanks dropped."""
-    return [m.strip() for m in methods.split(",") if m.strip()]
-
-
 def _alphas(alpha: str | None) -> list[float]:
     """The α values in comma-separated ``alpha``; none for None or empty."""
     return [float(a) for a in alpha.split(",")] if alpha else []
@@ -216,7 +227,7 @@ def compare(
     ] = None,
 ) -> None:
     """Run several methods (and α values) over shared cached scores and compare them."""
-    result = _run_flow("compare", "run_compare", cfg, _method_names(methods), _alphas(alpha))
+    result = _run_flow("compare", "run_compare", cfg, _names(methods), _alphas(alpha))
     for name, r in result["runs"].items():
         computed = sum(n for s, n in r["computed"].items() if s != "materialise")
         typer.echo(
@@ -230,7 +241,7 @@ _PROXY_OPTIONS = ("seeds", "heldout", "input", "output", "workers")
 
 
 @app.command()
-@_config_command(after=_PROXY_OPTIONS, load=_evaluation_config)
+@_config_command(after=("controls", *_PROXY_OPTIONS), load=_evaluation_config)
 def evaluate(
     cfg: Config,
     methods: Annotated[
@@ -242,7 +253,7 @@ def evaluate(
     ] = "0.8,0,1",
 ) -> None:
     """Mix several methods / α values and compare them by training proxy LMs (held-out loss)."""
-    result = _run_flow("evaluate", "run_evaluate", cfg, _method_names(methods), _alphas(alpha))
+    result = _run_flow("evaluate", "run_evaluate", cfg, _names(methods), _alphas(alpha))
     report = result["report"]
     for line in report["verdict"]:
         typer.echo(line)

@@ -386,7 +386,38 @@ class EvaluateConfig(_Section):
     vocab_size: int = Field(4096, gt=257, description="Vocabulary of the trained tokenizer")
     tokenizer_docs: int = Field(2000, gt=0, description="Documents sampled to train it")
     seeds: list[int] = Field([0], min_length=1, description="One proxy per mixture and seed")
+    controls: list[str] = Field(
+        [],
+        description="Planted control arms, each expected to train a worse proxy than the "
+        "baseline: 'one-domain:<domain>' (the whole budget from one domain), 'repeat:<docs>' "
+        "(the baseline mixture's first <docs> documents, cycled for the same training "
+        "tokens), or the name of an evaluated variant (e.g. 'fixed' with its domain_weights "
+        "on one domain). The report says whether each was resolved; one that was not makes "
+        "the verdict inconclusive",
+    )
+    ngram_order: int = Field(
+        4,
+        ge=0,
+        le=5,
+        description="Order of the seedless Kneser–Ney instrument fitted beside the proxies "
+        "on the same training tokens (unigram and bigram floors are fitted too); 0: none",
+    )
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+    @field_validator("controls")
+    @classmethod
+    def _control_specs(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            kind, _, arg = spec.partition(":")
+            if kind == "one-domain" and not arg:
+                raise ValueError(f"control {spec!r}: name the domain, e.g. one-domain:code")
+            if kind == "repeat" and not (arg.isdigit() and int(arg) > 0):
+                raise ValueError(f"control {spec!r}: give a document count, e.g. repeat:20")
+            if arg and kind not in ("one-domain", "repeat"):
+                raise ValueError(
+                    f"control {spec!r}: use one-domain:<domain>, repeat:<docs> or a variant name"
+                )
+        return v
 
 
 class ComputeConfig(_Section):

@@ -33,6 +33,7 @@ OPTIONS = {
         "config",
         "methods",
         "alpha",
+        "controls",
         "seeds",
         "heldout",
         "input",

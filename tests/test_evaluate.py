@@ -21,6 +21,7 @@ from conftest import tiny_config, write_tiny_corpus
 from flows.evaluate import run_evaluate, run_search
 from samplemix.config import load_config
 from samplemix.evaluation import stages as ev
+from samplemix.evaluation.ngram import fit_ngram, ngram_loss
 from samplemix.evaluation.proxy import train_proxy
 from samplemix.io.store import Key
 from samplemix.mixing import weights as mixing
@@ -34,6 +35,7 @@ PROXY = {
     "evaluate.vocab_size": 300,
     "evaluate.tokenizer_docs": 30,
     "evaluate.seeds": [0, 1],
+    "evaluate.controls": ["repeat:3"],
     "evaluate.proxy.n_layer": 1,
     "evaluate.proxy.n_head": 2,
     "evaluate.proxy.d_model": 32,
@@ -113,7 +115,9 @@ def test_a_result_equals_a_proxy_trained_by_hand(evaluated: dict) -> None:
     root, cfg = evaluated["root"], evaluated["cfg"]
     runs = evaluated["first"]["runs"]
     assert [(r["variant"], r["seed"]) for r in runs] == [
-        (v, s) for v in ["vanilla", "samplemix-a0.8", "samplemix-a0"] for s in (0, 1)
+        (v, s)
+        for v in ["vanilla", "samplemix-a0.8", "samplemix-a0", "control-repeat-3"]
+        for s in (0, 1)
     ]
     store = pipeline_keys.store_for(cfg)
     tok = ev.load_proxy_tokenizer(store, only_key(root, "proxytok"), cfg)
@@ -132,6 +136,50 @@ def test_a_result_equals_a_proxy_trained_by_hand(evaluated: dict) -> None:
     assert run["heldout"] == pytest.approx(np.mean(list(run["losses"].values())))
     assert run["objective"] == run["heldout"]  # no target set
     assert run["target"] is None
+
+
+def test_the_ngram_instrument_equals_a_fit_by_hand(evaluated: dict) -> None:
+    root, cfg = evaluated["root"], evaluated["cfg"]
+    store = pipeline_keys.store_for(cfg)
+    tok = ev.load_proxy_tokenizer(store, only_key(root, "proxytok"), cfg)
+    sets_key = only_key(root, "evalsets")
+    sets = ev.load_evalsets(store, sets_key)
+    p = cfg.evaluate.proxy
+    tokens = p.steps * p.tokens_per_step  # the proxy's training tokens: 4,096
+    mix = evaluated["first"]["mixes"]["samplemix-a0"]
+    train = ev.mixture_token_ids(str(root / "out" / "samplemix-a0"), tok)
+    # The mixture's documents in row order, cycled if short, cut at the proxy's tokens.
+    flat = np.concatenate(train)
+    flat = np.tile(flat, -(-tokens // len(flat)))[:tokens]
+    stream = ev.training_stream(train, tokens)
+    assert np.array_equal(np.concatenate(stream), flat)
+    summary = store.summary(ev.ngram_key(mix["mixture_key"], sets_key, tokens, 4, None))
+    for order in (1, 2, 4):
+        lm = fit_ngram(stream, order, tok.vocab_size)
+        for name, docs in sets.items():
+            got = summary["losses"][str(order)][name.removeprefix("domain/")]
+            assert got == pytest.approx(ngram_loss(lm, docs), rel=1e-12), (order, name)
+    report = evaluated["first"]["report"]
+    assert report["vanilla"]["ngram"]["versus"] is None  # the reference
+    versus = report["samplemix-a0"]["ngram"]["versus"]
+    assert versus["reference"] == "vanilla"
+    own = report["samplemix-a0"]["ngram"]["objective"]
+    assert versus["mean"] == pytest.approx(own - report["vanilla"]["ngram"]["objective"])
+    text = (root / "out" / "evaluate" / "evaluate.md").read_text()
+    assert "## Instruments" in text and "Spearman" in text
+
+
+def test_a_repeat_control_trains_on_the_baselines_first_documents(evaluated: dict) -> None:
+    root, cfg = evaluated["root"], evaluated["cfg"]
+    store = pipeline_keys.store_for(cfg)
+    tok = ev.load_proxy_tokenizer(store, only_key(root, "proxytok"), cfg)
+    first3 = ev.mixture_token_ids(str(root / "out" / "vanilla"), tok)[:3]
+    runs = [r for r in evaluated["first"]["runs"] if r["variant"] == "control-repeat-3"]
+    assert [r["mixture_tokens"] for r in runs] == [sum(len(d) for d in first3)] * 2
+    report = evaluated["first"]["report"]
+    assert report["control-repeat-3"]["paired"]["reference"] == "vanilla"
+    text = (root / "out" / "evaluate" / "evaluate.md").read_text()
+    assert "Control control-repeat-3" in text and "(control)" in text
 
 
 def test_second_evaluation_trains_nothing(evaluated: dict) -> None:

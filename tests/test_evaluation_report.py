@@ -6,9 +6,9 @@ plots and files. Every expected number is worked by hand:
     samplemix  1.7, 1.8, 1.9            1.8    0.1            1.6, 1.7, 1.8       1.8, 1.9, 2.0
     quadmix    1.75, 1.85, 1.95         1.85   0.1            1.5, 1.6, 1.7       2.0, 2.1, 2.2
 
-samplemix vs vanilla: Δ = 0.4 (0.4 / 2.2 = 18.18%), SE = √(0.1²/3 + 0.2²/3) = 0.1291,
-2·SE = 0.2582 < Δ: exceeds the seed spread. samplemix vs quadmix: Δ = 0.05 (2.70%),
-SE = √(0.1²/3 + 0.1²/3) = 0.0816, 2·SE = 0.1633 > Δ: within the seed spread.
+Paired by seed: samplemix − vanilla = −0.3, −0.4, −0.5: mean −0.4, sd 0.1, SE 0.1/√3 =
+0.0577, t = −6.9; 95% CI −0.4 ± 4.303·0.0577 = [−0.6484, −0.1516]: resolved; MDD
+(4.303 + 1.061)·0.0577 = 0.3097. samplemix − quadmix = −0.05 at every seed: SE 0, resolved.
 Per domain the lowest mean is quadmix on web (1.6) and vanilla on code (1.0).
 """
 
@@ -138,54 +138,51 @@ def test_from_summary_reads_run_proxy_summary() -> None:
 # ---- verdict ------------------------------------------------------------------------------
 
 
-def test_verdict_exceeds_and_within_the_seed_spread() -> None:
-    lines = verdict(variant_stats(RUNS), baseline="vanilla")
+def test_verdict_pairs_by_seed() -> None:
+    lines = verdict(RUNS, baseline="vanilla")
     assert len(lines) == 3
     assert "samplemix, 1.8000 ± 0.1000" in lines[0]
-    runner_up = line_about(lines, "quadmix")
-    assert "runner-up" in runner_up and "Δ = 0.0500" in runner_up and "2.70%" in runner_up
-    se = math.sqrt(0.1**2 / 3 + 0.1**2 / 3)
-    assert f"SE of the difference {se:.4f}" in runner_up and f"{2 * se:.4f}" in runner_up
-    assert "within the seed spread" in runner_up and "exceeds" not in runner_up
-    base = line_about(lines, "vanilla")
-    assert "baseline" in base and "Δ = 0.4000" in base and "18.18%" in base
-    se = math.sqrt(0.1**2 / 3 + 0.2**2 / 3)
-    assert f"SE of the difference {se:.4f}" in base and f"2·SE = {2 * se:.4f}" in base
-    assert "exceeds the seed spread" in base and "within" not in base
+    runner_up = lines[1]
+    assert runner_up.startswith("Against the runner-up: samplemix − quadmix = -0.0500")
+    assert "paired over seeds 0, 1, 2" in runner_up and ": resolved" in runner_up
+    base = lines[2]
+    assert base.startswith("Against the baseline: samplemix − vanilla = -0.4000")
+    assert "per seed -0.3000, -0.4000, -0.5000" in base
+    assert "95% CI [-0.6484, -0.1516]" in base and "paired SE 0.0577" in base
+    assert "t = -6.9" in base and "minimum detectable difference here is 0.3097" in base
 
 
-def test_verdict_within_when_delta_is_between_se_and_two_se() -> None:
-    # Δ = 1.92 - 1.8 = 0.12 > SE = 0.0816 but < 2·SE = 0.1633: still within the spread.
-    close = [run("close", s, y) for s, y in enumerate((1.82, 1.92, 2.02))]
-    lines = verdict(variant_stats([*RUNS[3:6], *close]), baseline=None)
-    assert "Δ = 0.1200" in lines[1] and "within the seed spread" in lines[1]
+def test_verdict_not_resolved_when_the_ci_includes_zero() -> None:
+    # samplemix − close = -0.12, +0.08, -0.22: mean -0.0867, SE 0.0882, CI includes 0.
+    close = [run("close", s, y) for s, y in enumerate((1.82, 1.72, 2.12))]
+    lines = verdict([*RUNS[3:6], *close], baseline=None)
+    assert "samplemix − close = -0.0867" in lines[1]
+    assert "not resolved, the CI includes 0" in lines[1]
+    assert "minimum detectable difference at these seeds is 0.4730" in lines[1]
 
 
-def test_verdict_single_seed_cannot_judge_the_spread() -> None:
-    lines = verdict(variant_stats([run("a", 0, 2.5), run("b", 0, 2.0)]), baseline=None)
+def test_verdict_single_seed_cannot_be_judged() -> None:
+    lines = verdict([run("a", 0, 2.5), run("b", 0, 2.0)], baseline=None)
     assert "b, 2.0000 nats/token over 1 seed." in lines[0]
-    assert len(lines) == 2 and "Δ = 0.5000" in lines[1] and "20.00%" in lines[1]
-    assert "cannot be judged" in lines[1]
-    assert "exceeds" not in lines[1] and "within" not in lines[1]
+    assert len(lines) == 2 and "b − a = -0.5000" in lines[1]
+    assert "needs at least 2 seeds" in lines[1] and "cannot be judged" in lines[1]
 
 
 def test_verdict_baseline_roles() -> None:
-    stats = variant_stats(RUNS)
-    # The baseline is the runner-up: one sentence, saying so.
-    two = verdict({k: stats[k] for k in ("samplemix", "vanilla")}, baseline="vanilla")
-    assert len(two) == 2 and "the runner-up (also the baseline) vanilla" in two[1]
-    best = verdict({k: stats[k] for k in ("vanilla", "samplemix")}, baseline="samplemix")
+    two = verdict(RUNS[:6], baseline="vanilla")
+    assert len(two) == 2 and two[1].startswith("Against the baseline and runner-up:")
+    best = verdict(RUNS[:6], baseline="samplemix")
     assert "samplemix is the baseline: no variant beats it" in best[-1]
-    gone = verdict(stats, baseline="temperature")
+    gone = verdict(RUNS, baseline="temperature")
     assert "temperature was not evaluated" in gone[-1]
-    assert verdict({}, None) == ["No proxy runs to compare."]
-    alone = verdict({"vanilla": stats["vanilla"]}, "vanilla")
+    assert verdict([], None) == ["No proxy runs to compare."]
+    alone = verdict(RUNS[:3], "vanilla")
     assert "nothing to compare" in alone[-1]
 
 
 def test_verdict_ranks_a_diverged_variant_last() -> None:
-    lines = verdict(variant_stats([run("nan", 0, math.nan), run("ok", 0, 3.0)]), None)
-    assert "ok, 3.0000" in lines[0] and "no finite mean objective" in lines[1]
+    lines = verdict([run("nan", 0, math.nan), run("ok", 0, 3.0)], None)
+    assert "ok, 3.0000" in lines[0] and "a loss is not finite" in lines[1]
 
 
 # ---- Markdown -----------------------------------------------------------------------------
@@ -217,7 +214,10 @@ def test_markdown_sections_labels_and_best_per_domain() -> None:
         "## Settings",
     ):
         assert section in md
-    assert "- " + verdict(stats, "vanilla")[2] in md
+    assert "- " + verdict(RUNS, "vanilla")[2] in md
+    assert "## Paired differences to vanilla" in md and "minimum detectable" in md
+    paired_row = [line for line in md.splitlines() if line.startswith("| SampleMix")][1]
+    assert "-0.3000, -0.4000, -0.5000" in paired_row and "[-0.6484, -0.1516]" in paired_row
     # Columns: Domain, vanilla, SampleMix (α=0.8), quadmix (unlabelled: its name).
     assert "| Domain | vanilla | SampleMix (α=0.8) | quadmix |" in md
     assert cells(md, "web") == ["web", "2.2000 ± 0.2000", "1.7000 ± 0.1000", "**1.6000 ± 0.1000**"]
@@ -263,6 +263,7 @@ def test_results_csv_round_trips() -> None:
         "seed",
         "objective",
         "heldout",
+        "pooled",
         "target",
         "loss:code",
         "loss:web",
@@ -270,6 +271,13 @@ def test_results_csv_round_trips() -> None:
         "epochs",
         "mixture_tokens",
         "cached",
+        "diff",
+        "paired_mean",
+        "paired_se",
+        "ci_low",
+        "ci_high",
+        "mdd",
+        "resolved",
     ]
     assert len(rows) == 4
     for r, row in zip(runs, rows, strict=True):
@@ -283,6 +291,39 @@ def test_results_csv_round_trips() -> None:
     assert rows[0]["target"] == "" and float(rows[3]["target"]) == 2.75
     assert rows[2]["loss:code"] == ""  # a domain the run did not report
     assert float(rows[1]["objective"]) == 2.2
+    assert rows[0]["pooled"] == ""  # the evaluation sets' sizes were not given
+    # The first variant is the reference: its own paired cells are empty; t's diff is
+    # 2.75 − vanilla's 2.0 at seed 0, one shared seed: no spread, not resolved.
+    assert rows[0]["diff"] == "" and rows[0]["resolved"] == ""
+    assert float(rows[3]["diff"]) == pytest.approx(0.75) and rows[3]["paired_se"] == ""
+    assert rows[3]["resolved"] == "false"
+
+
+def test_results_csv_paired_columns_against_the_baseline() -> None:
+    rows = list(csv.DictReader(io.StringIO(results_csv(RUNS, "vanilla"))))
+    sm = [r for r in rows if r["variant"] == "samplemix"]
+    assert [float(r["diff"]) for r in sm] == pytest.approx([-0.3, -0.4, -0.5])
+    assert {r["paired_mean"] for r in sm} == {sm[0]["paired_mean"]}
+    assert float(sm[0]["paired_mean"]) == pytest.approx(-0.4)
+    assert float(sm[0]["paired_se"]) == pytest.approx(0.1 / math.sqrt(3))
+    assert float(sm[0]["ci_low"]) == pytest.approx(-0.6484, abs=1e-4)
+    assert float(sm[0]["mdd"]) == pytest.approx(0.3097, abs=1e-4)
+    assert sm[0]["resolved"] == "true"
+
+
+def test_pooled_loss_weights_domains_by_their_tokens() -> None:
+    summary = {
+        "losses": {"web": 2.0, "code": 1.0},
+        "heldout": 1.5,
+        "target": None,
+        "objective": 1.5,
+        "seconds": 1.0,
+        "epochs": 1.0,
+        "mixture_tokens": 10,
+    }
+    r = ProxyRun.from_summary("v", 0, summary, False, {"domain/web": 300, "domain/code": 100})
+    assert r.pooled == pytest.approx((300 * 2.0 + 100 * 1.0) / 400)
+    assert math.isnan(ProxyRun.from_summary("v", 0, summary, False, {"domain/web": 1}).pooled)
 
 
 def test_plots_are_png_for_every_name_including_no_alpha_sweep() -> None:
@@ -312,7 +353,10 @@ def test_write_evaluation_files_and_summary(tmp_path) -> None:
     assert summary["samplemix"]["mean"] == pytest.approx(1.8)
     assert summary["vanilla"]["std"] == pytest.approx(0.2) and summary["vanilla"]["n"] == 3
     assert summary["quadmix"]["domains"]["web"] == pytest.approx(1.6)
-    assert summary["verdict"] == verdict(variant_stats(RUNS), "vanilla")
+    assert summary["verdict"] == verdict(RUNS, "vanilla")
+    assert summary["vanilla"]["paired"] is None
+    assert summary["samplemix"]["paired"]["mean"] == pytest.approx(-0.4)
+    assert summary["samplemix"]["paired"]["resolved"] is True
     assert json.loads(json.dumps(summary)) == summary
     with pytest.raises(ValueError, match="reserved"):
         write_evaluation([run("best", 0, 1.0)], {}, {}, None, {}, str(tmp_path / "x"))

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from samplemix.config import Config, ConfigError, CorpusConfig, ProxyConfig
+from samplemix.evaluation.ngram import fit_ngram, token_probs
 from samplemix.evaluation.proxy import ProxyTokenizer, load_tokenizer, train_proxy, train_tokenizer
 from samplemix.io.corpus import Shard, discover_shards, read_docs, read_shard
 from samplemix.io.store import Key, Store, artifact_key
@@ -45,7 +46,7 @@ from samplemix.pipeline.graph import Stage, made_by_runner
 from samplemix.reporting.compare import read_plan
 from samplemix.scoring.models import model_fingerprint, set_torch_threads
 
-VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "1"}
+VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "1", "ngram": "1"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
 DOMAIN = "domain/"
 TARGET = "target"
@@ -297,14 +298,17 @@ def mixture_token_ids(
     return [encoded[doc] for doc in ids]
 
 
-def proxy_key(mixture: str, evalsets: Key, proxy: ProxyConfig) -> Key:
-    """``mixture``: the mix run's ``mixture_key`` (it fixes the mixture's content)."""
+def proxy_key(mixture: str, evalsets: Key, proxy: ProxyConfig, docs: int | None = None) -> Key:
+    """``mixture``: the mix run's ``mixture_key`` (it fixes the mixture's content);
+    ``docs``: train on the mixture's first ``docs`` rows only (a ``repeat`` control)."""
+    extra = {} if docs is None else {"docs": docs}  # keys of every other run stay as they were
     return artifact_key(
         "proxy",
         VERSIONS["proxy"],
         mixture=mixture,
         evalsets=evalsets.id,
         proxy=proxy.model_dump(mode="json"),
+        **extra,
     )
 
 
@@ -327,17 +331,20 @@ def run_proxy(
     evalsets: Key,
     proxy: ProxyConfig,
     cfg: Config,
+    docs: int | None,
     store: Store,
     key: Key,
 ) -> dict:
     """Train one proxy on the mixture under ``output`` and score it on the evaluation sets.
+    ``docs``: train on the mixture's first ``docs`` rows only, cycled for the same training
+    tokens (rows are globally shuffled, so they are a seeded sample of the mixture).
 
     Summary: losses {domain: nats/token}, target, heldout, objective (``objective``),
     curve [(step, train loss)], steps, tokens_trained, mixture_tokens (proxy tokens in the
     mixture, copies counted), epochs, n_params, device, seconds."""
     set_torch_threads(cfg.compute.torch_threads)
     tok = load_proxy_tokenizer(store, tokenizer, cfg)
-    train = mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))
+    train = mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))[:docs]
     sets = load_evalsets(store, evalsets)
     res = train_proxy(
         train, proxy, tok.vocab_size, tok.eot_id, sets, log_every=max(1, proxy.steps // 50)
@@ -361,6 +368,97 @@ def run_proxy(
     )
 
 
+# ---- n-gram instrument ------------------------------------------------------------------
+
+#: Orders every n-gram run fits besides ``evaluate.ngram_order``: the unigram and bigram
+#: floors a proxy must beat to show it learned more than token and pair frequencies.
+FLOORS = (1, 2)
+
+
+def ngram_key(mixture: str, evalsets: Key, tokens: int, order: int, docs: int | None) -> Key:
+    """Like ``proxy_key``, for the n-gram fit on ``tokens`` training tokens."""
+    return artifact_key(
+        "ngram",
+        VERSIONS["ngram"],
+        mixture=mixture,
+        evalsets=evalsets.id,
+        tokens=tokens,
+        order=order,
+        docs=docs,
+    )
+
+
+def training_stream(train: Sequence[np.ndarray], tokens: int) -> list[np.ndarray]:
+    """``train``'s documents in order, cycled when they hold fewer than ``tokens`` tokens
+    (as the proxy cycles its windows), cut at ``tokens``: the n-gram's training data."""
+    total = sum(len(d) for d in train)
+    if total == 0:
+        raise ValueError("the mixture holds no tokens to fit an n-gram model on")
+    cycles = -(-tokens // total)
+    return cut(list(train) * cycles, tokens)
+
+
+def run_ngram(
+    output: str,
+    tokenizer: Key,
+    evalsets: Key,
+    tokens: int,
+    cfg: Config,
+    docs: int | None,
+    store: Store,
+    key: Key,
+) -> dict:
+    """Fit interpolated Kneser–Ney models of order 1, 2 and ``evaluate.ngram_order`` on
+    the first ``tokens`` proxy tokens of the mixture under ``output`` (its first ``docs``
+    rows, for a ``repeat`` control) and score every evaluation set; no seed, so one run
+    per mixture.
+
+    Summary: ``losses`` {order: {set name without ``domain/``: nats/token}},
+    ``objectives`` {order: ``objective(...)``}, ``order``, ``tokens_trained``. Stores
+    ``docs.npz``: per set ``<i>_nll`` (the top order's summed NLL per document, nats) and
+    ``<i>_tokens`` (tokens per document), for paired bootstraps over documents."""
+    tok = load_proxy_tokenizer(store, tokenizer, cfg)
+    stream = training_stream(
+        mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))[:docs], tokens
+    )
+    sets = load_evalsets(store, evalsets)
+    order = cfg.evaluate.ngram_order
+    losses, arrays = {}, {}
+    for n in sorted({*FLOORS, order}):
+        lm = fit_ngram(stream, n, tok.vocab_size)
+        per_set = {}
+        for i, (name, set_docs) in enumerate(sets.items()):
+            lengths = np.array([len(d) for d in set_docs])
+            nll = -np.log(token_probs(lm, set_docs))
+            per_set[name] = float(nll.mean())
+            if n == order:
+                bounds = np.concatenate([[0], np.cumsum(lengths)])
+                arrays[f"{i}_nll"] = np.add.reduceat(nll, bounds[:-1]) if len(nll) else nll
+                arrays[f"{i}_tokens"] = lengths
+        losses[str(n)] = per_set
+    store.put_arrays(key, "docs.npz", **arrays)
+    return store.commit(
+        key,
+        {
+            "losses": {
+                n: {k.removeprefix(DOMAIN): v for k, v in ls.items()} for n, ls in losses.items()
+            },
+            "objectives": {n: objective(ls) for n, ls in losses.items()},
+            "order": order,
+            "tokens_trained": int(sum(len(d) for d in stream)),
+        },
+    )
+
+
+def load_doc_losses(
+    store: Store, evalsets: Key, key: Key
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{set name: (summed NLL per document, tokens per document)} of an n-gram run."""
+    names = store.summary(evalsets)["names"]  # type: ignore[index]
+    arrays = store.get_arrays(key, "docs.npz")
+    return {name: (arrays[f"{i}_nll"], arrays[f"{i}_tokens"]) for i, name in enumerate(names)}
+
+
 def plan_for_evaluation(output: str, cfg: Config) -> pa.Table:
     """A mix run's plan with the columns evaluation reads (``PLAN_COLUMNS``)."""
     return read_plan(output, cfg.storage.fsspec_options(output), PLAN_COLUMNS)
@@ -378,4 +476,5 @@ EVALUATION = (
         run=run_proxy,
         gpu=lambda cfg, args: cfg.compute.gpus > 0,  # one proxy per GPU
     ),
+    Stage("ngram", False, ("proxytok", "evalsets"), made_by_runner, run_ngram),
 )
