@@ -141,7 +141,7 @@ def _evaluate_mixtures(
     tokenizer, evalsets, proxy_stage, _ = ev.EVALUATION
     label = cfg.evaluate.tokenizer
     tok = run_calls(tokenizer, [Call(tok_key, label, (plan, by_id, cfg))], cfg, store)[0]
-    sets_key = ev.evalsets_key(ids_key, tok_key, cfg)
+    sets_key = ev.evalsets_key(ids_key, tok_key, cfg, plan)
     sets_call = Call(sets_key, "heldout", (plan, by_id, tok_key, cfg))
     sets = run_calls(evalsets, [sets_call], cfg, store)[0]
     log.info("evaluation sets (tokens): %s", sets["tokens"])
@@ -174,7 +174,12 @@ def _evaluate_mixtures(
         "seeds": ", ".join(map(str, cfg.evaluate.seeds)),
         "tokenizer": f"{cfg.evaluate.tokenizer} (vocabulary {tok['vocab_size']:,}"
         + (f", trained on {tok['docs']:,} documents)" if tok["docs"] else ")"),
-        "held out": f"{cfg.evaluate.heldout_fraction:g} of every domain",
+        "held out": f"{cfg.evaluate.heldout_fraction:g} of every domain"
+        + (
+            f", scored on those at or above their domain's {q:g} quality quantile"
+            if (q := cfg.evaluate.heldout_quality)
+            else ""
+        ),
         "evaluation tokens": ", ".join(f"{k}: {v:,}" for k, v in sets["tokens"].items()),
         "mixture budget": ", ".join(
             sorted({f"{m['target_tokens']:,} tokens" for m in mixes.values()})

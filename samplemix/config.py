@@ -375,6 +375,14 @@ class EvaluateConfig(_Section):
     eval_tokens: int = Field(
         100_000, gt=0, description="Held-out tokens per domain (and target) scored per proxy"
     )
+    heldout_quality: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Score only the better held-out documents: drop those below this "
+        "quantile of their domain's held-out quality (0.5 keeps the better half), so a "
+        "mixture that leaves out low-quality text is not scored on exactly that text. 0: all",
+    )
     target: str | None = Field(
         None, description="Optional target set: a Parquet/JSONL file or folder with a text column"
     )

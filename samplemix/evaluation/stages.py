@@ -24,6 +24,7 @@ No Prefect here: flows/evaluate.py orchestrates, samplemix/reporting/evaluation_
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -50,7 +51,7 @@ VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "1", "ngram": "1"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
 DOMAIN = "domain/"
 TARGET = "target"
-PLAN_COLUMNS = ("id", "domain", "tokens", "shard", "row")
+PLAN_COLUMNS = ("id", "domain", "tokens", "quality", "shard", "row")
 
 
 # ---- which documents --------------------------------------------------------------------
@@ -67,13 +68,22 @@ def require_heldout(cfg: Config) -> None:
 
 def heldout_rows(plan: pa.Table, cfg: Config) -> pa.Table:
     """The plan rows held out for evaluation (``PLAN_COLUMNS``), in a seeded order
-    within each domain, domains sorted. Raises ConfigError when nothing is held out."""
+    within each domain, domains sorted; with ``evaluate.heldout_quality`` > 0 only those
+    whose quality reaches that quantile of their domain's held-out documents. Raises
+    ConfigError when nothing is held out."""
     require_heldout(cfg)
     frac = cfg.evaluate.heldout_fraction
     ids = plan.column("id").to_pylist()
     held = plan.filter(pa.array(mixing.heldout_mask(ids, frac, cfg.mixing.seed)))
-    u = mixing.doc_uniforms(held.column("id").to_pylist(), cfg.mixing.seed, "evalset")
     domains = held.column("domain").to_numpy(zero_copy_only=False).astype(str)
+    if cfg.evaluate.heldout_quality > 0:
+        q = held.column("quality").to_numpy()
+        keep = np.zeros(len(q), dtype=bool)
+        for d in np.unique(domains):
+            mine = domains == d
+            keep[mine] = q[mine] >= np.quantile(q[mine], cfg.evaluate.heldout_quality)
+        held, domains = held.filter(pa.array(keep)), domains[keep]
+    u = mixing.doc_uniforms(held.column("id").to_pylist(), cfg.mixing.seed, "evalset")
     return held.take(pa.array(np.lexsort((u, domains))))
 
 
@@ -194,9 +204,16 @@ def _target_corpus(cfg: Config) -> CorpusConfig:
     )
 
 
-def evalsets_key(ids: Key, tokenizer: Key, cfg: Config) -> Key:
+def evalsets_key(ids: Key, tokenizer: Key, cfg: Config, plan: pa.Table) -> Key:
+    """``plan``: the mix plan the sets are cut from (``plan_for_evaluation``)."""
     e = cfg.evaluate
     target = [[s.shard_id, s.fingerprint] for s in target_shards(cfg)] if e.target else None
+    # A quality-filtered set is named by the documents it kept (whatever scorer chose
+    # them); an unfiltered one adds nothing, so its key (and its proxies') stays.
+    filtered = {}
+    if e.heldout_quality > 0:
+        kept = "\n".join(heldout_rows(plan, cfg).column("id").to_pylist())
+        filtered = {"kept": hashlib.sha256(kept.encode()).hexdigest()[:16]}
     return artifact_key(
         "evalsets",
         VERSIONS["evalsets"],
@@ -205,6 +222,7 @@ def evalsets_key(ids: Key, tokenizer: Key, cfg: Config) -> Key:
         heldout=keys.heldout_part(cfg),
         eval_tokens=e.eval_tokens,
         target=target,
+        **filtered,
     )
 
 
