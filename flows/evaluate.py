@@ -6,10 +6,10 @@ proxy per variant and seed trains as a Dask task, all in parallel over the worke
 the report goes to OUT/evaluate/.
 
 search: mixes the base config (the reference, and the source of the domain list), draws
-K parameter sets (samplemix/evaluation/search.py), mixes and evaluates each the same way, fits
-LightGBM θ → loss, averages the best predicted θ, mixes and evaluates that too, and
-writes OUT/search/: chosen.yaml (a config ``samplemix run`` accepts), search.md,
-draws.csv and plots.
+K parameter sets (samplemix/evaluation/search.py), mixes and evaluates each the same way
+(or by the n-gram instrument alone), fits LightGBM θ → loss, averages the best predicted
+θ, mixes and evaluates that too, and writes OUT/search/: chosen.yaml (a config
+``samplemix run`` accepts), search.md, draws.csv and plots.
 
 Every proxy result is cached in the store by (mixture, evaluation sets, proxy config and
 seed): a rerun trains only what it has not. No maths here.
@@ -121,11 +121,15 @@ def _evaluate_mixtures(
     repeats: Mapping[str, tuple[str, int]] | None = None,
     mixed: Mapping[str, dict] | None = None,
     baseline: str | None = None,
+    *,
+    proxies: bool = True,
 ) -> tuple[dict, list[ProxyRun], list[NgramRun], dict]:
     """Mix every config (but those in ``mixed``: {name: its mix summary}), then train
     ``evaluate.seeds`` proxies on each mixture, and on the first documents of a mixture
     for each ``repeats`` arm ({name: (variant, documents)}), and fit the n-gram
-    instrument on each (its differences paired with ``baseline``'s).
+    instrument on each (its differences paired with ``baseline``'s). ``proxies=False``
+    trains no proxy: the n-gram instrument alone measures the arms (the caller makes sure
+    ``evaluate.ngram_order`` > 0), and the settings name no proxy.
 
     Returns ({variant: mix summary}, the proxy runs in (variant, seed) order, the n-gram
     runs in arm order, the settings the report lists)."""
@@ -149,29 +153,23 @@ def _evaluate_mixtures(
         name: (source, docs) for name, (source, docs) in (repeats or {}).items()
     }
     calls, which = [], []
+    seeds = cfg.evaluate.seeds if proxies else []
     for name, (source, docs) in arms.items():
         mix = mixes[source]
-        for seed in cfg.evaluate.seeds:
+        for seed in seeds:
             proxy = cfg.evaluate.proxy.model_copy(update={"seed": seed})
             key = ev.proxy_key(mix["mixture_key"], sets_key, proxy, docs)
             args = (mix["output"], tok_key, sets_key, proxy, cfg, docs)
             calls.append(Call(key, f"{name}/seed-{seed}", args))
             which.append((name, seed))
-    results = run_calls(proxy_stage, calls, cfg, store)
+    results = run_calls(proxy_stage, calls, cfg, store) if calls else []
     runs = [
         ProxyRun.from_summary(name, seed, r, r["cached"], sets["tokens"])
         for (name, seed), r in zip(which, results, strict=True)
     ]
     ngram = _ngram_runs(cfg, arms, mixes, tok_key, sets_key, baseline)
-    p = cfg.evaluate.proxy
-    first = results[0]
-    settings = {
-        "proxy": f"{p.n_layer} layers, {p.n_head} heads, width {p.d_model}, "
-        f"{first['n_params']:,} parameters",
-        "training tokens": f"{first['tokens_trained']:,} ({first['steps']} steps of "
-        f"{p.batch_size} × {p.seq_len})",
-        "schedule": f"lr {p.lr:g}, warmup {p.warmup_frac:g}, cosine to {p.min_lr_ratio:g}×",
-        "seeds": ", ".join(map(str, cfg.evaluate.seeds)),
+    settings = _proxy_settings(cfg, results[0]) if results else {}
+    settings |= {
         "tokenizer": f"{cfg.evaluate.tokenizer} (vocabulary {tok['vocab_size']:,}"
         + (f", trained on {tok['docs']:,} documents)" if tok["docs"] else ")"),
         "held out": f"{cfg.evaluate.heldout_fraction:g} of every domain"
@@ -184,7 +182,6 @@ def _evaluate_mixtures(
         "mixture budget": ", ".join(
             sorted({f"{m['target_tokens']:,} tokens" for m in mixes.values()})
         ),
-        "device": first["device"],
     }
     if ngram:
         settings["n-gram instrument"] = (
@@ -192,6 +189,20 @@ def _evaluate_mixtures(
             f"{cfg.evaluate.proxy.steps * cfg.evaluate.proxy.tokens_per_step:,} tokens"
         )
     return mixes, runs, ngram, settings
+
+
+def _proxy_settings(cfg: Config, first: dict) -> dict[str, str]:
+    """The report's settings lines on the proxies, from one proxy run's summary."""
+    p = cfg.evaluate.proxy
+    return {
+        "proxy": f"{p.n_layer} layers, {p.n_head} heads, width {p.d_model}, "
+        f"{first['n_params']:,} parameters",
+        "training tokens": f"{first['tokens_trained']:,} ({first['steps']} steps of "
+        f"{p.batch_size} × {p.seq_len})",
+        "schedule": f"lr {p.lr:g}, warmup {p.warmup_frac:g}, cosine to {p.min_lr_ratio:g}×",
+        "seeds": ", ".join(map(str, cfg.evaluate.seeds)),
+        "device": first["device"],
+    }
 
 
 def _ngram_runs(
@@ -324,21 +335,59 @@ def _search_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"search-{params['space']}-{params['draws']}-draws"
+    # None: default_draws, which needs the corpus's domains, resolved inside the flow.
+    draws = "auto" if params["draws"] is None else params["draws"]
+    return f"search-{params['space']}-{draws}-draws-{params['instrument']}"
+
+
+def _require_instrument(cfg: Config, instrument: str) -> None:
+    """Raise ConfigError for an instrument not in ``INSTRUMENTS``, or for ``ngram`` when
+    ``evaluate.ngram_order`` is 0 (no n-gram model is fitted)."""
+    from samplemix.evaluation.search import INSTRUMENTS
+
+    if instrument not in INSTRUMENTS:
+        raise ConfigError(f"search instrument must be one of {INSTRUMENTS}, got {instrument!r}")
+    if instrument == "ngram" and not cfg.evaluate.ngram_order:
+        raise ConfigError(
+            "the ngram instrument needs evaluate.ngram_order > 0 (it is 0); "
+            "set it (e.g. --set evaluate.ngram_order=4) or use --instrument proxy"
+        )
+
+
+def _arm_losses(runs: list[ProxyRun], ngram: list[NgramRun], instrument: str) -> dict[str, float]:
+    """Each arm's loss by ``instrument``: the mean objective over its proxies' seeds, or
+    its n-gram objective."""
+    if instrument == "proxy":
+        return {name: s.mean for name, s in variant_stats(runs).items()}
+    return {r.variant: r.objective for r in ngram}
 
 
 @flow(name="search", flow_run_name=_search_name)
 def search(
-    config: Config, space: str, draws: int, validation: int, candidates: int, top: int
+    config: Config,
+    space: str,
+    draws: int | None,
+    validation: int | None,
+    candidates: int,
+    top: int,
+    instrument: str = "proxy",
 ) -> dict:
     """Search the parameters of ``space`` ('samplemix': α; 'quadmix': Algorithm 1's θ)
-    by proxy evaluation and LightGBM. Returns {"theta", "predicted", "observed", "mae",
+    by LightGBM on draws measured by ``instrument`` ('proxy': ``evaluate.seeds`` proxy
+    LMs per draw; 'ngram': the seedless n-gram instrument alone, no proxy trained); the
+    chosen θ is measured by the same instrument. ``draws`` None: ``default_draws`` of the
+    space; ``validation`` None: ``default_validation`` of the draws.
+
+    Returns {"theta", "predicted", "observed", "base", "best_draw", "mae",
+    "constant_mae", "spearman", "predicts", "instrument", "draws", "validation",
     "config": the chosen config's path, "output": the report folder}."""
     from samplemix.evaluation import search as sr
     from samplemix.reporting.run_report import write_files
 
     cfg = keys.pinned_config(config)  # one commit per hub model for the whole run
     ev.require_heldout(cfg)
+    _require_instrument(cfg, instrument)
+    by_proxy = instrument == "proxy"
     log = get_run_logger()
     out = f"{_root(cfg)}/search"
     base = variant(cfg, {}, f"{out}/base")
@@ -347,15 +396,20 @@ def search(
         set(ev.plan_for_evaluation(base_mix["output"], cfg).column("domain").to_pylist())
     )
     sp = sr.search_space(space, domains, len(cfg.quality))
+    draws = sr.default_draws(sp) if draws is None else draws
+    validation = sr.default_validation(draws) if validation is None else validation
+    log.info("%d draws (%d held out), measured by %s", draws, validation, instrument)
     thetas = sr.draw_parameters(sp, draws, cfg.mixing.seed)
     configs = {"base": base}
     for i, theta in enumerate(thetas):
         configs[f"draw-{i:03d}"] = variant(
             cfg, sp.mixing_update(theta), f"{out}/draws/draw-{i:03d}"
         )
-    _, runs, _, settings = _evaluate_mixtures(cfg, configs)
-    stats = variant_stats(runs)
-    losses = [stats[f"draw-{i:03d}"].mean for i in range(draws)]
+    _, runs, ngram, settings = _evaluate_mixtures(
+        cfg, configs, mixed={"base": base_mix}, proxies=by_proxy
+    )
+    measured = _arm_losses(runs, ngram, instrument)
+    losses = [measured[f"draw-{i:03d}"] for i in range(draws)]
     result = sr.search(
         sp,
         thetas,
@@ -366,27 +420,40 @@ def search(
         seed=cfg.mixing.seed,
     )
     chosen = variant(cfg, sp.mixing_update(result.theta), f"{out}/chosen")
-    _, chosen_runs, _, _ = _evaluate_mixtures(cfg, {"chosen": chosen})
-    observed = variant_stats(chosen_runs)["chosen"]
+    _, chosen_runs, chosen_ngram, _ = _evaluate_mixtures(cfg, {"chosen": chosen}, proxies=by_proxy)
+    observed = _arm_losses(chosen_runs, chosen_ngram, instrument)["chosen"]
     log.info(
-        "chosen θ: predicted %.4f, observed %.4f ± %.4f; base %.4f; best draw %.4f",
+        "chosen θ: predicted %.4f, observed %.4f by %s; base %.4f; best draw %.4f",
         result.predicted_loss,
-        observed.mean,
-        observed.std,
-        stats["base"].mean,
+        observed,
+        instrument,
+        measured["base"],
         result.best_observed[1],
     )
+    if by_proxy:
+        s = variant_stats(chosen_runs)["chosen"]
+        seeds = ", ".join(map(str, cfg.evaluate.seeds))
+        what = f"the mean held-out objective of its proxy LMs (seeds {seeds})"
+        spread = f"± {s.std:.4f} over {s.n} seeds; "
+    else:
+        what = (
+            f"the held-out objective of an order-{cfg.evaluate.ngram_order} Kneser–Ney "
+            "n-gram model fitted on the proxy's training tokens of the mixture (seedless; "
+            "no proxy trained)"
+        )
+        spread = ""
     header = (
-        f"# samplemix search ({space}, {draws} draws): the chosen parameters.\n"
-        f"# Predicted proxy loss {result.predicted_loss:.4f}, observed {observed.mean:.4f}.\n"
+        f"# samplemix search ({space}, {draws} draws by {instrument}): the chosen parameters.\n"
+        f"# Predicted {instrument} loss {result.predicted_loss:.4f}, observed {observed:.4f}.\n"
         "# `samplemix run` this file; set evaluate.heldout_fraction: 0 to mix every document.\n"
     )
-    text = sr.search_markdown(result, sp)
+    text = f"Instrument: **{instrument}**; a draw's loss is {what}.\n\n"
+    text += sr.search_markdown(result, sp)
     text += (
-        "\n\n## Checked by proxy\n\n"
-        f"The chosen θ's mixture, trained as every draw: **{observed.mean:.4f}** nats/token "
-        f"(± {observed.std:.4f} over {observed.n} seeds; predicted {result.predicted_loss:.4f}). "
-        f"The base config ({label(base)}): {stats['base'].mean:.4f}; "
+        f"\n\n## Checked by {instrument}\n\n"
+        f"The chosen θ's mixture, measured as every draw: **{observed:.4f}** nats/token "
+        f"({spread}predicted {result.predicted_loss:.4f}). "
+        f"The base config ({label(base)}): {measured['base']:.4f}; "
         f"the best draw: {result.best_observed[1]:.4f}.\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in settings.items())
         + "\n"
@@ -396,14 +463,22 @@ def search(
     files["chosen.yaml"] = (header + config_to_yaml(chosen)).encode()
     files["search.md"] = text.encode()
     write_files(out, files, cfg.storage.fsspec_options(out))
-    create_markdown_artifact(text, key="mixture-search", description="Parameter search by proxy")
+    create_markdown_artifact(
+        text, key="mixture-search", description=f"Parameter search by {instrument}"
+    )
     return {
         "theta": result.theta,
         "predicted": result.predicted_loss,
-        "observed": observed.mean,
-        "base": stats["base"].mean,
+        "observed": observed,
+        "base": measured["base"],
         "best_draw": result.best_observed[1],
         "mae": result.mae,
+        "constant_mae": result.constant_mae,
+        "spearman": result.spearman,
+        "predicts": result.predicts,
+        "instrument": instrument,
+        "draws": draws,
+        "validation": validation,
         "config": posixpath.join(out, "chosen.yaml"),
         "output": out,
     }
@@ -418,10 +493,19 @@ def _draws_csv(sp: Any, thetas: list[dict], losses: list[float]) -> str:
 
 
 def run_search(
-    cfg: Config, space: str, draws: int, validation: int, candidates: int, top: int
+    cfg: Config,
+    space: str,
+    draws: int | None,
+    validation: int | None,
+    candidates: int,
+    top: int,
+    instrument: str = "proxy",
 ) -> dict:
-    """Run the ``search`` flow on the task runner ``cfg.compute`` asks for."""
+    """Run the ``search`` flow on the task runner ``cfg.compute`` asks for; the config
+    and the instrument are checked first, before any server or cluster starts."""
+    ev.require_heldout(cfg)
+    _require_instrument(cfg, instrument)
     check_inputs(cfg)
     with prefect_api(), shared_cluster(with_block_credentials(cfg)) as cfg:
         flow_ = search.with_options(task_runner=task_runner(cfg))
-        return flow_(cfg, space, draws, validation, candidates, top)
+        return flow_(cfg, space, draws, validation, candidates, top, instrument)

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -267,18 +268,45 @@ def search(
     space: Annotated[str, typer.Option(help="samplemix (α) or quadmix (Algorithm 1's θ)")] = (
         "samplemix"
     ),
-    draws: Annotated[int, typer.Option(help="Parameter sets to evaluate by proxy")] = 16,
-    validation: Annotated[int, typer.Option(help="Draws held out to measure the MAE")] = 4,
+    instrument: Annotated[
+        str,
+        typer.Option(
+            help="What measures each draw: proxy (evaluate.seeds proxy LMs) or ngram (the "
+            "seedless n-gram model alone, no proxy trained: for many draws)"
+        ),
+    ] = "proxy",
+    draws: Annotated[
+        int | None,
+        typer.Option(
+            help="Parameter sets to evaluate", show_default="4 per searched parameter, ≥ 16"
+        ),
+    ] = None,
+    validation: Annotated[
+        int | None,
+        typer.Option(help="Draws held out to measure the fit", show_default="max(4, draws / 4)"),
+    ] = None,
     candidates: Annotated[int, typer.Option(help="Fresh draws the regressor ranks")] = 100_000,
     top: Annotated[int, typer.Option(help="Best predicted draws averaged")] = 10,
 ) -> None:
-    """Search mixing parameters: draw, evaluate by proxy, fit LightGBM, write the best config."""
-    r = _run_flow("evaluate", "run_search", cfg, space, draws, validation, candidates, top)
-    mae = "n/a" if r["mae"] is None else f"{r['mae']:.4f}"
+    """Search mixing parameters: draw, evaluate by proxy or n-gram, fit LightGBM, write the
+    best config."""
+    r = _run_flow(
+        "evaluate", "run_search", cfg, space, draws, validation, candidates, top, instrument
+    )
+    if r["mae"] is None:
+        fit = "not measured (no held-out draws)"
+    else:
+        rho = "undefined" if math.isnan(r["spearman"]) else f"{r['spearman']:.2f}"
+        verdict = "beats" if r["predicts"] else "does not beat (the fit predicts nothing)"
+        fit = (
+            f"MAE {r['mae']:.4f} on {r['validation']} of {r['draws']} draws held out, "
+            f"constant predictor {r['constant_mae']:.4f}: it {verdict}; Spearman ρ {rho}"
+        )
     typer.echo(
-        f"chosen: {r['theta'] if space == 'samplemix' else 'see the config'}; proxy loss "
-        f"predicted {r['predicted']:.4f}, observed {r['observed']:.4f} (base {r['base']:.4f}, "
-        f"best draw {r['best_draw']:.4f}); regression MAE on held-out draws {mae}\n"
+        f"chosen: {r['theta'] if space == 'samplemix' else 'see the config'}; "
+        f"{instrument} loss predicted {r['predicted']:.4f}, observed {r['observed']:.4f} "
+        f"(base {r['base']:.4f}, best draw {r['best_draw']:.4f})\n"
+        f"regression: {fit}\n"
         f"config: {r['config']}\nreport: {r['output']}/search.md"
     )
 

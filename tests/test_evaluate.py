@@ -9,6 +9,7 @@ reproduces its chosen mixture."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -233,5 +234,56 @@ def test_search_writes_a_config_that_reproduces_its_choice(evaluated: dict, tmp_
     w = plan.column("weight").to_numpy()
     assert np.allclose(w[~held], (a * dn + (1 - a) * qn)[~held], atol=1e-9)
     assert (w[held] == 0).all()
+    assert result["instrument"] == "proxy"
     assert result["mae"] is not None and result["mae"] >= 0
-    assert (out / "search.md").read_text().count("MAE") >= 1
+    text = (out / "search.md").read_text()
+    assert "Instrument: **proxy**" in text and "## Checked by proxy" in text
+    constant = "Constant-predictor MAE (the training draws' mean loss for every draw)"
+    assert f"{constant}: {result['constant_mae']:.4g}" in text
+    # 2 training draws: the regressor can only predict their mean, the constant predictor.
+    assert result["predicts"] is False and "the fit predicts nothing" in text
+
+
+def test_an_ngram_search_measures_each_draw_by_the_ngram_instrument_alone(
+    evaluated: dict, tmp_path: Path
+) -> None:
+    root = evaluated["root"]
+    settings = PROXY | {"evaluate.seeds": [0]} | evaluated["cluster"]
+    cfg = tiny_config(root / "corpus", tmp_path / "out", **settings)
+    # Few draws: a tiny mix takes seconds here, and the default (16) would take minutes;
+    # the held-out draws are left to their default, max(4, 6 // 4) = 4.
+    result = run_search(cfg, "samplemix", 6, None, 500, 2, instrument="ngram")
+    assert (result["instrument"], result["draws"], result["validation"]) == ("ngram", 6, 4)
+    store = pipeline_keys.store_for(cfg)
+    assert not (tmp_path / "out" / "store" / "proxy").exists()  # no proxy trained
+    sets_key = only_key(tmp_path, "evalsets")
+    p = cfg.evaluate.proxy
+    tokens = p.steps * p.tokens_per_step
+    out = tmp_path / "out" / "search"
+
+    def objective(mixture: Path) -> float:
+        """The n-gram objective of the mixture published at ``mixture``, from the store."""
+        summary = json.loads((mixture / "_manifest.json").read_text())["summary"]
+        key = ev.ngram_key(summary["mixture_key"], sets_key, tokens, 4, None)
+        return store.summary(key)["objectives"]["4"]["objective"]
+
+    rows = list(csv.DictReader((out / "draws.csv").open()))
+    assert [int(r["draw"]) for r in rows] == list(range(6))
+    for r in rows:
+        expected = objective(out / "draws" / f"draw-{int(r['draw']):03d}")
+        assert float(r["loss"]) == pytest.approx(expected, abs=5e-7), r["draw"]
+    assert result["observed"] == objective(out / "chosen")
+    assert result["base"] == objective(out / "base")
+    text = (out / "search.md").read_text()
+    assert "Instrument: **ngram**" in text and "## Checked by ngram" in text
+    constant = "Constant-predictor MAE (the training draws' mean loss for every draw)"
+    assert f"{constant}: {result['constant_mae']:.4g}" in text
+    assert "Spearman ρ between predicted and observed losses on the 4 held-out draws" in text
+
+
+def test_an_ngram_search_needs_the_ngram_instrument(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "c", tmp_path / "o", **(PROXY | {"evaluate.ngram_order": 0}))
+    with pytest.raises(ValueError, match="evaluate.ngram_order > 0"):
+        run_search(cfg, "samplemix", None, None, 500, 2, instrument="ngram")
+    with pytest.raises(ValueError, match="instrument must be one of"):
+        run_search(cfg, "samplemix", None, None, 500, 2, instrument="neural")

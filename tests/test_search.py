@@ -6,14 +6,19 @@ noise, so the tolerances below follow from the noise and the objective's shape.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from samplemix.config import Config
 from samplemix.evaluation.search import (
     SPACES,
     SearchSpace,
+    default_draws,
+    default_validation,
     draw_parameters,
     search,
     search_markdown,
@@ -94,6 +99,74 @@ def test_mae_matches_validation_pairs_and_none_without_validation() -> None:
     assert result.mae == pytest.approx(np.mean([abs(o - p) for o, p in result.validation]))
     none = search(SAMPLEMIX, thetas, losses, validation=0, candidates=1000, seed=0)
     assert none.mae is None and none.validation == [] and none.n_train == 40
+
+
+def test_constant_predictor_and_spearman_are_measured_on_the_validation_draws() -> None:
+    thetas = draw_parameters(SAMPLEMIX, 80, seed=4)
+    losses = _alpha_loss(thetas, 5, noise=0.002)
+    result = search(SAMPLEMIX, thetas, losses, validation=20, candidates=1000, seed=0)
+    observed, predicted = np.array(result.validation).T
+    np.testing.assert_array_equal(observed, losses[-20:])
+    # The constant predictor says the training draws' mean loss for every held-out draw.
+    mean = np.mean(losses[:60])
+    assert result.constant_mae == pytest.approx(np.mean(np.abs(observed - mean)), rel=1e-12)
+    assert result.spearman == pytest.approx(stats.spearmanr(observed, predicted).statistic)
+    # (α − 0.3)² spans ~0.5 over the draws against noise 0.002: 60 draws learn the
+    # parabola, so the fit beats the mean by far and ranks the held-out draws nearly right.
+    assert result.predicts and result.mae < 0.5 * result.constant_mae
+    assert result.spearman > 0.8
+    text = search_markdown(result, SAMPLEMIX)
+    assert f"{result.constant_mae:.4g}" in text and f"{result.spearman:.3g}" in text
+    assert "The regressor beats the constant predictor" in text
+
+
+def test_a_fit_on_two_draws_predicts_nothing_and_says_so() -> None:
+    # With 2 training draws no leaf of ≥ 2 draws can split: LightGBM predicts their mean,
+    # exactly the constant predictor (up to its float32 labels), which is no lead.
+    thetas = draw_parameters(SAMPLEMIX, 5, seed=0)
+    losses = [1.0, 1.3, 1.1, 1.7, 1.2]
+    result = search(SAMPLEMIX, thetas, losses, validation=3, candidates=100, seed=0)
+    assert [p for _, p in result.validation] == pytest.approx([1.15] * 3)
+    assert result.constant_mae == pytest.approx(np.mean(np.abs(np.array(losses[2:]) - 1.15)))
+    assert result.predicts is False
+    assert math.isnan(result.spearman)  # constant predictions have no ranks
+    text = search_markdown(result, SAMPLEMIX)
+    assert "the fit predicts nothing; add draws or use a smaller space" in text
+    assert (
+        "Spearman ρ between predicted and observed losses on the 3 held-out draws: undefined"
+        in text
+    )
+    # Fewer than 3 held-out draws: no ρ; none held out: nothing measured.
+    two = search(SAMPLEMIX, thetas, losses, validation=2, candidates=100, seed=0)
+    assert math.isnan(two.spearman) and two.constant_mae is not None
+    none = search(SAMPLEMIX, thetas, losses, validation=0, candidates=100, seed=0)
+    assert (none.constant_mae, none.spearman, none.predicts) == (None, None, None)
+    assert "not measured" in search_markdown(none, SAMPLEMIX)
+
+
+@pytest.mark.parametrize(
+    ("space", "draws"),
+    [
+        (SAMPLEMIX, 16),  # one feature: the floor
+        (search_space("quadmix", ("x",)), 20),  # 1 domain × (1 + 4)
+        (QUADMIX, 72),  # 3 domains × (2 + 4)
+        (search_space("quadmix", [f"d{i}" for i in range(5)]), 100),
+    ],
+)
+def test_default_draws_grow_with_the_parameter_count(space: SearchSpace, draws: int) -> None:
+    assert default_draws(space) == draws == max(16, 4 * len(space.feature_names()))
+
+
+@pytest.mark.parametrize(
+    ("draws", "validation"), [(100, 25), (72, 18), (16, 4), (6, 4), (5, 3), (3, 1), (2, 0)]
+)
+def test_default_validation_is_a_quarter_at_least_4_leaving_2_to_train(
+    draws: int, validation: int
+) -> None:
+    assert default_validation(draws) == validation
+    thetas = draw_parameters(SAMPLEMIX, draws, seed=0)
+    result = search(SAMPLEMIX, thetas, _alpha_loss(thetas, 0), validation=validation, candidates=10)
+    assert result.n_validation == validation
 
 
 def test_search_is_deterministic() -> None:

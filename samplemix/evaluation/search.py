@@ -1,11 +1,12 @@
 """Mixture-parameter search: a regressor θ → proxy loss picks θ (method.md §2.6, RegMix style).
 
-The caller picks a space (``search_space``), draws K parameter sets (``draw_parameters``),
-evaluates each by training a proxy model (method.md §4), and passes θ and losses to
-``search``: it fits LightGBM on all but the last ``validation`` draws and reports the MAE on
-those, refits on all draws, predicts ``candidates`` fresh draws, and averages the ``top``
-best predicted θ. The chosen θ goes into the run configuration through
-``SearchSpace.mixing_update``.
+The caller picks a space (``search_space``), draws K parameter sets (``draw_parameters``;
+K = ``default_draws`` unless told), evaluates each by training a proxy model (method.md §4)
+or by the seedless n-gram instrument (one of ``INSTRUMENTS``), and passes θ and losses to
+``search``: it fits LightGBM on all but the last ``validation`` draws and measures it on
+those (MAE, the MAE of a constant predictor beside it, Spearman ρ), refits on all draws,
+predicts ``candidates`` fresh draws, and averages the ``top`` best predicted θ. The chosen
+θ goes into the run configuration through ``SearchSpace.mixing_update``.
 
 Engine rule, as in report.py: no Prefect, no torch, no pyplot global state.
 """
@@ -19,6 +20,7 @@ from typing import ClassVar, Protocol
 import lightgbm as lgb
 import numpy as np
 
+from samplemix.evaluation.paired import spearman
 from samplemix.mixing.quadmix import PARAM_FIELDS, QuadMixParams, sample_parameters
 from samplemix.reporting.formatting import markdown_table, new_figure, no_data_panel, png_bytes
 
@@ -43,6 +45,10 @@ _LGB_PARAMS = {
     "verbose": -1,
 }
 _ROUNDS = 300
+# LightGBM keeps labels as float32 (~6e-8 relative rounding), so a regressor that learned
+# nothing, predicting the training mean, can come out ahead of the float64 mean by ~1e-7
+# of the losses' size: a lead below this share of the largest training loss is a tie.
+_TIE = 1e-6
 
 
 class SearchSpace(Protocol):
@@ -150,7 +156,7 @@ class SampleMixSpace:
         chosen = result.theta["alpha"]
         ax.axvline(chosen, color="#d62728", ls="--", lw=1, label=f"chosen α = {chosen:.3g}")
         ax.set_xlabel("α (0 = quality only, 1 = diversity only)")
-        ax.set_ylabel("proxy loss")
+        ax.set_ylabel("loss (nats/token)")
         ax.set_title("Loss vs α")
         ax.legend(frameon=False)
         return {"search_alpha.png": png_bytes(fig)}
@@ -283,6 +289,41 @@ def search_space(method: str, domains: Sequence[str] = (), n_criteria: int = 1) 
     raise ValueError(f"search method must be one of {SPACES}, got {method!r}")
 
 
+#: How a draw's loss is measured: "proxy" trains ``evaluate.seeds`` proxy LMs per draw (the
+#: mean of their objectives); "ngram" fits the seedless Kneser–Ney instrument of order
+#: ``evaluate.ngram_order`` on the proxy's training tokens (its objective; ~0.2 s for 200k
+#: tokens, so a draw costs little more than its mix). "proxy" is the default: it measures
+#: what the search is for, a trained LM's loss, whereas how well the n-gram ranks mixtures
+#: as proxies do depends on the data (``samplemix evaluate`` reports the two instruments'
+#: Spearman ρ); use "ngram" where the draws a space needs are too many to train proxies on.
+INSTRUMENTS = ("proxy", "ngram")
+
+#: Draws per searched parameter (feature) that ``default_draws`` asks for.
+DRAWS_PER_FEATURE = 4
+
+
+def default_draws(space: SearchSpace) -> int:
+    """max(16, DRAWS_PER_FEATURE × the space's number of features): 16 for samplemix's α,
+    4·M·(N + 4) for quadmix over M domains and N quality criteria (100 for 5 domains, 1
+    criterion).
+
+    Why 4 per feature: ``default_validation`` holds a quarter out, which leaves 3F
+    training draws for F features, 3× the F + 1 that even a linear model in F features
+    needs to be determined at all, and holds out F draws (≥ 4) to measure the fit's MAE
+    and ρ on. It is a floor, not a target: RegMix used ~30 draws per feature (512 for 17)
+    and QuaDMix ~16 (3,000 for 182), which ``evaluate.seeds`` proxies per draw cannot
+    afford on a small machine (100 draws for 5 domains are already 300 proxies at 3
+    seeds); the n-gram instrument can, so pass more draws with it. The search report's
+    constant-predictor MAE and Spearman ρ say whether the draws sufficed."""
+    return max(16, DRAWS_PER_FEATURE * len(space.feature_names()))
+
+
+def default_validation(draws: int) -> int:
+    """max(4, draws // 4) draws held out to measure the fit, but never more than the
+    draws − 2 that leave ``search`` 2 training draws (0 for draws ≤ 2)."""
+    return max(0, min(max(4, draws // 4), draws - 2))
+
+
 def draw_parameters(space: SearchSpace, k: int, seed: int) -> list[dict]:
     """k θ, a pure function of (space, k, seed); the first k of a larger draw equal a smaller
     draw. ``seed``: an int in [0, 2**128)."""
@@ -297,6 +338,13 @@ class SearchResult:
     theta: dict  # the chosen θ (average of the `top` best predicted candidates)
     predicted_loss: float  # the regressor's prediction at `theta`
     mae: float | None  # mean |pred − loss| on the validation draws (None when validation = 0)
+    # The same for a constant predictor, the training draws' mean loss (None likewise).
+    constant_mae: float | None
+    # Spearman ρ between predicted and observed validation losses: None when validation = 0,
+    # NaN with fewer than 3 validation draws or when either side is constant.
+    spearman: float | None
+    # mae < constant_mae beyond float32 rounding (see _TIE); None when validation = 0.
+    predicts: bool | None
     n_train: int
     n_validation: int
     validation: list[tuple[float, float]]  # (observed, predicted) per validation draw
@@ -323,7 +371,8 @@ def search(
     top: int = 10,
     seed: int = 0,
 ) -> SearchResult:
-    """Fit LightGBM on all but the last `validation` draws, MAE on those; then refit on all
+    """Fit LightGBM on all but the last `validation` draws and measure it on those (MAE, the
+    MAE of the training draws' mean as a constant prediction, Spearman ρ); then refit on all
     draws and predict `candidates` fresh draws (draw_parameters with a seed derived from `seed`
     that cannot collide with the draws being evaluated), average the `top` best predicted θ.
 
@@ -357,11 +406,15 @@ def search(
 
     n_train = k - validation
     pairs: list[tuple[float, float]] = []
-    mae = None
+    mae = constant_mae = rho = predicts = None
     if validation:
-        held = _fit(x[:n_train], y[:n_train], seed).predict(x[n_train:])
-        pairs = [(float(o), float(p)) for o, p in zip(y[n_train:], held, strict=True)]
-        mae = float(np.mean(np.abs(y[n_train:] - held)))
+        train, observed = y[:n_train], y[n_train:]
+        held = _fit(x[:n_train], train, seed).predict(x[n_train:])
+        pairs = [(float(o), float(p)) for o, p in zip(observed, held, strict=True)]
+        mae = float(np.mean(np.abs(observed - held)))
+        constant_mae = float(np.mean(np.abs(observed - train.mean())))
+        rho = spearman(dict(enumerate(observed)), dict(enumerate(held)))
+        predicts = mae < constant_mae - _TIE * float(np.abs(train).max())
 
     model = _fit(x, y, seed)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_CANDIDATE_SPAWN_KEY))
@@ -376,6 +429,9 @@ def search(
         theta=theta,
         predicted_loss=float(model.predict(space.features(theta)[None, :])[0]),
         mae=mae,
+        constant_mae=constant_mae,
+        spearman=rho,
+        predicts=predicts,
         n_train=n_train,
         n_validation=validation,
         validation=pairs,
@@ -387,14 +443,9 @@ def search(
 
 
 def search_markdown(result: SearchResult, space: SearchSpace) -> str:
-    """A short Markdown report: chosen θ, validation MAE, draws used, best observed draw,
-    and the features the final regressor gained most from."""
-    losses = [o for o, _ in result.validation]
-    if result.mae is None:
-        mae = "not measured (validation = 0)"
-    else:
-        spread = f"; the validation losses span {np.ptp(losses):.4g}" if losses else ""
-        mae = f"{result.mae:.4g} on {result.n_validation} held-out draws{spread}"
+    """A short Markdown report: chosen θ, validation MAE beside the constant predictor's and
+    Spearman ρ, a sentence on whether the regressor beats the constant predictor, draws
+    used, best observed draw, and the features the final regressor gained most from."""
     best_theta, best_loss = result.best_observed
     where = space.inline(best_theta)
     best = f"{best_loss:.4g} at {where}" if where else f"{best_loss:.4g}"
@@ -408,15 +459,65 @@ def search_markdown(result: SearchResult, space: SearchSpace) -> str:
         space.theta_table(result.theta),
         "",
         f"- Predicted loss at the chosen θ: {result.predicted_loss:.4g}",
-        f"- Validation MAE: {mae}",
+        *_fit_lines(result),
         f"- Draws: {result.n_train} train, {result.n_validation} validation",
         f"- Best observed loss: {best}",
+        "",
+        _verdict(result),
         "",
         "Top features by LightGBM gain (final model):",
         "",
         markdown_table(["Feature", "Gain share"], [[n, f"{g / total:.1%}"] for n, g in ranked]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fit_lines(result: SearchResult) -> list[str]:
+    """The report's bullets on the fit's validation: MAE, constant predictor, ρ."""
+    if result.mae is None:
+        return ["- Validation MAE: not measured (validation = 0)"]
+    losses = [o for o, _ in result.validation]
+    n = result.n_validation
+    rho = (
+        f"{result.spearman:.3g}"
+        if np.isfinite(result.spearman)
+        else "undefined (fewer than 3 held-out draws, or constant losses or predictions)"
+    )
+    return [
+        f"- Validation MAE: {result.mae:.4g} on {n} held-out draws; the validation losses "
+        f"span {np.ptp(losses):.4g}",
+        f"- Constant-predictor MAE (the training draws' mean loss for every draw): "
+        f"{result.constant_mae:.4g}",
+        f"- Spearman ρ between predicted and observed losses on the {n} held-out draws: {rho}",
+    ]
+
+
+def _verdict(result: SearchResult) -> str:
+    """One sentence: does the regressor predict the held-out draws better than their
+    training mean does, and does it rank them?"""
+    if result.predicts is None:
+        return (
+            "Whether the fit predicts anything is not measured: no draws were held out "
+            "(validation = 0)."
+        )
+    if not result.predicts:
+        return (
+            f"The regressor does not beat the constant predictor (MAE {result.mae:.4g} vs "
+            f"{result.constant_mae:.4g}): the fit predicts nothing; add draws or use a "
+            "smaller space."
+        )
+    text = (
+        f"The regressor beats the constant predictor (MAE {result.mae:.4g} vs "
+        f"{result.constant_mae:.4g})"
+    )
+    # θ is the argmin of the predictions, so a fit that misranks draws misleads even when
+    # its errors are small on average.
+    if np.isfinite(result.spearman) and result.spearman <= 0:
+        return (
+            f"{text}, but ranks the held-out draws no better than chance "
+            f"(ρ = {result.spearman:.3g}); add draws or use a smaller space."
+        )
+    return f"{text}."
 
 
 def search_plots(
@@ -436,17 +537,24 @@ def search_plots(
         ax.scatter(obs, pred, s=18, color="#1f77b4", label="validation draw")
         ax.set_xlabel("observed loss")
         ax.set_ylabel("predicted loss")
-        ax.set_title(f"{title}\nMAE {result.mae:.4g} over {len(obs)} draws")
+        ax.set_title(
+            f"{title}\nMAE {result.mae:.4g} (constant {result.constant_mae:.4g}), "
+            f"ρ {result.spearman:.2g}, over {len(obs)} draws"
+        )
         ax.legend(frameon=False)
     return {"search_validation.png": png_bytes(fig), **space.plots(result, thetas, losses)}
 
 
 __all__ = [
+    "DRAWS_PER_FEATURE",
+    "INSTRUMENTS",
     "SPACES",
     "QuadMixSpace",
     "SampleMixSpace",
     "SearchResult",
     "SearchSpace",
+    "default_draws",
+    "default_validation",
     "draw_parameters",
     "search",
     "search_markdown",
