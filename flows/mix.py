@@ -60,12 +60,28 @@ def run_name(cfg: Config | None = None) -> str:
     return f"mix-{corpus}-{methods.method_of(cfg).label(m)}-{budget}"
 
 
-Launched = list[PrefectFuture | dict]
+Launched = list[PrefectFuture | list[dict]]
+
+#: Task runs per stage that ``compute.shards_per_task`` (when unset) stays under: a
+#: Prefect server records every run, and 10^9 documents are ~10^6 shards.
+TASK_RUNS_PER_STAGE = 2000
+
+
+def task_groups(n: int, shards_per_task: int | None) -> list[range]:
+    """Consecutive groups of ``n`` calls, ``shards_per_task`` each (the last may hold
+    fewer); unset, as few per group as keep the groups ≤ ``TASK_RUNS_PER_STAGE``."""
+    size = shards_per_task or max(1, -(-n // TASK_RUNS_PER_STAGE))
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _group_label(calls: list[Call]) -> str:
+    return calls[0].label if len(calls) == 1 else f"{calls[0].label} +{len(calls) - 1}"
 
 
 class DaskExecutor:
     """The flow's executor (pipeline/walk.py): a stage's calls as Prefect tasks on the
-    flow's task runner (Dask), each committed one served right here as a Cached run."""
+    flow's task runner (Dask), consecutive calls grouped into one task run each
+    (``task_groups``); committed ones are served right here as Cached runs."""
 
     runs = True
 
@@ -75,26 +91,30 @@ class DaskExecutor:
     def submit(
         self, stage: Stage, calls: list[Call], cached: list[dict | None]
     ) -> tuple[Launched, bool]:
-        """Start the calls not in the store on Dask (a call that ``stage.gpu`` says needs a
-        GPU asks for the resource GPU=1, so only GPU workers run it), then serve the
-        others. Returns the launched runs and whether any asked for a GPU."""
+        """Start the groups of calls not in the store on Dask (a call that ``stage.gpu``
+        says needs a GPU asks for the resource GPU=1, so only GPU workers run it), then
+        serve the committed ones, in groups too. Returns the launched groups, in call
+        order, and whether any asked for a GPU."""
         task = stage_task(stage.name)
         for c in calls:
             if c.note:
                 get_run_logger().info("%s: %s", stage.name, c.note)
         gpus = [stage.gpu(self.cfg, c.args) for c in calls]
-        out: list[PrefectFuture | dict | None] = []
-        for c, hit, gpu in zip(calls, cached, gpus, strict=True):
-            if hit is not None:
-                out.append(None)
-                continue
+        todo = [i for i, hit in enumerate(cached) if hit is None]
+        done = [i for i, hit in enumerate(cached) if hit is not None]
+        per_task = self.cfg.compute.shards_per_task
+        out: dict[int, PrefectFuture | list[dict]] = {}
+        for group in task_groups(len(todo), per_task):
+            mine = [calls[todo[i]] for i in group]
+            gpu = any(gpus[todo[i]] for i in group)
             with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-                out.append(task.submit(stage.name, c.label, c.args, self.store, c.key))
-        for i, (c, hit) in enumerate(zip(calls, cached, strict=True)):
-            if hit is not None:
-                args = (stage.name, c.label, c.args, self.store, c.key, hit)
-                out[i] = task(*args, return_state=True).result()
-        return out, any(gpus)  # type: ignore[return-value]
+                out[todo[group[0]]] = task.submit(stage.name, _group_label(mine), mine, self.store)
+        for group in task_groups(len(done), per_task):
+            mine = [calls[done[i]] for i in group]
+            hits = [cached[done[i]] for i in group]
+            args = (stage.name, _group_label(mine), mine, self.store, hits)
+            out[done[group[0]]] = task(*args, return_state=True).result()
+        return [out[i] for i in sorted(out)], any(gpus)
 
     def collect(self, stage: Stage, handle: tuple[Launched, bool]) -> list[dict]:
         launched, gpu = handle
@@ -180,7 +200,7 @@ def _finished(pending: list[PrefectFuture], watch: _WorkerWatch) -> Iterator[Pre
                 watch.check()
 
 
-def _result(fut: PrefectFuture, watch: _WorkerWatch) -> dict:
+def _result(fut: PrefectFuture, watch: _WorkerWatch) -> list[dict]:
     """``fut``'s result. A finished task's result that lived on a worker that died since
     is rescheduled by Dask and gathered again, which waits for a worker: meanwhile
     ``watch`` checks the workers, so that this wait ends too."""
@@ -197,18 +217,19 @@ def _result(fut: PrefectFuture, watch: _WorkerWatch) -> dict:
 def _collect(
     launched: Launched, stage: str, gpu: bool = False, compute: ComputeConfig | None = None
 ) -> list[dict]:
-    """Results in submission order. While Dask computes, a progress artifact and log
-    lines say how many of the stage's tasks are done. A failed task fails the flow
-    with its exception, whose message then starts with the task run's name
-    (``embed/books/part-000.parquet: ...``), so the flow run's message names the
-    stage, the shard and the cause. A cluster with no worker able to run the tasks
+    """Every call's result in submission order (``launched``: per task run, a future or
+    its served results, each run a list of calls' results). While Dask computes, a
+    progress artifact and log lines say how many of the stage's task runs are done. A
+    failed task fails the flow with its exception, whose message then starts with the
+    task run's name (``embed/books/part-000.parquet: ...``), so the flow run's message
+    names the stage, the shard and the cause. A cluster with no worker able to run the tasks
     (``gpu``: they ask for GPU=1) for ``compute.no_worker_timeout_s`` (``compute``: the
     run's settings; by default ComputeConfig's) fails the flow with NoWorkerError."""
     if not launched:
         return []
     log = get_run_logger()
     futures = {id(f): i for i, f in enumerate(launched) if isinstance(f, PrefectFuture)}
-    results: list[dict] = [r if isinstance(r, dict) else {} for r in launched]
+    groups: list[list[dict]] = [r if isinstance(r, list) else [] for r in launched]
     if futures:
         pending = [f for f in launched if isinstance(f, PrefectFuture)]
         n = len(pending)
@@ -225,7 +246,7 @@ def _collect(
         watch = _WorkerWatch(stage, gpu, timeout)
         for done, fut in enumerate(_finished(pending, watch), 1):
             try:
-                results[futures[id(fut)]] = _result(fut, watch)
+                groups[futures[id(fut)]] = _result(fut, watch)
             except Exception as e:
                 from prefect import get_client
 
@@ -261,6 +282,7 @@ def _collect(
                     100.0 * done / n,
                     time.monotonic() - t0,
                 )
+    results = [r for group in groups for r in group]
     log.info(
         "%s: %d computed, %d from the store",
         stage,
@@ -333,6 +355,11 @@ def run_mix(cfg: Config) -> dict:
         cfg = with_block_credentials(cfg)
         state = mix.with_options(task_runner=task_runner(cfg))(cfg, return_state=True)
         summary = state.result()
-        runs = sum(summary["computed"].values()) + sum(summary["cached"].values())
+        per_task = cfg.compute.shards_per_task
+        runs = sum(
+            len(task_groups(n, per_task))
+            for counts in (summary["computed"], summary["cached"])
+            for n in counts.values()
+        )
         await_recorded(state.state_details.flow_run_id, runs)
         return summary

@@ -447,6 +447,13 @@ class ComputeConfig(_Section):
         "scheduler_address, > 0 means its GPU workers advertise the Dask resource GPU=1. "
         "Model stages (embed, model scorers, proxies) then request one GPU each",
     )
+    shards_per_task: int | None = Field(
+        None,
+        gt=0,
+        description="Consecutive shards one task run computes (the UI shows a run per "
+        "group; caching stays per shard). Unset: 1, or as many as keep a stage under "
+        "2,000 task runs (10^9 documents are ~10^6 shards)",
+    )
     # Long enough for a cluster to replace all its workers (a pod restart pulls the image
     # and imports torch: minutes), short enough that a run on a cluster that lost them
     # for good ends the same session instead of waiting forever.

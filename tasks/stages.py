@@ -1,8 +1,9 @@
-"""One Prefect task for every stage: a run named ``stage/label`` computes one call.
+"""One Prefect task for every stage: a run named ``stage/label`` computes one call, or a
+group of consecutive per-shard calls (``label`` then names the first and how many more).
 
 The task serves a committed artifact from the store instead of recomputing it (the run
 then ends in a ``Cached`` state, as the UI shows it), retries I/O failures, and returns
-the stage's summary with ``key``, ``cached`` and ``seconds`` added (walk.call_result).
+each call's summary with ``key``, ``cached`` and ``seconds`` added (walk.call_result).
 No maths here.
 """
 
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from samplemix.evaluation.stages import EVALUATION
-from samplemix.io.store import Key, Store, transient
+from samplemix.io.store import Store, transient
 from samplemix.pipeline.graph import GRAPH, MATERIALISE, Call
 from samplemix.pipeline.walk import call_result
 
@@ -31,13 +32,23 @@ def _retryable(task: object, task_run: object, state: State) -> bool:
         return True
 
 
-def step(
-    stage: str, label: str, args: tuple, store: Store, key: Key, cached: dict | None = None
-) -> dict | State:
-    """Call ``label`` of ``stage``: ``cached`` (its committed summary) or the store's
-    in a Cached state, else computed."""
-    result = call_result(STAGES[stage], Call(key, label, args), store, cached)
-    return Completed(data=result, name="Cached") if result["cached"] else result
+def steps(
+    stage: str, label: str, calls: list[Call], store: Store, cached: list[dict | None] | None = None
+) -> list[dict] | State:
+    """Compute ``calls`` of ``stage`` in order (one task run may hold several shards'
+    calls: ``compute.shards_per_task``), each served from ``cached`` (its committed
+    summary) or the store when it is there. Returns their results, in a Cached state
+    when every one was. A call's failure names it (``stage/label: ...``) when the run
+    holds several, so the flow's message still names the shard."""
+    results = []
+    for call, hit in zip(calls, cached or [None] * len(calls), strict=True):
+        try:
+            results.append(call_result(STAGES[stage], call, store, hit))
+        except Exception as e:
+            if len(calls) > 1 and len(e.args) == 1 and isinstance(e.args[0], str):
+                e.args = (f"{stage}/{call.label}: {e.args[0]}",)
+            raise
+    return Completed(data=results, name="Cached") if all(r["cached"] for r in results) else results
 
 
 @cache
@@ -47,9 +58,13 @@ def stage_task(stage: str) -> Task:
     function's, so each stage gets a function of its own name."""
 
     def run(
-        stage: str, label: str, args: tuple, store: Store, key: Key, cached: dict | None = None
-    ) -> dict | State:
-        return step(stage, label, args, store, key, cached)
+        stage: str,
+        label: str,
+        calls: list[Call],
+        store: Store,
+        cached: list[dict | None] | None = None,
+    ) -> list[dict] | State:
+        return steps(stage, label, calls, store, cached)
 
     run.__name__ = run.__qualname__ = stage
     return task(

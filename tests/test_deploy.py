@@ -295,8 +295,8 @@ def test_a_failed_shard_fails_the_run_with_stage_shard_and_cause(prefect_server:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     @task(task_run_name="tokens/{shard}")
-    def tokens(shard: str) -> dict:
-        return {"cached": False}
+    def tokens(shard: str) -> list[dict]:
+        return [{"cached": False}]
 
     @flow
     def stage() -> list[dict]:
