@@ -145,5 +145,6 @@ def test_nothing_selected() -> None:
         (7, 1, 7),
     ],
 )
-def test_bucket_count(expected_rows: float, rows_per_shard: int, buckets: int) -> None:
-    assert bucket_count(expected_rows, rows_per_shard) == buckets
+def test_bucket_count_by_rows(expected_rows: float, rows_per_shard: int, buckets: int) -> None:
+    # The optional rows bound (output.rows_per_shard) alone: no bytes to hold.
+    assert bucket_count(0.0, 1, expected_rows, rows_per_shard) == buckets

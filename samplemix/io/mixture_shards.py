@@ -5,6 +5,8 @@ document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it to bucket
 key mod B from its source shard; ``gather`` reads one bucket from every source
 shard and sorts it by key. Each output shard is one bucket, so memory per worker is
 one bucket, and the order is the same whatever the sharding or worker count.
+B comes from the bytes the copies will weigh (``bucket_count``), so a part's size is
+bounded in bytes whatever the corpus's size or its documents' lengths.
 """
 
 from __future__ import annotations
@@ -29,9 +31,37 @@ MIXTURE_SCHEMA = pa.schema(
 )
 
 
-def bucket_count(expected_rows: float, rows_per_shard: int) -> int:
-    """Output shards for about ``expected_rows`` rows at ``rows_per_shard`` each (≥ 1)."""
-    return max(1, math.ceil(expected_rows / rows_per_shard))
+# The fixed-width bytes of a mixture row in Arrow: the offsets of id, domain and text
+# (4 each), copy (4), quality, diversity and weight (8 each), and the shuffle key (8)
+# that the row carries from scatter until its part is written.
+ROW_OVERHEAD = 3 * 4 + 4 + 3 * 8 + 8
+
+
+def copy_bytes(docs: pa.Table) -> pa.Array:
+    """What one copy of each document of ``docs`` (columns id, domain, text) weighs in
+    a mixture part as a worker holds it: its UTF-8 id, domain and text plus
+    ``ROW_OVERHEAD``. int64 (n,). Renamed duplicate ids add the few bytes of their
+    suffix, which this leaves out."""
+    total = pa.scalar(ROW_OVERHEAD, pa.int64())
+    for name in ("id", "domain", "text"):
+        total = pc.add(total, pc.binary_length(docs.column(name)).cast(pa.int64()))
+    return total.combine_chunks() if isinstance(total, pa.ChunkedArray) else total
+
+
+def bucket_count(
+    expected_bytes: float,
+    max_part_bytes: int,
+    expected_rows: float = 0.0,
+    rows_per_part: int | None = None,
+) -> int:
+    """Mixture parts (shuffle buckets) for copies of ``expected_bytes`` bytes in all
+    (Σ c(x) · copy_bytes(x)), so that a part holds ``max_part_bytes`` at most on
+    average; and, given ``rows_per_part``, ``expected_rows`` rows (Σ c(x)) at most that
+    many each on average. At least 1."""
+    parts = math.ceil(expected_bytes / max_part_bytes)
+    if rows_per_part is not None:
+        parts = max(parts, math.ceil(expected_rows / rows_per_part))
+    return max(1, parts)
 
 
 def copy_keys(ids: list[str], copies: np.ndarray, seed: int) -> np.ndarray:

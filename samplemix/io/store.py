@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import pairwise
 from typing import Any, TypeVar
 
 import fsspec
@@ -138,6 +139,32 @@ def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+# Store.get_rows: wanted rows closer than this are fetched in one range (one request,
+# not two, for 64 KiB of unwanted bytes at most); ranges are fetched this much at a time.
+ROWS_GAP = 1 << 16
+ROWS_BATCH = 1 << 26
+
+
+def npy_layout(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, tuple[int, int], np.dtype]:
+    """(data offset in bytes, shape, dtype) of the 2-D C-order ``.npy`` file ``path``,
+    read from its header alone. Raises ValueError for another layout."""
+    # start and end by name: s3fs takes a version id as its second positional argument.
+    head = io.BytesIO(fs.cat_file(path, start=0, end=12))
+    version = np.lib.format.read_magic(head)
+    # The header's length follows the magic and version: 2 bytes in format 1.0, else 4.
+    length = 2 if version == (1, 0) else 4
+    size = 8 + length + int.from_bytes(head.read(length), "little")
+    f = io.BytesIO(fs.cat_file(path, start=0, end=size))
+    np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran or len(shape) != 2 or dtype.hasobject:
+        raise ValueError(f"{path}: not a 2-D C-order array of numbers ({shape}, {dtype})")
+    return f.tell(), shape, dtype
 
 
 class Location:
@@ -337,6 +364,41 @@ class Store(Location):
 
     def get_array(self, key: Key, name: str) -> np.ndarray:
         return np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False)
+
+    def get_rows(self, key: Key, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct) of the 2-D array ``name`` (``put_array``),
+        read by byte ranges rather than whole: (len(rows), columns) of its dtype.
+
+        The array is read in blocks of about ``ROWS_BATCH`` bytes, each in one request per
+        run of wanted rows less than ``ROWS_GAP`` bytes apart (the rows between are read
+        and dropped; on S3 a block's requests run concurrently), so memory holds the rows
+        asked for plus one block, however large the array."""
+        path = self._path(key, name)
+        offset, shape, dtype = self._retry(lambda: npy_layout(self.fs, path), self._url(path))
+        width = dtype.itemsize * shape[1]
+        out = np.empty((len(rows), shape[1]), dtype)
+        if not len(rows):
+            return out
+        if rows[0] < 0 or rows[-1] >= shape[0] or np.any(np.diff(rows) <= 0):
+            raise ValueError(f"{self._url(path)}: rows must be ascending and within 0..{shape[0]}")
+        block = rows // max(1, ROWS_BATCH // width)
+        for lo, hi in pairwise([0, *(np.flatnonzero(np.diff(block)) + 1).tolist(), len(rows)]):
+            r = rows[lo:hi]
+            # A range ends where the next wanted row is more than ROWS_GAP bytes further on.
+            ends = np.flatnonzero(np.diff(r) * width > ROWS_GAP + width)
+            firsts, lasts = np.r_[0, ends + 1], np.r_[ends, len(r) - 1]
+            starts = (offset + r[firsts] * width).tolist()
+            stops = (offset + (r[lasts] + 1) * width).tolist()
+            got = self._retry(
+                lambda s=starts, e=stops: self.fs.cat_ranges(
+                    [path] * len(s), s, e, on_error="raise"
+                ),
+                self._url(path),
+            )
+            for f, last, data in zip(firsts, lasts, got, strict=True):
+                got_rows = np.frombuffer(data, dtype).reshape(-1, shape[1])
+                out[lo + f : lo + last + 1] = got_rows[r[f : last + 1] - r[f]]
+        return out
 
     def get_arrays(self, key: Key, name: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False) as z:

@@ -1,16 +1,24 @@
 """Spherical k-means with FAISS: fit on a bounded sample, assign every document.
 
+The fit reads at most ``kmeans.max_sample`` embeddings (``fit_sample_rows``), whatever
+the corpus's size; the assignments go shard by shard.
+
 Both run on the GPUs FAISS sees (faiss-gpu installed, CUDA present), else on CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterable
 
 import faiss
 import numpy as np
 
+from samplemix.mixing.weights import doc_uniforms
+
 MAX_AUTO_K = 4096
+DOCS_PER_CLUSTER = 200
 
 
 def gpus() -> int:
@@ -18,14 +26,55 @@ def gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def auto_k(n_docs: int) -> int:
-    """Default cluster count: about 200 documents per cluster, between 2 and 4,096.
+def auto_k(n_docs: int, max_k: int = MAX_AUTO_K) -> int:
+    """Default cluster count: round(n_docs / 200), between 2 and ``max_k``.
 
-    method.md asks for clusters of a few hundred to a few thousand documents; 200
-    keeps small corpora from collapsing into a handful of all-domain clusters, and the
-    cap bounds the fit (at most max_points_per_centroid · 4,096 sampled embeddings)
-    and the K×K separation matrix on large corpora."""
-    return min(MAX_AUTO_K, max(2, round(n_docs / 200)))
+    Why 200 documents per cluster: d(x) = comp · sep of x's cluster (method.md §1.2),
+    and comp is a mean over the cluster's members, so a cluster needs members in the
+    hundreds for it to be more than one document's noise. Clusters come out uneven (on
+    the shared corpus at K = 42: the tenth percentile holds 53 documents, the median
+    196), so a mean of 200 keeps nine clusters in ten above ~50; fewer, larger clusters
+    only coarsen d, which has one value per cluster.
+
+    Why at most 4,096 (``MAX_AUTO_K``; the caller lowers ``max_k`` to keep a capped fit
+    sample's points per centroid, ``kmeans.max_sample / max_points_per_centroid``): the
+    fit reads points per centroid · K embeddings and computes K distances for each, the
+    assignments N · K, the separation K × K. At 4,096 the fit takes minutes on a CPU
+    whatever N; beyond ~819,000 documents clusters grow past method.md's few thousand
+    (~244,000 documents each at 10^9), a coarser d at a bounded cost.
+    """
+    return max(2, min(max_k, MAX_AUTO_K, round(n_docs / DOCS_PER_CLUSTER)))
+
+
+def fit_sample_rows(
+    shard_ids: Iterable[list[str]], size: int, n_docs: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Which documents the k-means fit reads: the ``size`` (or, rarely, a few fewer) of
+    the ``n_docs`` whose uniforms of (``seed``, "kmeans", id) are smallest, in the order
+    of those uniforms, so that the sample and its order (FAISS's seeded initialisation
+    draws from it) do not depend on how the corpus is sharded.
+
+    ``shard_ids``: each shard's document ids in row order, read one shard at a time.
+    Returns per shard (rows, slots), int64 (m,) each: the shard's rows ``rows``
+    (ascending) are the sample's rows ``slots``. Memory: about ``size`` candidates.
+    """
+    # Candidates: uniforms below a rate that yields at least ``size`` documents but for
+    # odds under ~1e-4 (4 binomial sigmas and 8 documents over); the ``size`` smallest of
+    # them are the sample.
+    rate = min(1.0, (size + 4 * math.sqrt(size) + 8) / max(n_docs, 1))
+    rows, u = [], []
+    for ids in shard_ids:
+        shard_u = doc_uniforms(ids, seed, "kmeans")
+        rows.append(np.flatnonzero(shard_u < rate))
+        u.append(shard_u[rows[-1]])
+    if not rows:
+        return []
+    candidates = np.concatenate(u)
+    slot = np.full(len(candidates), -1, np.int64)
+    picked = np.argsort(candidates, kind="stable")[:size]
+    slot[picked] = np.arange(len(picked))
+    slots = np.split(slot, np.cumsum([len(r) for r in rows])[:-1])
+    return [(r[s >= 0], s[s >= 0]) for r, s in zip(rows, slots, strict=True)]
 
 
 def fit_centroids(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:

@@ -19,7 +19,9 @@ from samplemix.scoring.reference import TOKENIZER_VERSION
 
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
-    "tokens": "3",  # 2: rows read; 3: a skipped shard reads 0 rows and counts its own
+    # 2: rows read; 3: a skipped shard reads 0 rows and counts its own; 4: the index's
+    # bytes column (what a copy weighs in the mixture: the budget sizes parts by it)
+    "tokens": "4",
     "ids": "1",
     "bigrams": "1",
     "domains": "1",
@@ -29,12 +31,12 @@ VERSIONS = {
     # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
     # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
     "embed": "3",
-    "kmeans": "1",
+    "kmeans": "2",  # 2: the sample's size bounded (max_sample), its rows read alone
     "assign": "1",
     "clusters": "1",
     "ranks": "1",
     "weights": "3",  # 2: duplicate ids; 3: methods
-    "budget": "1",
+    "budget": "2",  # 2: mixture parts from bytes (output.max_part_bytes), not rows
     "counts": "3",  # 3: the documents that hold most of the rounding spread
     "output": "1",
 }
@@ -335,7 +337,10 @@ def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
         "budget",
         weights=[k.id for k in weights],
         mixing={"target_tokens": target, "max_repeats": cfg.mixing.max_repeats},
-        output={"rows_per_shard": cfg.output.rows_per_shard},
+        output={
+            "max_part_bytes": cfg.output.max_part_bytes,
+            "rows_per_shard": cfg.output.rows_per_shard,
+        },
     )
 
 

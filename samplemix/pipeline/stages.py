@@ -52,7 +52,8 @@ def _texts(shard: Shard, cfg: Config) -> list[str]:
 
 
 def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
-    """Index the shard (row, id, domain, tokens) and record its rejects.
+    """Index the shard (row, id, domain, tokens, bytes: what a copy weighs in the
+    mixture, ``mixture_shards.copy_bytes``) and record its rejects.
 
     Summary: read (rows read = docs + rejected rows), docs, tokens, rejects
     {reason: count} of rejected rows, domain_docs, domain_tokens, skipped (the shard
@@ -68,6 +69,8 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
         labels = DomainClassifier(cfg.corpus.domain_model, cfg.corpus.domain_max_length)
         column = index.schema.get_field_index("domain")
         index = index.set_column(column, "domain", pa.array(labels.labels(texts), pa.string()))
+    sized = index.select(["id", "domain"]).append_column("text", sd.docs.column("text"))
+    index = index.append_column("bytes", materialise.copy_bytes(sized))
     store.put_table(key, "index.parquet", index)
     store.put_table(key, "rejects.parquet", sd.rejects)
     domains = index.column("domain").to_pylist()
@@ -414,39 +417,48 @@ def run_embed(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
 
 
 def cluster_count(n_docs: int, cfg: Config) -> int:
-    return kmeans.auto_k(n_docs) if cfg.kmeans.k == "auto" else int(cfg.kmeans.k)
+    """K: ``kmeans.k``, or for 'auto' ``kmeans.auto_k`` capped so that a full fit sample
+    keeps ``max_points_per_centroid`` points per centroid."""
+    km = cfg.kmeans
+    if km.k != "auto":
+        return int(km.k)
+    return kmeans.auto_k(n_docs, max(2, km.max_sample // km.max_points_per_centroid))
 
 
 def run_kmeans(
     parts: list[tuple[Key, Key]], n_docs: int, cfg: Config, store: Store, key: Key
 ) -> dict:
-    """Fit centroids on a sample of at most max_points_per_centroid·K embeddings.
+    """Fit K centroids on min(N, max_points_per_centroid · K, max_sample) embeddings.
 
-    ``parts`` = (tokens key, embed key) per shard. A document is in the sample when
-    its id's uniform is below the sampling rate, so the sample does not depend on
-    how the corpus is sharded. Summary: k, sample.
+    ``parts`` = (tokens key, embed key) per shard, ``n_docs`` their documents. The
+    sample is drawn by a hash of the ids (``kmeans.fit_sample_rows``), so it does not
+    depend on how the corpus is sharded, and only its rows of each shard's embeddings
+    are read (``Store.get_rows``): the fit holds the sample, never the corpus. Writes
+    centroids.npy, float32 (K, dim). Summary: k, sample (embeddings fitted on).
     """
+    km = cfg.kmeans
     k = cluster_count(n_docs, cfg)
     if n_docs < k:
         raise ValueError(
             f"{n_docs} documents cannot form kmeans.k = {k} clusters; k-means needs at "
             "least 2 documents and kmeans.k <= the number of documents"
         )
-    rate = min(1.0, cfg.kmeans.max_points_per_centroid * k / max(n_docs, 1))
-    keys, chunks = [], []
-    for tok, emb in parts:
-        ids = store.get_table(tok, "index.parquet", columns=["id"]).column("id")
-        u = mixing.doc_uniforms(ids.to_pylist(), cfg.kmeans.seed, "kmeans")
-        take = u < rate
-        if take.any():
-            keys.append(u[take])
-            chunks.append(np.asarray(store.get_array(emb, "embeddings.npy")[take]))
-    if not chunks:
+    size = min(n_docs, km.max_points_per_centroid * k, km.max_sample)
+    shard_ids = (
+        store.get_table(tok, "index.parquet", columns=["id"]).column("id").to_pylist()
+        for tok, _ in parts
+    )
+    picks = kmeans.fit_sample_rows(shard_ids, size, n_docs, km.seed)
+    sample: np.ndarray | None = None
+    for (_, emb), (rows, slots) in zip(parts, picks, strict=True):
+        if len(rows):
+            vectors = store.get_rows(emb, "embeddings.npy", rows)
+            if sample is None:
+                sample = np.empty((sum(len(r) for r, _ in picks), vectors.shape[1]), np.float32)
+            sample[slots] = vectors
+    if sample is None:
         raise ValueError("no embeddings to fit k-means on")
-    # Ordered by the ids' uniforms, the sample (and so FAISS's seeded initialisation)
-    # is the same however the corpus is sharded.
-    sample = np.concatenate(chunks)[np.argsort(np.concatenate(keys), kind="stable")]
-    centroids = kmeans.fit_centroids(sample, k, cfg.kmeans.niter, cfg.kmeans.seed, cfg.kmeans.nredo)
+    centroids = kmeans.fit_centroids(sample, k, km.niter, km.seed, km.nredo)
     store.put_array(key, "centroids.npy", centroids)
     return store.commit(key, {"k": k, "sample": int(len(sample))})
 
@@ -585,23 +597,31 @@ def heldout_mask(doc_ids: list[str], cfg: Config) -> np.ndarray:
 def run_budget(
     parts: list[tuple[Key, Key]], target: int, cfg: Config, store: Store, key: Key
 ) -> dict:
-    """The scale s that fills ``target`` tokens, from (tokens key, weights key) per shard.
+    """The scale s that fills ``target`` tokens, from (tokens key, weights key) per shard,
+    and the number of mixture parts that keeps each within ``output.max_part_bytes``
+    (and ``output.rows_per_shard``) on average.
 
-    Summary: scale, expected_rows = Σ c(x), buckets (output shards).
+    Summary: scale, expected_rows = Σ c(x), expected_bytes = Σ c(x) · bytes(x) (the
+    index's bytes: what a copy weighs in a part), buckets (mixture parts).
     """
 
-    def wl() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def per_shard(column: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for tok, wk in parts:
             w = store.get_arrays(wk, "weights.npz")["weight"]
-            n = store.get_table(tok, "index.parquet", columns=["tokens"])
-            yield w, n.column("tokens").to_numpy()
+            n = store.get_table(tok, "index.parquet", columns=[column])
+            yield w, n.column(column).to_numpy()
 
-    scale = mixing.budget_scale(wl, target, cfg.mixing.max_repeats)
-    rows = sum(
-        float(mixing.expected_counts(w, scale, cfg.mixing.max_repeats).sum()) for w, _ in wl()
-    )
-    buckets = materialise.bucket_count(rows, cfg.output.rows_per_shard)
-    return store.commit(key, {"scale": scale, "expected_rows": rows, "buckets": buckets})
+    max_repeats = cfg.mixing.max_repeats
+    scale = mixing.budget_scale(lambda: per_shard("tokens"), target, max_repeats)
+    rows, nbytes = 0.0, 0.0
+    for w, copy_bytes in per_shard("bytes"):
+        c = mixing.expected_counts(w, scale, max_repeats)
+        rows += float(c.sum())
+        nbytes += float(np.dot(c, copy_bytes))
+    out = cfg.output
+    buckets = materialise.bucket_count(nbytes, out.max_part_bytes, rows, out.rows_per_shard)
+    summary = {"scale": scale, "expected_rows": rows, "expected_bytes": nbytes}
+    return store.commit(key, summary | {"buckets": buckets})
 
 
 def run_counts(
