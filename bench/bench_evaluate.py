@@ -48,12 +48,15 @@ def cpu() -> str:
 
 def write_slice(src: Path, dst: Path, docs: int) -> Path:
     """The first ``docs`` documents of every domain folder of ``src`` (its first shard),
-    as ``dst/<domain>/part-000.parquet`` with columns id, text."""
+    as ``dst/<domain>/part-000.parquet`` with columns id, text; files already there are
+    kept (a rerun finds its cached stages)."""
     for domain in sorted(p.name for p in src.iterdir() if p.is_dir()):
         first = sorted((src / domain).glob("part-000.*"))[0]
         table = pj.read_json(first) if first.name.endswith(".jsonl.gz") else pq.read_table(first)
-        (dst / domain).mkdir(parents=True, exist_ok=True)
         out = dst / domain / "part-000.parquet"
+        if out.exists():  # rewriting would change its fingerprint: every cached key
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.select(["id", "text"]).slice(0, docs), out)
     return dst
 
