@@ -94,3 +94,20 @@ def test_an_unresolved_control_makes_the_verdict_inconclusive() -> None:
     assert lines[-1].startswith("Inconclusive") and "control-repeat-5" in lines[-1]
     # The controls never win: the best is samplemix whatever the control scores.
     assert "samplemix" in lines[0]
+
+
+def test_instrument_agreement_leaves_the_controls_out() -> None:
+    from samplemix.reporting.evaluation_report import NgramRun, instrument_lines, variant_stats
+
+    runs = runs_of("a", {0: 6.0, 1: 6.1}) + runs_of("b", {0: 6.2, 1: 6.3})
+    runs += runs_of("c", {0: 6.4, 1: 6.5}) + runs_of("ctl", {0: 9.0, 1: 9.1})
+    # The n-gram ranks a, b, c the other way round; the control agrees with the proxy.
+    grams = [
+        NgramRun(v, 4, o, {1: 9.9, 2: 9.9}, None)
+        for v, o in [("a", 5.3), ("b", 5.2), ("c", 5.1), ("ctl", 7.0)]
+    ]
+    (line,) = instrument_lines(variant_stats(runs), grams, ["ctl"])
+    assert "disagree" in line and "3 variants" in line and "ρ = -1.00" in line
+    with_control = instrument_lines(variant_stats(runs), grams)[0]
+    # Ranks 1, 2, 3, 4 against 3, 2, 1, 4: ρ = 1 − 6·8 / (4·15) = 0.2.
+    assert "4 variants (" in with_control and "ρ = 0.20" in with_control

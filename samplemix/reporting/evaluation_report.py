@@ -253,21 +253,24 @@ def instrument_lines(
     stats: Mapping[str, VariantStats], ngram: Sequence[NgramRun], controls: Sequence[str] = ()
 ) -> list[str]:
     """Whether the proxy and the n-gram instrument rank the variants alike (Spearman ρ over
-    every variant both scored), and which proxies fail to beat the bigram fitted on their
-    own training tokens; no lines without n-gram runs."""
+    every variant both scored but the ``controls``), and which proxies fail to beat the
+    bigram fitted on their own training tokens; no lines without n-gram runs."""
     if not ngram:
         return []
     order = ngram[0].order
     proxy = {v: s.mean for v, s in stats.items()}
-    rho = spearman(proxy, {r.variant: r.objective for r in ngram})
-    n = len(set(proxy) & {r.variant for r in ngram})
+    # Controls are planted far off: ranking them alike says nothing about the others.
+    ranked = {v: m for v, m in proxy.items() if v not in controls}
+    rho = spearman(ranked, {r.variant: r.objective for r in ngram})
+    n = len(set(ranked) & {r.variant for r in ngram})
     if math.isnan(rho):
         lines = [f"Instruments: too few variants ({n}) or no spread to compare rankings."]
     else:
         agree = "agree" if rho >= 0.8 else "partly agree" if rho > 0 else "disagree"
         lines = [
             f"Instruments: the proxy and the order-{order} n-gram model {agree} on the ranking"
-            f" of the {n} variants (Spearman ρ = {rho:.2f})."
+            f" of the {n} variants{', controls left out' if controls else ''}"
+            f" (Spearman ρ = {rho:.2f})."
         ]
     weak = [
         f"{r.variant} ({proxy[r.variant]:.4f} vs {r.floors[2]:.4f})"
@@ -424,7 +427,10 @@ def _paired_section(
 
 
 def _instruments_section(
-    stats: Mapping[str, VariantStats], ngram: Sequence[NgramRun], labels: Mapping[str, str]
+    stats: Mapping[str, VariantStats],
+    ngram: Sequence[NgramRun],
+    labels: Mapping[str, str],
+    controls: Sequence[str],
 ) -> list[str]:
     if not ngram:
         return []
@@ -468,7 +474,7 @@ def _instruments_section(
         " (bootstrap, 2,000 draws; MDD at 5% two-sided and 80% power). A proxy that does not"
         " beat the bigram on its own training tokens learned no more than token pairs.",
         "",
-        *instrument_lines(stats, ngram),
+        *instrument_lines(stats, ngram, controls),
         "",
         fmt.markdown_table(headers, rows),
         "",
@@ -544,7 +550,7 @@ def evaluation_markdown(
     lines += _variants_section(runs, stats, labels)
     lines += fmt.image_lines(imgs, "evaluate_methods", "Objective per variant")
     lines += _paired_section(runs, labels, baseline, controls)
-    lines += _instruments_section(stats, ngram, labels)
+    lines += _instruments_section(stats, ngram, labels, controls)
     lines += fmt.image_lines(imgs, "evaluate_alpha", "Mean objective vs SampleMix α")
     lines += _domains_section(stats, labels)
     lines += fmt.image_lines(imgs, "evaluate_domains", "Per-domain loss difference")
