@@ -1,7 +1,8 @@
 """What each per-shard stage costs on one thread, in one process (no Prefect, no Dask).
 
 For every shard of the corpus: reading it (corpus.read_shard through stages.read_docs),
-counting its tokens (the tokens stage's work), the heuristic quality score, MiniLM's
+counting its tokens (the tokens stage's work, and the plain ``encode_batch`` that
+computes offsets too), the heuristic quality score, MiniLM's
 truncation count and MiniLM embeddings (on every ``--embed-every``-th shard, scaled up
 to the corpus). Also the per-run cost of the model fingerprint that cache keys hash.
 
@@ -26,7 +27,12 @@ from samplemix.config import load_config
 from samplemix.io.corpus import discover_shards
 from samplemix.pipeline import keys, stages
 from samplemix.scoring.embed import embed_texts, truncated_count
-from samplemix.scoring.models import local_version, model_fingerprint, set_torch_threads
+from samplemix.scoring.models import (
+    load_tokenizer,
+    local_version,
+    model_fingerprint,
+    set_torch_threads,
+)
 from samplemix.scoring.quality import make_scorer
 from samplemix.scoring.tokens import token_counts
 
@@ -37,6 +43,15 @@ def seconds(f, *args) -> float:  # noqa: ANN001
     t0 = time.perf_counter()
     f(*args)
     return time.perf_counter() - t0
+
+
+def plain_token_counts(texts: list[str], tokenizer: str) -> list[int]:
+    """The plain way to count tokens: the backend's ``encode_batch``, which also
+    computes every token's character offsets (the tokens stage's way before issue 28)."""
+    backend = load_tokenizer(tokenizer).backend_tokenizer
+    backend.no_truncation()
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    return [len(e.ids) for e in encs]
 
 
 def main() -> None:
@@ -60,6 +75,7 @@ def main() -> None:
         cost["read"] += time.perf_counter() - t0
         docs += len(texts)
         cost["tokens"] += seconds(token_counts, texts, tokenizer)
+        cost["plain tokens"] += seconds(plain_token_counts, texts, tokenizer)
         cost["quality"] += seconds(scorer.score, texts)
         cost["truncated"] += seconds(truncated_count, texts, cfg.embed)
         if i % args.embed_every == 0:
@@ -74,6 +90,8 @@ def main() -> None:
         ("documents, shards", f"{docs:,}, {len(shards)}"),
         ("read every shard, s", f"{cost['read']:.1f}"),
         ("count tokens (tokens stage), s", f"{cost['tokens']:.1f}"),
+        ("count tokens, plain `encode_batch` (with offsets), s", f"{cost['plain tokens']:.1f}"),
+        ("**tokens stage / plain**", f"**{cost['tokens'] / cost['plain tokens']:.2f}**"),
         ("heuristic quality, s", f"{cost['quality']:.1f}"),
         ("MiniLM truncation count, s", f"{cost['truncated']:.1f}"),
         (

@@ -264,9 +264,10 @@ def _collect(
                         time.sleep(0.2)
                 log.error("%s failed: %s: %s", where, type(e).__name__, e)
                 # Keep the type (callers catch BudgetError, CorpusError, ...) and put the
-                # task run's name into the message, which becomes the flow run's message.
+                # task run's name into the message, which becomes the flow run's message;
+                # a run of several calls has named the failed call's shard already (steps).
                 if len(e.args) == 1 and isinstance(e.args[0], str) and str(e) == e.args[0]:
-                    if not e.args[0].startswith(where):
+                    if not e.args[0].startswith((where, f"{stage}/")):
                         e.args = (f"{where}: {e.args[0]}",)
                 raise
             # An update is an API call (~40 ms): at most one a second, and the last.

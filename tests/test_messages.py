@@ -326,14 +326,17 @@ def test_a_lease_taken_over_is_told_once_and_the_output_is_not_sealed(tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_task", [1, 6])
 def test_a_store_error_in_a_stage_names_the_stage_and_shard_first(
-    tmp_path: Path, cluster: dict
+    tmp_path: Path, cluster: dict, per_task: int
 ) -> None:
     """A StoreError raised inside a task reaches the caller as
-    ``<stage>/<shard>: <what> ...``: here the tokens stage's folder is a file."""
+    ``<stage>/<shard>: <what> ...``: here the tokens stage's folder is a file. With the
+    6 shards in one task run (named ``tokens/<first> +5``) the shard is named once."""
     from flows.mix import run_mix
 
-    cfg = tiny_config(write_tiny_corpus(tmp_path / "corpus"), tmp_path / "out", **cluster)
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    cfg = tiny_config(corpus, tmp_path / "out", **{"compute.shards_per_task": per_task}, **cluster)
     blocked = tmp_path / "out" / "store" / "tokens"
     blocked.parent.mkdir(parents=True)
     blocked.write_text("a file where the tokens stage keeps its folder")

@@ -106,6 +106,9 @@ class Walk:
                 return got  # type: ignore[return-value]
             raise Unknown(stage)
         self.results[stage] = got  # type: ignore[assignment]
+        # The handle holds the stage's futures, and Dask keeps a task's result on its
+        # worker while a future refers to it: let both go once the results are here.
+        del self.handles[stage]
         done = GRAPH_BY_NAME[stage].done
         if done is not None and self.executor.runs:
             done(self)

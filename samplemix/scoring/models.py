@@ -402,20 +402,30 @@ def set_torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def token_lengths(tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:  # noqa: ANN001
-    """Tokens per text, without special tokens or truncation: int64 (n,).
+def untruncated_ids(tokenizer, texts: list[str], batch_size: int = 256) -> Iterator[list[int]]:  # noqa: ANN001
+    """Each text's token ids, without special tokens, truncation or padding, in order.
 
-    Uses the fast tokenizer's Rust backend directly so that a tokenizer.json that
-    configures truncation (MiniLM's truncates at 128) cannot shorten the count.
+    Uses the fast tokenizer's Rust backend directly, so that a tokenizer.json that
+    configures truncation (MiniLM's truncates at 128) cannot shorten them, and its
+    ``encode_batch_fast``, which leaves out the character offsets nobody here reads
+    (26% less CPU than ``encode_batch`` on the shared corpus, BENCHMARKS.md).
     """
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
-    out = np.empty(len(texts), dtype=np.int64)
     for start in range(0, len(texts), batch_size):
-        encs = backend.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
-        out[start : start + len(encs)] = [len(e.ids) for e in encs]
-    return out
+        batch = texts[start : start + batch_size]
+        for enc in backend.encode_batch_fast(batch, add_special_tokens=False):
+            yield enc.ids
+
+
+def token_lengths(tokenizer, texts: list[str], batch_size: int = 256) -> np.ndarray:  # noqa: ANN001
+    """Tokens per text, without special tokens or truncation: int64 (n,)."""
+    return np.fromiter(
+        (len(ids) for ids in untruncated_ids(tokenizer, texts, batch_size)),
+        dtype=np.int64,
+        count=len(texts),
+    )
 
 
 def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:  # noqa: ANN001

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from samplemix.scoring.models import load_tokenizer, token_lengths
+from samplemix.scoring.models import load_tokenizer, token_lengths, untruncated_ids
 
 
 def token_counts(texts: list[str], tokenizer_name: str) -> np.ndarray:
@@ -12,13 +12,6 @@ def token_counts(texts: list[str], tokenizer_name: str) -> np.ndarray:
     return token_lengths(load_tokenizer(tokenizer_name), texts)
 
 
-def token_ids(texts: list[str], tokenizer_name: str, batch_size: int = 256) -> list[list[int]]:
+def token_ids(texts: list[str], tokenizer_name: str) -> list[list[int]]:
     """Token ids per text (no special tokens, no truncation)."""
-    backend = load_tokenizer(tokenizer_name).backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    out: list[list[int]] = []
-    for start in range(0, len(texts), batch_size):
-        encs = backend.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
-        out += [e.ids for e in encs]
-    return out
+    return list(untruncated_ids(load_tokenizer(tokenizer_name), texts))
