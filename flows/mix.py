@@ -90,11 +90,11 @@ class DaskExecutor:
 
     def submit(
         self, stage: Stage, calls: list[Call], cached: list[dict | None]
-    ) -> tuple[Launched, bool]:
+    ) -> tuple[Launched, bool, list[Call]]:
         """Start the groups of calls not in the store on Dask (a call that ``stage.gpu``
         says needs a GPU asks for the resource GPU=1, so only GPU workers run it), then
         serve the committed ones, in groups too. Returns the launched groups, in call
-        order, and whether any asked for a GPU."""
+        order, whether any asked for a GPU, and the calls."""
         task = stage_task(stage.name)
         for c in calls:
             if c.note:
@@ -114,11 +114,14 @@ class DaskExecutor:
             hits = [cached[done[i]] for i in group]
             args = (stage.name, _group_label(mine), mine, self.store, hits)
             out[done[group[0]]] = task(*args, return_state=True).result()
-        return [out[i] for i in sorted(out)], any(gpus)
+        return [out[i] for i in sorted(out)], any(gpus), calls
 
-    def collect(self, stage: Stage, handle: tuple[Launched, bool]) -> list[dict]:
-        launched, gpu = handle
-        return _collect(launched, stage.name, gpu, self.cfg.compute)
+    def collect(self, stage: Stage, handle: tuple[Launched, bool, list[Call]]) -> list[dict]:
+        launched, gpu, calls = handle
+        results = _collect(launched, stage.name, gpu, self.cfg.compute)
+        for r, c in zip(results, calls, strict=True):
+            r["key"] = c.key  # the walk's own: a worker's result brings a copy of each key
+        return results
 
     def unknown(self, stage: Stage, shards: list[str | None], reason: str) -> None:
         raise AssertionError(f"{stage.name}: {reason}")  # a run knows every result

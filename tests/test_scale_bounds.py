@@ -345,3 +345,47 @@ def test_get_rows_on_s3(moto) -> None:  # noqa: ANN001 - s3.MotoServer
     store.put_array(key, "embeddings.npy", x)
     rows = np.array([0, 1, 2, 999, 1_000, 2_999])
     np.testing.assert_array_equal(store.get_rows(key, "embeddings.npy", rows), x[rows])
+
+
+# ---- the report's sample: the same few documents whatever the corpus's sharding --------
+
+
+def test_the_report_samples_each_domain_at_a_rate_by_id_whatever_the_sharding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow gathers raw q and d for the report's plots from every shard: about
+    REPORT_SAMPLE per domain in all, so what it holds does not grow with the corpus."""
+    monkeypatch.setattr(stages, "REPORT_SAMPLE", 40)  # of 160 documents per domain
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    sampled = {}
+    for per_shard in (40, 64):
+        cfg = load_config(
+            None,
+            {
+                "corpus.input": str(write_corpus(tmp_path / f"corpus{per_shard}", per_shard)),
+                "output.path": str(tmp_path / f"out{per_shard}"),
+                "embed.model": encoder,
+                "embed.max_length": 32,
+                "kmeans.k": 3,
+            },
+        )
+        summary = run_in_process(cfg)
+        store = keys.store_for(cfg)
+        counts = [a.split("/", 1)[1] for a in summary["artifacts"] if a.startswith("counts/")]
+        quality: dict[str, list[float]] = {d: [] for d in DOMAINS}
+        for cid in counts:
+            for d, v in store.summary(Key("counts", cid, {}))["domains"].items():
+                quality[d] += v["quality"]
+        sampled[per_shard] = {d: sorted(q) for d, q in quality.items()}
+    assert sampled[40] == sampled[64]
+    for d in DOMAINS:  # the ids whose uniform falls below 40 / 160, counted here
+        ids = [f"{d}-{i}" for i in range(DOCS_PER_DOMAIN)]
+        expected = int((doc_uniforms(ids, 0, "report") < 40 / DOCS_PER_DOMAIN).sum())
+        assert len(sampled[40][d]) == expected
+        assert 15 <= expected <= 65  # Binomial(160, 0.25): mean 40, sd 5.5
+
+
+def test_report_rates_keep_about_report_sample_per_domain() -> None:
+    tokens = [{"domain_docs": {"a": 10**6, "b": 50}}, {"domain_docs": {"a": 10**6}}]
+    rates = stages.report_rates(tokens)
+    assert rates == {"a": pytest.approx(stages.REPORT_SAMPLE / 2e6, rel=1e-5), "b": 1.0}

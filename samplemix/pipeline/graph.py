@@ -238,13 +238,16 @@ def _budget_calls(w: Walk) -> list[Call]:
     return [Call(keys.budget_key(weights, target, w.cfg), "scale", (parts, target, w.cfg))]
 
 
-def _counts(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
-    budget = w.keys("budget")[0]
-    weights = w.keys("weights")[i]
-    tok, ids, assign = w.keys("tokens")[i], w.keys("ids")[0], w.keys("assign")[i]
-    first_quality = w.quality_keys()[i][0]
-    args = (shard, tok, ids, first_quality, assign, weights, budget, w.cfg)
-    return keys.counts_key(weights, budget, w.cfg), args
+def _counts_calls(w: Walk) -> list[Call]:
+    """Shard by shard, with the report's sampling rates worked out once for all."""
+    budget, ids = w.keys("budget")[0], w.keys("ids")[0]
+    rates = stages.report_rates(w.summaries("tokens"))
+    tok, assign, weights = w.keys("tokens"), w.keys("assign"), w.keys("weights")
+    calls = []
+    for i, (s, q) in enumerate(zip(w.shards, w.quality_keys(), strict=True)):
+        args = (s, tok[i], ids, q[0], assign[i], weights[i], budget, rates, w.cfg)
+        calls.append(Call(keys.counts_key(weights[i], budget, rates, w.cfg), s.shard_id, args))
+    return calls
 
 
 def _tokens(w: Walk, i: int, shard: Shard) -> tuple[Key, tuple]:
@@ -297,7 +300,7 @@ GRAPH: tuple[Stage, ...] = (
           _weights_calls, stages.run_weights),
     Stage("budget", False, ("tokens", "ids", "weights"), _budget_calls, stages.run_budget),
     Stage("counts", True, ("tokens", "ids", "quality", "assign", "weights", "budget"),
-          _per_shard(_counts), stages.run_counts),
+          _counts_calls, stages.run_counts),
 )
 # fmt: on
 GRAPH_BY_NAME = {s.name: s for s in GRAPH}

@@ -37,7 +37,9 @@ VERSIONS = {
     "ranks": "1",
     "weights": "3",  # 2: duplicate ids; 3: methods
     "budget": "2",  # 2: mixture parts from bytes (output.max_part_bytes), not rows
-    "counts": "3",  # 3: the documents that hold most of the rounding spread
+    # 3: the documents that hold most of the rounding spread; 4: the report's sample
+    # drawn at a rate per domain (stages.report_rates), not 500 per shard
+    "counts": "4",
     "output": "1",
 }
 
@@ -344,12 +346,13 @@ def budget_key(weights: list[Key], target: int, cfg: Config) -> Key:
     )
 
 
-def counts_key(weights: Key, budget: Key, cfg: Config) -> Key:
+def counts_key(weights: Key, budget: Key, rates: dict[str, float], cfg: Config) -> Key:
     return _key(
         "counts",
         weights.shard,
         weights=weights.id,
         budget=budget.id,
+        report=rates,
         mixing={"seed": cfg.mixing.seed},
     )
 

@@ -38,7 +38,21 @@ from samplemix.scoring.reference import ReferenceModel, fit_reference
 from samplemix.scoring.static_embed import is_static
 from samplemix.scoring.tokens import token_counts, token_ids
 
-REPORT_SAMPLE = 500  # raw q and d values kept per shard and domain for the report's plots
+# Raw q and d values the report's plots draw on, per domain over the whole corpus (in
+# expectation): each shard keeps a domain's documents at the rate report_rates gives, so
+# the flow, which gathers them, holds the same few whatever the corpus's size.
+REPORT_SAMPLE = 20_000
+
+
+def report_rates(tokens: list[dict]) -> dict[str, float]:
+    """Per domain, the share of its documents whose raw q and d the counts stage keeps
+    for the report: min(1, REPORT_SAMPLE / documents of the domain), from the tokens
+    stage's summaries (documents before duplicate ids are dropped). Rounded to 6
+    significant digits, as they enter the counts' keys."""
+    docs: Counter[str] = Counter()
+    for t in tokens:
+        docs.update(t["domain_docs"])
+    return {d: float(f"{min(1.0, REPORT_SAMPLE / n):.6g}") for d, n in sorted(docs.items())}
 
 
 # Documents kept with the largest rounding variance f(1−f)·len², per shard and then
@@ -632,6 +646,7 @@ def run_counts(
     assign: Key,
     weights: Key,
     budget_key: Key,
+    rates: dict[str, float],
     cfg: Config,
     store: Store,
     key: Key,
@@ -641,8 +656,9 @@ def run_counts(
     id are left out, renamed ones carry their new id.
 
     Summary: sums for the budget check (expected, realised, variance), per-domain
-    documents and tokens in, copies and tokens selected, the histogram of n, a
-    bounded sample of raw q and d per domain for the report, and spread: the
+    documents and tokens in, copies and tokens selected, the histogram of n, raw q
+    and d of the documents the report samples (domain d's at ``rates[d]``, drawn by a
+    hash of the id: ``report_rates``), and spread: the
     ``SPREAD_DOCS`` documents with the largest rounding variance (id, shard, tokens,
     expected, count, variance), largest first.
     """
@@ -683,10 +699,11 @@ def run_counts(
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
             store.put_table(key, f"bucket-{b:05d}.parquet", part)
             buckets.append(b)
-    return store.commit(key, {**_counts_summary(plan, kept_ids, cfg), "buckets": buckets})
+    summary = _counts_summary(plan, kept_ids, rates, cfg)
+    return store.commit(key, {**summary, "buckets": buckets})
 
 
-def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
+def _counts_summary(plan: pa.Table, ids: list[str], rates: dict[str, float], cfg: Config) -> dict:
     c = plan.column("expected_count").to_numpy()
     n = plan.column("count").to_numpy()
     n_tok = plan.column("tokens").to_numpy().astype(np.float64)
@@ -695,7 +712,7 @@ def _counts_summary(plan: pa.Table, ids: list[str], cfg: Config) -> dict:
     per_domain = {}
     for d in np.unique(domains):
         m = domains == d
-        keep = np.flatnonzero(m)[np.argsort(u[m])[:REPORT_SAMPLE]]
+        keep = np.flatnonzero(m & (u < rates.get(str(d), 1.0)))
         per_domain[str(d)] = {
             "docs_in": int(m.sum()),
             "tokens_in": int(n_tok[m].sum()),
