@@ -67,3 +67,19 @@ def test_grouped_tasks_give_the_same_mixture_and_fewer_task_runs(
     one = run_mix(tiny_config(corpus, tmp_path / "one", **cluster))
     assert one["computed"]["embed"] == 6
     assert mixture_bytes(tmp_path / "grouped") == mixture_bytes(tmp_path / "one")
+
+
+def test_the_ui_shard_table_is_bounded_and_keeps_the_shards_with_rejects() -> None:
+    from flows.mix import SHARD_TABLE_ROWS, shard_table
+
+    n = SHARD_TABLE_ROWS + 500
+    shards = [{"shard": f"s{i}", "rejected": int(i % 700 == 0), "renamed": 0} for i in range(n)]
+    few, what = shard_table(shards[:10])
+    assert few == shards[:10] and what == "per shard"
+    rows, what = shard_table(shards)
+    assert len(rows) == SHARD_TABLE_ROWS and f"of {n:,} shards" in what
+    # Every shard with a reject is in it (i = 0, 700, 1400), in shard order.
+    assert {"s0", "s700", "s1400"} <= {r["shard"] for r in rows}
+    assert [r["shard"] for r in rows] == sorted(
+        (r["shard"] for r in rows), key=lambda s: int(s[1:])
+    )
