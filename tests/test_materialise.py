@@ -14,7 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from samplemix.io.mixture_shards import MIXTURE_SCHEMA, bucket_count, copy_keys, gather, scatter
+from samplemix.io import mixture_shards as materialise
+from samplemix.io.mixture_shards import (
+    MIXTURE_SCHEMA,
+    bucket_count,
+    copy_keys,
+    gather,
+    part_bytes,
+    scatter,
+)
 
 COUNTS = np.array([0, 1, 3, 2], dtype=np.int64)
 EXPECTED = Counter({("b", 0): 1, ("c", 0): 1, ("c", 1): 1, ("c", 2): 1, ("d", 0): 1, ("d", 1): 1})
@@ -37,7 +45,15 @@ def docs_table(n: int = 4) -> pa.Table:
 def shuffle(tables: list[tuple[pa.Table, np.ndarray]], n_buckets: int, seed: int) -> list[pa.Table]:
     """scatter every (docs, counts) source shard, then gather bucket by bucket."""
     scattered = [scatter(docs, counts, n_buckets, seed) for docs, counts in tables]
-    return [gather([s[b] for s in scattered if b in s]) for b in range(n_buckets)]
+    return [part([s[b] for s in scattered if b in s]) for b in range(n_buckets)]
+
+
+def part(pieces: list[pa.Table]) -> pa.Table:
+    """The output shard ``gather`` gives for ``pieces``, read back from its bytes."""
+    data, rows = part_bytes(gather(pieces))
+    table = pq.read_table(io.BytesIO(data))
+    assert table.num_rows == rows
+    return table
 
 
 def rows(tables: list[pa.Table]) -> list[dict]:
@@ -124,12 +140,34 @@ def test_rerun_gives_identical_parquet() -> None:
     b = shuffle([(docs_table(), COUNTS)], 2, seed=11)
     for x, y in zip(a, b, strict=True):
         assert parquet_bytes(x) == parquet_bytes(y)
+    pieces = [scatter(docs_table(), COUNTS, 1, seed=11)[0]]
+    assert part_bytes(gather(pieces)) == part_bytes(gather(pieces))
 
 
 def test_nothing_selected() -> None:
     assert scatter(docs_table(), np.zeros(4, np.int64), 3, seed=0) == {}
-    empty = gather([])
+    assert list(gather([])) == []
+    empty = part([])
     assert empty.num_rows == 0 and empty.schema == MIXTURE_SCHEMA
+
+
+def test_a_part_written_in_slices_is_the_part_sorted_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each slice is a row group; together they are the bucket sorted by key, id, copy."""
+    counts = np.array([3, 1, 4, 2, 5, 1, 2, 3, 1, 2])
+    (whole,) = shuffle([(docs_table(10), counts)], 1, seed=5)
+    assert whole.num_rows == counts.sum() == 24
+    monkeypatch.setattr(materialise, "SLICE_BYTES", 100)  # a few rows per slice
+    scattered = scatter(docs_table(10), counts, 1, seed=5)[0]
+    slices = list(gather([scattered.slice(0, 10), scattered.slice(10)]))
+    assert len(slices) > 3
+    data, rows = part_bytes(slices)
+    assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == len(slices)
+    assert pq.read_table(io.BytesIO(data)).equals(whole)
+    # The order, derived here: by key, then id, then copy.
+    sort = scattered.sort_by([("key", "ascending"), ("id", "ascending"), ("copy", "ascending")])
+    assert whole.column("id").to_pylist() == sort.column("id").to_pylist()
 
 
 @pytest.mark.parametrize(

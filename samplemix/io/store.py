@@ -504,7 +504,10 @@ class Output(Location):
         return self.root
 
     def put_table(self, name: str, table: pa.Table) -> None:
-        self._write(f"{self._base}/{name}", parquet_bytes(table))
+        self.put_bytes(name, parquet_bytes(table))
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self._write(f"{self._base}/{name}", data)
 
     def manifest(self) -> dict[str, Any] | None:
         return self._json(f"{self._base}/{self.MANIFEST}")

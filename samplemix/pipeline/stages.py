@@ -750,9 +750,10 @@ def run_gather(bucket: int, counts_keys: list[Key], out: Output, store: Store, k
     """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it
     (``key``: the output's, which the output's manifest records). Summary: rows."""
     name = f"bucket-{bucket:05d}.parquet"
-    table = materialise.gather([store.get_table(ck, name) for ck in counts_keys])
-    out.put_table(f"mixture/part-{bucket:05d}.parquet", table)
-    return {"rows": table.num_rows}
+    slices = materialise.gather([store.get_table(ck, name) for ck in counts_keys])
+    data, rows = materialise.part_bytes(slices)
+    out.put_bytes(f"mixture/part-{bucket:05d}.parquet", data)
+    return {"rows": rows}
 
 
 def run_publish(
