@@ -17,10 +17,10 @@ from prefect.states import Completed, State
 
 from samplemix.evaluation.stages import EVALUATION
 from samplemix.io.store import Store, transient
-from samplemix.pipeline.graph import GRAPH, MATERIALISE, Call
+from samplemix.pipeline.graph import GRAPH, OUTPUT_STAGES, Call
 from samplemix.pipeline.walk import call_result
 
-STAGES = {s.name: s for s in (*GRAPH, MATERIALISE, *EVALUATION)}
+STAGES = {s.name: s for s in (*GRAPH, *OUTPUT_STAGES, *EVALUATION)}
 
 
 def _retryable(task: object, task_run: object, state: State) -> bool:

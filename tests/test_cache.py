@@ -148,6 +148,8 @@ def test_cold_plan_computes_everything(history: dict) -> None:
         "budget": 1,
         "counts": 6,
         "materialise": history["cold"]["mixture_parts"],
+        "publish-plan": 6,
+        "publish-rejects": 1,
     }
 
 
@@ -253,7 +255,7 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
     env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     res = runner.invoke(app, ["plan", str(path)], env=env)
     assert res.exit_code == 0, res.output
-    assert "0 of 47 tasks to compute, 47 from the store" in res.output
+    assert "0 of 55 tasks to compute, 55 from the store" in res.output
 
     res = runner.invoke(app, ["status", "s3://mix/out", "--config", str(path)], env=env)
     assert res.exit_code == 0, res.output
@@ -273,7 +275,7 @@ def test_cli_plan_status_and_gc(history: dict, moto: MotoServer) -> None:
     res = runner.invoke(app, ["gc", str(path), "--min-age-hours", "0", "--delete"], env=env)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["plan", str(path)], env=env)
-    assert "0 of 47 tasks to compute" in res.output  # gc kept all the config needs
+    assert "0 of 55 tasks to compute" in res.output  # gc kept all the config needs
     p = planned(history["configs"]["cold"])  # the heuristic scores are gone now
     assert p["quality"] == [(7, "compute", "config changed: quality.model, quality.scorer")]
 

@@ -98,8 +98,14 @@ def test_two_runs_on_one_output_take_turns(clean: Path, tmp_path: Path, cluster:
         time.sleep(0.1)
     cfg = tiny_config(clean / "corpus", out, **cluster)
     cfg.output.lease_wait_s = 0
-    with pytest.raises(StoreError, match="is being written by another run"):
-        run_mix(cfg)
+    # Paused, the first run holds its lease however quick its compute is on this machine
+    # (its process stays alive and its lease unexpired for the few seconds it takes).
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreError, match="is being written by another run"):
+            run_mix(cfg)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     cfg.output.lease_wait_s = 600
     second = run_mix(cfg)
     assert first.wait(timeout=60) == 0
@@ -123,7 +129,13 @@ def test_two_runs_sharing_a_store_at_once(clean: Path, tmp_path: Path, cluster: 
     )
     third = run_mix(cfg)
     computed = {stage: n for stage, n in third["computed"].items() if n}
-    assert computed == {"materialise": third["mixture_parts"]}  # only its own output
+    # Only its own output: the mixture's parts, the plan shard by shard and the rejects.
+    shards = third["computed"]["tokens"] + third["cached"]["tokens"]
+    assert computed == {
+        "materialise": third["mixture_parts"],
+        "publish-plan": shards,
+        "publish-rejects": 1,
+    }
     assert file_bytes(tmp_path / "c" / "mixture") == file_bytes(clean / "clean" / "mixture")
 
 

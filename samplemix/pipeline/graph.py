@@ -9,7 +9,8 @@ Three walkers read ``GRAPH`` (pipeline/walk.py): the Prefect flow (flows/mix.py)
 Adding a stage is one declaration here plus its function in pipeline/stages.py.
 
 ``MATERIALISE`` writes the mixture's parts into the output, not the store, so it is not
-in ``GRAPH``: the runners start it once the graph is walked (pipeline/walk.py).
+in ``GRAPH``: the runners start it, and the ``PUBLISH_*`` stages that write the plan
+and the rejects beside it, once the graph is walked (``OUTPUT_STAGES``, pipeline/walk.py).
 """
 
 from __future__ import annotations
@@ -313,5 +314,13 @@ def made_by_runner(w: Walk) -> list[Call]:
     raise TypeError("this stage's calls are made by the code that runs it, not by a walk")
 
 
-# Its calls depend on the output's state (walk.build makes them).
+# Their calls depend on the output's state (walk.build makes them).
 MATERIALISE = Stage("materialise", False, ("counts", "budget"), made_by_runner, stages.run_gather)
+# The per-document plan, shard by shard, and the rejects: on workers, so that the flow
+# moves no data whatever the corpus's size.
+PUBLISH_PLAN = Stage("publish-plan", True, ("counts",), made_by_runner, stages.run_publish_plan)
+PUBLISH_REJECTS = Stage(
+    "publish-rejects", False, ("tokens", "ids"), made_by_runner, stages.run_publish_rejects
+)
+#: The stages that write the output, in the order a run starts them.
+OUTPUT_STAGES = (MATERIALISE, PUBLISH_PLAN, PUBLISH_REJECTS)

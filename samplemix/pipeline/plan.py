@@ -20,11 +20,11 @@ from samplemix.config import Config
 from samplemix.io.corpus import discover_shards
 from samplemix.io.store import Key, Output, Store
 from samplemix.pipeline import keys
-from samplemix.pipeline.graph import GRAPH, MATERIALISE, Call, Stage
+from samplemix.pipeline.graph import GRAPH, MATERIALISE, OUTPUT_STAGES, Call, Stage
 from samplemix.pipeline.walk import walk
 from samplemix.scoring.models import model_fingerprint
 
-STAGES = (*keys.STAGES, "materialise")
+STAGES = (*keys.STAGES, *(s.name for s in OUTPUT_STAGES))
 UPSTREAM = {s.name for s in GRAPH} - {"counts"}  # the stages whose keys others' keys name
 
 
@@ -124,6 +124,8 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     current = out.current(output)
     reason = "unchanged" if current else f"output at {out.url} is from another run or incomplete"
     recorder.steps.append(Step("materialise", None, current, reason, output))
+    recorder.steps += [Step("publish-plan", s.shard_id, current, reason, output) for s in shards]
+    recorder.steps.append(Step("publish-rejects", None, current, reason, output))
     return recorder.steps
 
 

@@ -756,14 +756,20 @@ def run_gather(bucket: int, counts_keys: list[Key], out: Output, store: Store, k
     return {"rows": rows}
 
 
-def run_publish(
-    counts_keys: list[Key], tokens_keys: list[Key], ids: Key, store: Store, out: Output
+def run_publish_plan(part: int, counts: Key, out: Output, store: Store, key: Key) -> dict:
+    """Copy one shard's per-document plan (``counts``) to plan/part-{part:05d}.parquet
+    (``key``: the output's). Summary: rows."""
+    plan = store.get_table(counts, "plan.parquet")
+    out.put_table(f"plan/part-{part:05d}.parquet", plan)
+    return {"rows": plan.num_rows}
+
+
+def run_publish_rejects(
+    tokens_keys: list[Key], ids: Key, out: Output, store: Store, key: Key
 ) -> dict:
-    """Write the per-document plan (one part per source shard, in shard order), all
-    rejects in (shard, row) order, duplicates dropped included, and the duplicate-id
-    table (drops and renames). Summary: plan_parts, rejects."""
-    for i, ck in enumerate(counts_keys):
-        out.put_table(f"plan/part-{i:05d}.parquet", store.get_table(ck, "plan.parquet"))
+    """Write all rejects in (shard, row) order, duplicates dropped included, and the
+    duplicate-id table (drops and renames) (``key``: the output's). Holds every
+    rejected row at once. Summary: rows (rejects)."""
     dups = store.get_table(ids, "duplicates.parquet")
     out.put_table("rejects/duplicate_ids.parquet", dups)
     drops = dups.filter(pc.equal(dups.column("action"), "drop")).to_pydict()
@@ -786,4 +792,4 @@ def run_publish(
     shard_order = np.array([order[s] for s in rejects.column("shard").to_pylist()], dtype=np.int64)
     rejects = rejects.take(np.lexsort((rejects.column("row").to_numpy(), shard_order)))
     out.put_table("rejects/rejects.parquet", rejects)
-    return {"plan_parts": len(counts_keys), "rejects": rejects.num_rows}
+    return {"rows": rejects.num_rows}

@@ -163,12 +163,19 @@ def run_report_inputs(w: Walk, passed_over: list[PassedOver]):  # noqa: ANN201 -
 
 
 def run_summary(
-    w: Walk, inputs: ReportInputs, mixture: list[dict], warnings: list[str], out: Output, key: Key
+    w: Walk,
+    inputs: ReportInputs,
+    written: dict[str, list[dict]],
+    warnings: list[str],
+    out: Output,
+    key: Key,
 ) -> dict:
     """The run summary sealed into the output's manifest: budget figures, counts, the
-    files written and, per stage, tasks computed vs served from the store."""
+    files written and, per stage (``written``: the output stages' results, by stage),
+    tasks computed vs served from the store."""
     tok = w.summaries("tokens")
-    results = {name: w.summaries(name) for name in w.calls} | {"materialise": mixture}
+    mixture = written["materialise"]
+    results = {name: w.summaries(name) for name in w.calls} | written
     artifacts = {str(c.key) for calls in w.calls.values() for c in calls}
     return {
         "target_tokens": inputs.target_tokens,

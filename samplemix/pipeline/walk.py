@@ -23,8 +23,17 @@ from typing import Any, Protocol
 from samplemix.config import Config
 from samplemix.io.corpus import Shard, discover, passed_over_lines
 from samplemix.io.store import Key, Output, Store
-from samplemix.pipeline import keys, stages, summary
-from samplemix.pipeline.graph import GRAPH, GRAPH_BY_NAME, MATERIALISE, Call, Stage, Unknown
+from samplemix.pipeline import keys, summary
+from samplemix.pipeline.graph import (
+    GRAPH,
+    GRAPH_BY_NAME,
+    MATERIALISE,
+    PUBLISH_PLAN,
+    PUBLISH_REJECTS,
+    Call,
+    Stage,
+    Unknown,
+)
 from samplemix.scoring.models import model_fingerprint
 
 Log = logging.Logger | logging.LoggerAdapter
@@ -161,19 +170,31 @@ class Built:
     fresh: bool
 
 
-def _materialise(w: Walk, out: Output, out_key: Key, fresh: bool) -> list[dict]:
-    """The mixture's parts: each written from the counts artifacts holding copies in
-    it, or, when the output is current (not ``fresh``), served from its manifest."""
+def _write_output(w: Walk, out: Output, out_key: Key, fresh: bool) -> dict[str, list[dict]]:
+    """Per output stage (``OUTPUT_STAGES``), its calls' results: the mixture's parts,
+    each written from the counts artifacts holding copies in it, the plan shard by
+    shard and the rejects, all started together. When the output is current (not
+    ``fresh``) every call is served as cached, the parts' rows from its manifest."""
     buckets = w.summary("budget")["buckets"]
     holders: dict[int, list[Key]] = {b: [] for b in range(buckets)}
     for k, c in zip(w.keys("counts"), w.summaries("counts"), strict=True):
         for b in c["buckets"]:
             holders[b].append(k)
-    calls = [Call(out_key, f"part-{b:05d}", (b, holders[b], out)) for b in range(buckets)]
+    parts = [Call(out_key, f"part-{b:05d}", (b, holders[b], out)) for b in range(buckets)]
     rows = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
-    cached = [None if rows is None else {"rows": rows[b]} for b in range(buckets)]
-    handle = w.executor.submit(MATERIALISE, calls, cached)
-    return w.executor.collect(MATERIALISE, handle)  # type: ignore[return-value]
+    counts = enumerate(zip(w.shards, w.keys("counts"), strict=True))
+    rejects = (w.keys("tokens"), w.keys("ids")[0], out)
+    calls = {
+        MATERIALISE: parts,
+        PUBLISH_PLAN: [Call(out_key, s.shard_id, (i, k, out)) for i, (s, k) in counts],
+        PUBLISH_REJECTS: [Call(out_key, "all", rejects)],
+    }
+    # A current output's files are all there: every call is served (cached), none runs.
+    cached = {stage: [None if fresh else {}] * len(c) for stage, c in calls.items()}
+    if rows is not None:
+        cached[MATERIALISE] = [{"rows": n} for n in rows]
+    handles = {stage: w.executor.submit(stage, c, cached[stage]) for stage, c in calls.items()}
+    return {s.name: w.executor.collect(s, h) for s, h in handles.items()}  # type: ignore[misc]
 
 
 def build(cfg: Config, store: Store, out: Output, executor: Executor, log: Log) -> Built:
@@ -189,9 +210,7 @@ def build(cfg: Config, store: Store, out: Output, executor: Executor, log: Log) 
     fresh = not out.current(out_key)
     if fresh:
         out.clear()
-    mixture = _materialise(w, out, out_key, fresh)
-    if fresh:
-        stages.run_publish(w.keys("counts"), w.keys("tokens"), w.keys("ids")[0], store, out)
+    written = _write_output(w, out, out_key, fresh)
     inputs = summary.run_report_inputs(w, found.passed_over)
     from samplemix.reporting import run_report  # matplotlib: imported once the report is due
 
@@ -200,7 +219,7 @@ def build(cfg: Config, store: Store, out: Output, executor: Executor, log: Log) 
     warnings = run_report.run_warnings(inputs)
     for line in warnings:
         log.warning(line)
-    totals = summary.run_summary(w, inputs, mixture, warnings, out, out_key)
+    totals = summary.run_summary(w, inputs, written, warnings, out, out_key)
     out.seal(out_key, totals)
     log.info(
         "mixture: %d rows in %d parts; %d of %d target tokens (σ = %.0f)",
