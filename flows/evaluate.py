@@ -154,10 +154,11 @@ def _evaluate_mixtures(
     }
     calls, which = [], []
     seeds = cfg.evaluate.seeds if proxies else []
+    resolved = ev.proxy_config(cfg)  # the device's preset fills the unset fields
     for name, (source, docs) in arms.items():
         mix = mixes[source]
         for seed in seeds:
-            proxy = cfg.evaluate.proxy.model_copy(update={"seed": seed})
+            proxy = resolved.model_copy(update={"seed": seed})
             key = ev.proxy_key(mix["mixture_key"], sets_key, proxy, docs)
             args = (mix["output"], tok_key, sets_key, proxy, cfg, docs)
             calls.append(Call(key, f"{name}/seed-{seed}", args))
@@ -186,20 +187,24 @@ def _evaluate_mixtures(
     if ngram:
         settings["n-gram instrument"] = (
             f"interpolated Kneser–Ney, order {cfg.evaluate.ngram_order} (and 1, 2), on "
-            f"{cfg.evaluate.proxy.steps * cfg.evaluate.proxy.tokens_per_step:,} tokens"
+            f"{resolved.tokens_trained:,} tokens"
         )
     return mixes, runs, ngram, settings
 
 
 def _proxy_settings(cfg: Config, first: dict) -> dict[str, str]:
     """The report's settings lines on the proxies, from one proxy run's summary."""
-    p = cfg.evaluate.proxy
+    p = ev.proxy_config(cfg)
+    rates = f"AdamW lr {p.lr:g} (embeddings {p.embedding_lr:g}"
+    rates += ")" if p.tie_embeddings else f", untied head {p.head_lr:g})"
+    if p.optimizer == "muon":
+        rates += f", Muon {p.muon_lr:g} on the blocks' matrices"
     return {
         "proxy": f"{p.n_layer} layers, {p.n_head} heads, width {p.d_model}, "
-        f"{first['n_params']:,} parameters",
+        f"{first['n_params']:,} parameters ({p.preset} preset)",
         "training tokens": f"{first['tokens_trained']:,} ({first['steps']} steps of "
         f"{p.batch_size} × {p.seq_len})",
-        "schedule": f"lr {p.lr:g}, warmup {p.warmup_frac:g}, cosine to {p.min_lr_ratio:g}×",
+        "schedule": f"{rates}; warmup {p.warmup_frac:g}, cosine to {p.min_lr_ratio:g}×",
         "seeds": ", ".join(map(str, cfg.evaluate.seeds)),
         "device": first["device"],
     }
@@ -220,7 +225,7 @@ def _ngram_runs(
     if not order:
         return []
     store = keys.store_for(cfg)
-    tokens = cfg.evaluate.proxy.steps * cfg.evaluate.proxy.tokens_per_step  # the proxy's
+    tokens = ev.proxy_config(cfg).tokens_trained  # the proxy's
     calls = []
     for name, (source, docs) in arms.items():
         mix = mixes[source]

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from samplemix.config import ProxyConfig
+from samplemix.config import PROXY_PRESETS, ConfigError, ProxyConfig
+from samplemix.evaluation import stages as ev
 from samplemix.evaluation.proxy import (
     EOT,
     GPT,
+    Muon,
     cosine_lr,
     eval_loss,
     load_tokenizer,
@@ -21,6 +23,7 @@ from samplemix.evaluation.proxy import (
     train_proxy,
     train_tokenizer,
 )
+from samplemix.io.store import artifact_key
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,7 +166,8 @@ def test_eval_loss_is_token_weighted(trained, tok) -> None:  # noqa: ANN001
 
 def test_model_is_causal(tok) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = GPT(tiny_cfg(tok), tok.vocab_size).eval()
+    cfg = tiny_cfg(tok, tie_embeddings=True, zero_init=False).resolved("cpu")
+    model = GPT(cfg, tok.vocab_size).eval()
     a = torch.randint(0, tok.vocab_size, (1, 16))
     b = a.clone()
     b[0, 10:] = (b[0, 10:] + 1) % tok.vocab_size
@@ -174,6 +178,20 @@ def test_model_is_causal(tok) -> None:  # noqa: ANN001
     torch.testing.assert_close(la[0, :10], lb[0, :10])
     assert not torch.allclose(la[0, 10:], lb[0, 10:])
     assert model.head.weight is model.wte.weight
+    with pytest.raises(ValueError, match="resolved"):
+        GPT(tiny_cfg(tok), tok.vocab_size)  # the preset fields are still unset
+
+
+def test_untied_zero_init_model(tok) -> None:  # noqa: ANN001
+    cfg = tiny_cfg(tok).resolved("cpu")  # the cpu preset: untied head, zero init
+    model = GPT(cfg, tok.vocab_size)
+    assert model.head.weight is not model.wte.weight
+    assert not model.head.weight.any()
+    assert all(not b.attn.proj.weight.any() and not b.proj.weight.any() for b in model.blocks)
+    assert float(model.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+    d, v = cfg.d_model, tok.vocab_size
+    tied = GPT(cfg.model_copy(update={"tie_embeddings": True}), v)
+    assert model.num_params() == tied.num_params() + v * d
 
 
 # (e) schedule --------------------------------------------------------------------------
@@ -189,10 +207,13 @@ def test_cosine_schedule_by_hand() -> None:
     assert cosine_lr(99, total, warm, lr, 0.1) == pytest.approx(1e-4)  # last step: min_lr
     assert cosine_lr(0, 10, 0, lr, 0.0) == pytest.approx(1e-3)  # no warmup
 
-    cfg = ProxyConfig(tokens="2M")
-    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.seq_len) == (2, 8, 256, 256)
-    assert cfg.steps == math.ceil(2_000_000 / 4096) == 489  # rounded up to whole steps
-    assert cfg.warmup_steps == 24  # floor(0.05 * 489)
+    cfg = ProxyConfig(tokens="2M").resolved("cpu")
+    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.seq_len) == (2, 8, 256, 64)
+    assert cfg.steps == math.ceil(2_000_000 / 256) == 7813  # rounded up to whole steps
+    assert cfg.tokens_trained == 7813 * 256
+    assert cfg.warmup_steps == 390  # floor(0.05 * 7813)
+    with pytest.raises(ValueError, match="resolved"):
+        ProxyConfig(tokens="2M").steps  # noqa: B018 - seq_len, batch_size are the preset's
     with pytest.raises(ValueError):
         ProxyConfig(d_model=100, n_head=8)
     with pytest.raises(ValueError):
@@ -247,3 +268,96 @@ def test_cuda_run(tok) -> None:  # noqa: ANN001
     losses = [loss for _, loss in res.loss_curve]
     assert losses[-1] < 0.8 * losses[0]
     assert res.eval_losses["A"] < math.log(tok.vocab_size)
+
+
+# (g) device presets ------------------------------------------------------------------
+
+
+def gpt_params(n_layer: int, d: int, seq_len: int, vocab: int, tied: bool) -> int:
+    """Parameters of ``GPT`` from its layer shapes: per block two LayerNorms (2·2d), qkv
+    (3d²), the attention projection (d²), the MLP (4d² in, 4d² out); token and position
+    embeddings; the final LayerNorm; an untied head (vocab·d)."""
+    block = 4 * d + 3 * d * d + d * d + 8 * d * d
+    return n_layer * block + vocab * d + seq_len * d + 2 * d + (0 if tied else vocab * d)
+
+
+def test_presets_resolve_by_device() -> None:
+    cfg = ProxyConfig()
+    cpu, gpu, gpu1 = cfg.resolved("cpu"), cfg.resolved("cuda"), cfg.resolved("cuda:1")
+    assert (cpu.preset, cpu.device, gpu.preset, gpu.device) == ("cpu", "cpu", "gpu", "cuda")
+    assert gpu1.preset == "gpu" and gpu1.device == "cuda:1"
+    for got, kind in ((cpu, "cpu"), (gpu, "gpu")):
+        assert got.is_resolved
+        assert {k: getattr(got, k) for k in PROXY_PRESETS[kind]} == PROXY_PRESETS[kind]
+    assert not cfg.is_resolved and cfg.n_layer is None  # the config itself is unchanged
+    assert cpu != gpu
+    assert cpu.resolved("cuda") == cpu  # resolving again keeps the preset and the device
+    assert ProxyConfig(preset="cpu").resolved("cuda").d_model == cpu.d_model
+    assert ProxyConfig(preset="gpu").resolved("cpu").d_model == gpu.d_model
+
+
+def test_explicit_fields_win_over_the_preset() -> None:
+    mine = {"n_layer": 3, "seq_len": 128, "tokens": "50k", "lr": 3e-4, "tie_embeddings": True}
+    for device in ("cpu", "cuda"):
+        got = ProxyConfig(**mine, device="cpu").resolved(device)
+        assert (got.n_layer, got.seq_len, got.tokens, got.lr) == (3, 128, 50_000, 3e-4)
+        assert got.tie_embeddings and got.device == "cpu"  # an explicit device stays
+    assert ProxyConfig(n_layer=3).resolved("cuda").d_model == PROXY_PRESETS["gpu"]["d_model"]
+    with pytest.raises(ConfigError, match="n_head=8 must divide d_model=100"):
+        ProxyConfig(d_model=100).resolved("cpu")
+
+
+def test_gpu_preset_size_and_tokens() -> None:
+    gpu = ProxyConfig().resolved("cuda")
+    vocab = 4096  # evaluate.vocab_size's default
+    want = gpt_params(gpu.n_layer, gpu.d_model, gpu.seq_len, vocab, gpu.tie_embeddings)
+    assert want >= 15_000_000
+    with torch.device("meta"):  # shapes only
+        assert GPT(gpu, vocab).num_params() == want
+    assert gpu.tokens_trained == pytest.approx(20 * want, rel=0.02)  # ~20 tokens/parameter
+    assert gpu.seq_len >= 512 and gpu.dtype == "auto"  # bf16 autocast on CUDA
+    cpu = ProxyConfig().resolved("cpu")
+    assert GPT(cpu, vocab).num_params() == gpt_params(2, 256, 64, vocab, tied=False)
+
+
+def test_proxy_key_differs_between_presets() -> None:
+    sets = artifact_key("evalsets", "1", x=1)
+    cfg = ProxyConfig(tokens="100k")
+    cpu, gpu = cfg.resolved("cpu"), cfg.resolved("cuda")
+    assert ev.proxy_key("m", sets, cpu) != ev.proxy_key("m", sets, gpu)
+    assert ev.proxy_key("m", sets, cpu) == ev.proxy_key("m", sets, cfg.resolved("cpu"))
+    # the same values set by hand, on the same device, share the result
+    by_hand = ProxyConfig(**PROXY_PRESETS["cpu"] | {"tokens": "100k"}, preset="cpu", device="cpu")
+    assert ev.proxy_key("m", sets, by_hand) == ev.proxy_key("m", sets, cpu)
+    with pytest.raises(ValueError, match="resolved"):
+        ev.proxy_key("m", sets, cfg)
+
+
+def test_the_flow_resolves_on_the_proxy_device() -> None:
+    from samplemix.config import load_config
+
+    def resolved(**over: object):  # noqa: ANN202
+        return ev.proxy_config(load_config(None, {"corpus.input": "c", **over}))
+
+    assert resolved().preset == "cpu" and resolved().device == "cpu"
+    assert resolved(**{"compute.gpus": 1}).preset == "gpu"
+    assert resolved(**{"compute.gpus": 1}).device == "cuda"
+    on_cpu = resolved(**{"compute.gpus": 1, "evaluate.proxy.device": "cpu"})
+    assert (on_cpu.preset, on_cpu.device) == ("cpu", "cpu")
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_matches_torch() -> None:
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours = Muon(a, lr=0.01)
+    theirs = torch.optim.Muon(b, lr=0.01, weight_decay=0.0, adjust_lr_fn="original")
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -2,20 +2,25 @@
 
 The small-scale analogue of comparing mixtures by training models (method.md §4):
 every candidate mixture trains the same small GPT (RegMix-like: 2 layers, 8 heads,
-width 256 by default) from scratch, with the same tokenizer, seed, schedule and
-number of training tokens, and is scored by its mean next-token loss on held-out
-documents (per domain and on a target set). Lower loss at equal tokens = better.
+width 256 on CPU; 8 layers of width 384 on a GPU) from scratch, with the same tokenizer,
+seed, schedule and number of training tokens, and is scored by its mean next-token loss
+on held-out documents (per domain and on a target set). Lower loss at equal tokens =
+better.
 
 Everything is plain PyTorch in this one file:
 
 - ``ProxyConfig`` (config.py, section ``evaluate.proxy``): model size, token budget,
-  optimiser and schedule, seed, device; the vocabulary comes from the tokenizer.
+  optimiser and schedule, seed, device; the vocabulary comes from the tokenizer. Fields
+  left unset take the preset of the device (``PROXY_PRESETS``, ``ProxyConfig.resolved``):
+  ``train_proxy`` resolves the config it is given on the device it runs on.
 - ``GPT``: token + learned position embeddings, pre-LN blocks with causal
-  ``scaled_dot_product_attention``, 4x GELU MLP, output head tied to the embedding.
+  ``scaled_dot_product_attention``, 4x GELU MLP, output head tied to the embedding or
+  its own matrix (``tie_embeddings``).
 - ``train_tokenizer`` / ``load_tokenizer``: byte-level BPE with the ``tokenizers``
   library (``<|endoftext|>`` is id 0), or any local Hugging Face fast tokenizer.
 - ``pack``: documents joined by end-of-text tokens and cut into windows.
-- ``train_proxy``: AdamW, linear warmup + cosine decay, grad clip 1.0, seeded.
+- ``train_proxy``: AdamW (or Muon for the blocks' matrices), linear warmup + cosine
+  decay, grad clip 1.0, seeded.
 - ``eval_loss``: token-weighted mean next-token loss over packed held-out documents.
 
 Packing. The stream is ``eot d1 eot d2 eot ... dn eot`` (empty documents are
@@ -35,13 +40,22 @@ the mixture, so every mixture trained with one config sees the same number of to
 
 Sampling. Training windows are drawn in a seeded random order without replacement;
 when all have been drawn a fresh permutation starts (an epoch). A mixture with fewer
-tokens than the budget is therefore cycled; ``ProxyResult.epochs`` says how many times
-(windows drawn / windows available).
+tokens than the budget is therefore cycled (repeat epochs, logged as a warning: the gpu
+preset's 320M tokens are more than a small mixture holds); ``ProxyResult.epochs`` says
+how many times (windows drawn / windows available).
+
+Optimisers. AdamW updates the embeddings (``embedding_lr``), an untied head
+(``head_lr``) and the norms (``lr``, no decay); the blocks' matrices get AdamW at ``lr``
+or, with ``optimizer: muon``, ``Muon`` at ``muon_lr``. Every rate follows one schedule.
 
 Determinism. ``torch.manual_seed(seed)`` before the model is built and a
 ``numpy.random.default_rng(seed)`` for the window order: on CPU the same seed, data
 and thread count give the identical loss curve. CUDA runs use bf16 autocast (config
 ``dtype``) and fused AdamW; they are seeded but not bit-reproducible.
+
+Evaluation batches hold at least 4,096 tokens (``max(batch_size, 4096 // seq_len)``
+windows): the CPU preset's 4-window steps would otherwise score the sets 4 windows at a
+time.
 """
 
 from __future__ import annotations
@@ -142,10 +156,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A small decoder-only transformer (nanoGPT-style, no dropout, no linear biases)."""
+    """A small decoder-only transformer (nanoGPT-style, no dropout, no linear biases).
+    ``cfg``: a resolved ProxyConfig (``ProxyConfig.resolved``)."""
 
     def __init__(self, cfg: ProxyConfig, vocab_size: int) -> None:
         super().__init__()
+        if not cfg.is_resolved:
+            raise ValueError("GPT needs a resolved ProxyConfig: cfg.resolved(device)")
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
@@ -153,12 +170,21 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.head.weight = self.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
         # GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
+        if cfg.zero_init:  # after drawing every matrix, so the others keep their values
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight") or (name == "head.weight"):
+                    nn.init.zeros_(p)
+
+    def block_matrices(self) -> list[nn.Parameter]:
+        """The blocks' 2-D weights (attention and MLP): Muon's share with optimizer muon."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
 
     def num_params(self) -> int:
         """Parameters, counting the tied embedding once."""
@@ -403,7 +429,7 @@ class ProxyResult:
     loss_curve: list[tuple[int, float]]  # (steps done, mean train loss since the last point)
     eval_losses: dict[str, float] = field(default_factory=dict)  # nats per token
     steps: int = 0
-    tokens_trained: int = 0  # steps * batch_size * seq_len
+    tokens_trained: int = 0  # steps * batch_size * seq_len (ProxyConfig.tokens_trained)
     train_windows: int = 0  # packed windows available
     epochs: float = 0.0  # windows drawn / windows available (> 1: the mixture was cycled)
     n_params: int = 0
@@ -411,15 +437,70 @@ class ProxyResult:
     seconds: float = 0.0
 
 
-def _optimizer(model: GPT, cfg: ProxyConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+#: Newton–Schulz quintic coefficients of Muon (Keller Jordan's, as torch.optim.Muon).
+_NS = (3.4445, -4.775, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's approximate orthogonalisation of a 2-D ``g``: ``steps`` Newton–Schulz
+    iterations in bf16 on ``g / ||g||_F`` (singular values pushed towards ~1)."""
+    a, b, c = _NS
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: Nesterov momentum, then the update orthogonalised
+    (``orthogonalize``) and scaled by ``sqrt(max(1, rows / cols))``; no weight decay.
+    The same steps as ``torch.optim.Muon(adjust_lr_fn='original', weight_decay=0)`` of
+    torch >= 2.9, here so that any torch >= 2.2 trains the same proxy."""
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.95) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                update = orthogonalize(p.grad.lerp(buf, mu))
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+
+
+def _optimizers(model: GPT, cfg: ProxyConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for the embeddings, an untied head, the norms (and the block matrices with
+    optimizer 'adamw'); Muon for the block matrices with optimizer 'muon'. Each group
+    keeps its peak rate as ``peak_lr`` for the schedule."""
+    embeddings = [model.wte.weight, model.wpe.weight]
+    head = [] if cfg.tie_embeddings else [model.head.weight]
+    matrices = model.block_matrices()
+    norms = [p for p in model.parameters() if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": embeddings, "weight_decay": cfg.weight_decay, "peak_lr": cfg.embedding_lr},
+        {"params": norms, "weight_decay": 0.0, "peak_lr": cfg.lr},
     ]
+    if head:
+        groups.append({"params": head, "weight_decay": cfg.weight_decay, "peak_lr": cfg.head_lr})
+    if cfg.optimizer == "adamw":
+        groups.append({"params": matrices, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr})
     fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    ]
+    if cfg.optimizer == "muon":
+        opts.append(Muon([{"params": matrices, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr))
+    return opts
 
 
 def train_proxy(
@@ -432,7 +513,12 @@ def train_proxy(
     eval_batch_size: int | None = None,
 ) -> ProxyResult:
     """Train a fresh ``GPT`` on ``cfg.steps`` batches of packed ``train_ids`` windows,
-    then score each eval set with ``eval_loss``.
+    then score each eval set with ``eval_loss``. ``cfg`` is resolved on its device first
+    (``ProxyConfig.resolved``: unset fields take that device's preset); the result's
+    ``config`` is the resolved one.
+
+    A mixture with fewer windows than the steps draw is cycled (repeat epochs): the
+    result's ``epochs`` says how many, and a warning is logged.
 
     ``train_ids``: token ids per document (the mixture, in any order), each id in
     [0, vocab_size); ``eot_id`` joins documents (``pack``). ``loss_curve``
@@ -444,6 +530,7 @@ def train_proxy(
         raise ValueError("log_every must be >= 1")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    cfg = cfg.resolved(str(device))
     amp = _amp_dtype(cfg.dtype, device)
     if not 0 <= eot_id < vocab_size:
         raise ValueError(f"eot_id={eot_id} is outside vocab_size={vocab_size}")
@@ -451,41 +538,56 @@ def train_proxy(
     if len(windows) == 0:
         raise ValueError(f"training data is shorter than one window of {cfg.seq_len + 1} tokens")
     _check_ids(windows, vocab_size, "training data")
+    steps, warmup = cfg.steps, cfg.warmup_steps
+    epochs = steps * cfg.batch_size / len(windows)
+    if epochs > 1:
+        log.warning(
+            "proxy: the mixture holds %d windows of %d tokens (%d tokens), fewer than the "
+            "%d the budget draws (%d tokens, %s preset): it is cycled %.2f times",
+            len(windows),
+            cfg.seq_len,
+            len(windows) * cfg.seq_len,
+            steps * cfg.batch_size,
+            cfg.tokens_trained,
+            cfg.preset,
+            epochs,
+        )
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
     model.train()
-    opt = _optimizer(model, cfg, device)
-    steps, warmup = cfg.steps, cfg.warmup_steps
+    opts = _optimizers(model, cfg, device)
     batches = _batch_indices(len(windows), cfg.batch_size, rng)
     curve: list[tuple[int, float]] = []
     running = torch.zeros((), device=device)
     since = 0
     for step in range(steps):
-        lr = cosine_lr(step, steps, warmup, cfg.lr, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        scale = cosine_lr(step, steps, warmup, 1.0, cfg.min_lr_ratio)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * scale
         x, y = _to_xy(windows[next(batches)], device, eot_id)
         with _autocast(device, amp):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         running += loss.detach().float()
         since += 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
             curve.append((step + 1, float(running) / since))
+            lr = cfg.lr * scale
             log.info("proxy step %d/%d loss %.4f lr %.2e", step + 1, steps, curve[-1][1], lr)
             running.zero_()
             since = 0
 
     model.eval()
+    eval_batch = eval_batch_size or max(cfg.batch_size, 4096 // cfg.seq_len)
     evals = {
-        name: eval_loss(
-            model, ids, cfg.seq_len, eot_id, eval_batch_size or cfg.batch_size, device, amp
-        )
+        name: eval_loss(model, ids, cfg.seq_len, eot_id, eval_batch, device, amp)
         for name, ids in (eval_sets or {}).items()
     }
     return ProxyResult(
@@ -494,9 +596,9 @@ def train_proxy(
         loss_curve=curve,
         eval_losses=evals,
         steps=steps,
-        tokens_trained=steps * cfg.tokens_per_step,
+        tokens_trained=cfg.tokens_trained,
         train_windows=len(windows),
-        epochs=steps * cfg.batch_size / len(windows),
+        epochs=epochs,
         n_params=model.num_params(),
         device=str(device),
         seconds=time.perf_counter() - t0,

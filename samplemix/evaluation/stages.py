@@ -17,7 +17,8 @@ Artifacts live in the run's store next to the mix stages but are not among them,
 ``samplemix gc`` (which removes what no mix config uses) leaves them alone:
 ``proxytok/{key}`` the trained tokenizer; ``evalsets/{key}`` the evaluation sets as token
 ids; ``proxy/{key}`` one proxy run's losses, keyed by (mixture key, evaluation sets,
-proxy config with its seed). A rerun trains only the proxies it has not trained.
+proxy config resolved on its device, with its seed: ``proxy_config``). A rerun trains
+only the proxies it has not trained.
 
 No Prefect here: flows/evaluate.py orchestrates, samplemix/reporting/evaluation_report.py presents.
 """
@@ -47,7 +48,8 @@ from samplemix.pipeline.graph import Stage, made_by_runner
 from samplemix.reporting.compare import read_plan
 from samplemix.scoring.models import model_fingerprint, set_torch_threads
 
-VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "1", "ngram": "1"}
+# proxy 2: device presets (ProxyConfig.resolved), untied head, Muon.
+VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "2", "ngram": "1"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
 DOMAIN = "domain/"
 TARGET = "target"
@@ -316,9 +318,29 @@ def mixture_token_ids(
     return [encoded[doc] for doc in ids]
 
 
+def proxy_device(cfg: Config) -> str:
+    """The device the evaluate flow trains proxies on: ``evaluate.proxy.device``, or for
+    'auto' CUDA when ``compute.gpus`` > 0 (the proxy stage then runs on a GPU worker,
+    one proxy per GPU) and the CPU otherwise."""
+    device = cfg.evaluate.proxy.device
+    if device != "auto":
+        return device
+    return "cuda" if cfg.compute.gpus > 0 else "cpu"
+
+
+def proxy_config(cfg: Config) -> ProxyConfig:
+    """``evaluate.proxy`` resolved on ``proxy_device``: unset fields take that device's
+    preset (``ProxyConfig.resolved``). What the flow trains, keys and fits n-grams on."""
+    return cfg.evaluate.proxy.resolved(proxy_device(cfg))
+
+
 def proxy_key(mixture: str, evalsets: Key, proxy: ProxyConfig, docs: int | None = None) -> Key:
     """``mixture``: the mix run's ``mixture_key`` (it fixes the mixture's content);
-    ``docs``: train on the mixture's first ``docs`` rows only (a ``repeat`` control)."""
+    ``proxy``: resolved (``proxy_config``), so the key holds the preset's values and the
+    device, and a CPU and a GPU run never share a result; ``docs``: train on the
+    mixture's first ``docs`` rows only (a ``repeat`` control)."""
+    if not proxy.is_resolved:
+        raise ValueError("proxy_key needs a resolved ProxyConfig (stages.proxy_config)")
     extra = {} if docs is None else {"docs": docs}  # keys of every other run stay as they were
     return artifact_key(
         "proxy",
@@ -343,6 +365,17 @@ def objective(losses: Mapping[str, float]) -> dict[str, float | None]:
     }
 
 
+def arm_inputs(
+    output: str, tokenizer: Key, evalsets: Key, cfg: Config, docs: int | None, store: Store
+) -> tuple[ProxyTokenizer, list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """What a proxy run and an n-gram fit start from: the tokenizer, the token ids of the
+    mixture under ``output`` (its first ``docs`` rows; all with None) and the evaluation
+    sets ({name: token ids per document})."""
+    tok = load_proxy_tokenizer(store, tokenizer, cfg)
+    train = mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))[:docs]
+    return tok, train, load_evalsets(store, evalsets)
+
+
 def run_proxy(
     output: str,
     tokenizer: Key,
@@ -356,14 +389,14 @@ def run_proxy(
     """Train one proxy on the mixture under ``output`` and score it on the evaluation sets.
     ``docs``: train on the mixture's first ``docs`` rows only, cycled for the same training
     tokens (rows are globally shuffled, so they are a seeded sample of the mixture).
+    ``proxy``: resolved (``proxy_config``); a mixture with fewer tokens than its
+    ``tokens_trained`` is cycled (``epochs`` > 1, logged).
 
     Summary: losses {domain: nats/token}, target, heldout, objective (``objective``),
     curve [(step, train loss)], steps, tokens_trained, mixture_tokens (proxy tokens in the
     mixture, copies counted), epochs, n_params, device, seconds."""
     set_torch_threads(cfg.compute.torch_threads)
-    tok = load_proxy_tokenizer(store, tokenizer, cfg)
-    train = mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))[:docs]
-    sets = load_evalsets(store, evalsets)
+    tok, train, sets = arm_inputs(output, tokenizer, evalsets, cfg, docs, store)
     res = train_proxy(
         train, proxy, tok.vocab_size, tok.eot_id, sets, log_every=max(1, proxy.steps // 50)
     )
@@ -435,11 +468,8 @@ def run_ngram(
     ``objectives`` {order: ``objective(...)``}, ``order``, ``tokens_trained``. Stores
     ``docs.npz``: per set ``<i>_nll`` (the top order's summed NLL per document, nats) and
     ``<i>_tokens`` (tokens per document), for paired bootstraps over documents."""
-    tok = load_proxy_tokenizer(store, tokenizer, cfg)
-    stream = training_stream(
-        mixture_token_ids(output, tok, cfg.storage.fsspec_options(output))[:docs], tokens
-    )
-    sets = load_evalsets(store, evalsets)
+    tok, train, sets = arm_inputs(output, tokenizer, evalsets, cfg, docs, store)
+    stream = training_stream(train, tokens)
     order = cfg.evaluate.ngram_order
     losses, arrays = {}, {}
     for n in sorted({*FLOORS, order}):
