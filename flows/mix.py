@@ -12,7 +12,7 @@ import contextlib
 import posixpath
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import dask
 from prefect import flow, get_run_logger
@@ -60,7 +60,15 @@ def run_name(cfg: Config | None = None) -> str:
     return f"mix-{corpus}-{methods.method_of(cfg).label(m)}-{budget}"
 
 
-Launched = list[PrefectFuture | list[dict]]
+#: Per task run of a stage, in call order: its future once submitted, a function that
+#: submits it while it waits its turn, or its results served from the store.
+Launched = list[PrefectFuture | Callable[[], PrefectFuture] | list[dict]]
+
+#: Task runs a stage keeps submitted at once, at least (twice the cluster's worker threads
+#: when that is more): a submitted run holds its pickled calls and Prefect context in the
+#: Dask scheduler, which a local cluster runs in the flow's process, until its result is
+#: in; a 10^6-document stage submitted whole grew the flow with the corpus.
+IN_FLIGHT = 256
 
 #: Task runs per stage that ``compute.shards_per_task`` (when unset) stays under: a
 #: Prefect server records every run, and 10^9 documents are ~10^6 shards.
@@ -103,18 +111,24 @@ class DaskExecutor:
         todo = [i for i, hit in enumerate(cached) if hit is None]
         done = [i for i, hit in enumerate(cached) if hit is not None]
         per_task = self.cfg.compute.shards_per_task
-        out: dict[int, PrefectFuture | list[dict]] = {}
+        out: dict[int, Callable[[], PrefectFuture] | list[dict]] = {}
         for group in task_groups(len(todo), per_task):
             mine = [calls[todo[i]] for i in group]
             gpu = any(gpus[todo[i]] for i in group)
-            with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-                out[todo[group[0]]] = task.submit(stage.name, _group_label(mine), mine, self.store)
+
+            def launch(mine: list[Call] = mine, gpu: bool = gpu) -> PrefectFuture:
+                with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+                    return task.submit(stage.name, _group_label(mine), mine, self.store)
+
+            out[todo[group[0]]] = launch
         for group in task_groups(len(done), per_task):
             mine = [calls[done[i]] for i in group]
             hits = [cached[done[i]] for i in group]
             args = (stage.name, _group_label(mine), mine, self.store, hits)
             out[done[group[0]]] = task(*args, return_state=True).result()
-        return [out[i] for i in sorted(out)], any(gpus), calls
+        launched: Launched = [out[i] for i in sorted(out)]
+        _start(launched, in_flight())  # the rest as these finish (_collect)
+        return launched, any(gpus), calls
 
     def collect(self, stage: Stage, handle: tuple[Launched, bool, list[Call]]) -> list[dict]:
         launched, gpu, calls = handle
@@ -189,18 +203,30 @@ class _WorkerWatch:
             )
 
 
-def _finished(pending: list[PrefectFuture], watch: _WorkerWatch) -> Iterator[PrefectFuture]:
-    """``pending`` as each finishes; while none does, ``watch`` checks the workers."""
-    finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
-    for fut in pending:
-        fut.add_done_callback(finished.put)  # called at once for a finished future
-    for _ in pending:
-        while True:
-            try:
-                yield finished.get(timeout=POLL_S)
-                break
-            except queue.Empty:
-                watch.check()
+def in_flight() -> int:
+    """Task runs a stage keeps submitted: ``IN_FLIGHT``, or twice the worker threads of
+    the running flow's Dask cluster when that is more."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx is not None else None
+    if not isinstance(runner, DaskTaskRunner):
+        return IN_FLIGHT
+    workers = runner.client.scheduler_info()["workers"].values()
+    return max(IN_FLIGHT, 2 * sum(w.get("nthreads", 1) for w in workers))
+
+
+def _start(launched: Launched, n: int) -> list[int]:
+    """Submit the first ``n`` task runs of ``launched`` still waiting their turn (each
+    slot then holds its future); returns their positions."""
+    started = []
+    for i, slot in enumerate(launched):
+        if len(started) == n:
+            break
+        if callable(slot) and not isinstance(slot, PrefectFuture):
+            launched[i] = slot()
+            started.append(i)
+    return started
 
 
 def _result(fut: PrefectFuture, watch: _WorkerWatch) -> list[dict]:
@@ -231,11 +257,9 @@ def _collect(
     if not launched:
         return []
     log = get_run_logger()
-    futures = {id(f): i for i, f in enumerate(launched) if isinstance(f, PrefectFuture)}
     groups: list[list[dict]] = [r if isinstance(r, list) else [] for r in launched]
-    if futures:
-        pending = [f for f in launched if isinstance(f, PrefectFuture)]
-        n = len(pending)
+    n = sum(not isinstance(r, list) for r in launched)
+    if n:
         log.info("%s: waiting for %d tasks on Dask, %d from the store", stage, n, len(launched) - n)
         # A progress bar for the per-shard stages; a single reduce task is 0 % then 100 %.
         artifact = (
@@ -247,9 +271,27 @@ def _collect(
         t0 = shown = time.monotonic()
         timeout = (compute or ComputeConfig()).no_worker_timeout_s
         watch = _WorkerWatch(stage, gpu, timeout)
-        for done, fut in enumerate(_finished(pending, watch), 1):
+        finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+        slots: dict[int, int] = {}  # id(future) -> its position in launched
+
+        def track(positions: list[int]) -> None:
+            for i in positions:
+                slots[id(launched[i])] = i
+                launched[i].add_done_callback(finished.put)  # at once if it is done
+
+        track([i for i, r in enumerate(launched) if isinstance(r, PrefectFuture)])
+        for done in range(1, n + 1):
+            while True:
+                try:
+                    fut = finished.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    watch.check()
+            i = slots.pop(id(fut))
+            launched[i] = []  # let the future, and the result Dask keeps for it, go
+            track(_start(launched, 1))  # the next task run in its place
             try:
-                groups[futures[id(fut)]] = _result(fut, watch)
+                groups[i] = _result(fut, watch)
             except Exception as e:
                 from prefect import get_client
 

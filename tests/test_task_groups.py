@@ -83,3 +83,25 @@ def test_the_ui_shard_table_is_bounded_and_keeps_the_shards_with_rejects() -> No
     assert [r["shard"] for r in rows] == sorted(
         (r["shard"] for r in rows), key=lambda s: int(s[1:])
     )
+
+
+@pytest.mark.slow
+def test_a_stage_submits_a_window_of_task_runs_and_refills_it(
+    tmp_path: Path, cluster: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fewer task runs in flight than shards, each finished run makes room for the
+    next: every shard is computed once and the mixture is the same bytes."""
+    import flows.mix
+
+    corpus = write_tiny_corpus(tmp_path / "corpus", shards_per_domain=4)  # 12 shards
+    started: list[int] = []
+    start = flows.mix._start
+    monkeypatch.setattr(flows.mix, "in_flight", lambda: 2)
+    monkeypatch.setattr(flows.mix, "_start", lambda ls, n: started.append(n) or start(ls, n))
+    windowed = run_mix(tiny_config(corpus, tmp_path / "windowed", **cluster))
+    assert windowed["computed"]["embed"] == 12
+    # tokens, embed and quality start 2 runs each, then one more as each of 12 finishes.
+    assert started.count(2) >= 3 and started.count(1) >= 3 * 12
+    monkeypatch.undo()
+    run_mix(tiny_config(corpus, tmp_path / "whole", **cluster))
+    assert mixture_bytes(tmp_path / "windowed") == mixture_bytes(tmp_path / "whole")
