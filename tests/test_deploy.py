@@ -30,8 +30,16 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 # One shard per domain: fewer task runs keep this test short; test_flow covers more shards.
 SHARDS = [f"{d}/part-000.parquet" for d in ("books", "code", "reference")]
 # The deployment's config leaves quality to its default, the graded heuristic.
-PER_SHARD = ("tokens", "quality/graded-heuristic", "embed", "assign", "weights", "counts")
-REDUCES = ("ids/duplicates", "kmeans/fit", "clusters/stats", "budget/scale")
+PER_SHARD = (
+    "tokens",
+    "quality/graded-heuristic",
+    "embed",
+    "assign",
+    "weights",
+    "counts",
+    "publish-plan",  # the plan's part of each shard, copied into the output
+)
+REDUCES = ("ids/duplicates", "kmeans/fit", "clusters/stats", "budget/scale", "publish-rejects/all")
 MIX_NAME = "mix-corpus-samplemix-a0.8-x0.8"  # corpus folder, method and α, budget ratio
 
 
