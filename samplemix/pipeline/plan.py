@@ -123,9 +123,9 @@ def plan_steps(cfg: Config, store: Store, out: Output) -> list[Step]:
     output = keys.output_key(w.keys("counts"), w.keys("budget")[0])
     current = out.current(output)
     reason = "unchanged" if current else f"output at {out.url} is from another run or incomplete"
-    recorder.steps.append(Step("materialise", None, current, reason, output))
-    recorder.steps += [Step("publish-plan", s.shard_id, current, reason, output) for s in shards]
-    recorder.steps.append(Step("publish-rejects", None, current, reason, output))
+    for stage in OUTPUT_STAGES:  # one step per part is unknown here: one for them all
+        items = [s.shard_id for s in shards] if stage.per_shard else [None]
+        recorder.steps += [Step(stage.name, i, current, reason, output) for i in items]
     return recorder.steps
 
 
