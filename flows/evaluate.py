@@ -187,7 +187,7 @@ def _evaluate_mixtures(
     if ngram:
         settings["n-gram instrument"] = (
             f"interpolated Kneser–Ney, order {cfg.evaluate.ngram_order} (and 1, 2), on "
-            f"{resolved.tokens_trained:,} tokens"
+            f"the mixture's first {resolved.tokens_trained:,} tokens (all of a shorter one)"
         )
     return mixes, runs, ngram, settings
 

@@ -216,13 +216,14 @@ def in_flight() -> int:
     return max(IN_FLIGHT, 2 * sum(w.get("nthreads", 1) for w in workers))
 
 
-def _start(launched: Launched, n: int) -> list[int]:
-    """Submit the first ``n`` task runs of ``launched`` still waiting their turn (each
-    slot then holds its future); returns their positions."""
+def _start(launched: Launched, n: int, since: int = 0) -> list[int]:
+    """Submit the first ``n`` task runs of ``launched`` still waiting their turn, looking
+    from position ``since`` on (each slot then holds its future); returns their positions."""
     started = []
-    for i, slot in enumerate(launched):
+    for i in range(since, len(launched)):
         if len(started) == n:
             break
+        slot = launched[i]
         if callable(slot) and not isinstance(slot, PrefectFuture):
             launched[i] = slot()
             started.append(i)
@@ -273,11 +274,16 @@ def _collect(
         watch = _WorkerWatch(stage, gpu, timeout)
         finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
         slots: dict[int, int] = {}  # id(future) -> its position in launched
+        # Runs start in call order, so none waits before the last one started: each
+        # refill looks on from there (from the start, a stage's refills took O(runs²)).
+        waiting_from = 0
 
         def track(positions: list[int]) -> None:
+            nonlocal waiting_from
             for i in positions:
                 slots[id(launched[i])] = i
                 launched[i].add_done_callback(finished.put)  # at once if it is done
+                waiting_from = i + 1
 
         track([i for i, r in enumerate(launched) if isinstance(r, PrefectFuture)])
         for done in range(1, n + 1):
@@ -289,7 +295,7 @@ def _collect(
                     watch.check()
             i = slots.pop(id(fut))
             launched[i] = []  # let the future, and the result Dask keeps for it, go
-            track(_start(launched, 1))  # the next task run in its place
+            track(_start(launched, 1, waiting_from))  # the next task run in its place
             try:
                 groups[i] = _result(fut, watch)
             except Exception as e:

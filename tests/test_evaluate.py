@@ -149,12 +149,13 @@ def test_the_ngram_instrument_equals_a_fit_by_hand(evaluated: dict) -> None:
     tokens = p.steps * p.tokens_per_step  # the proxy's training tokens: 4,096
     mix = evaluated["first"]["mixes"]["samplemix-a0"]
     train = ev.mixture_token_ids(str(root / "out" / "samplemix-a0"), tok)
-    # The mixture's documents in row order, cycled if short, cut at the proxy's tokens.
-    flat = np.concatenate(train)
-    flat = np.tile(flat, -(-tokens // len(flat)))[:tokens]
+    # The mixture's documents in row order, cut at the proxy's tokens, never cycled.
+    flat = np.concatenate(train)[:tokens]
     stream = ev.training_stream(train, tokens)
     assert np.array_equal(np.concatenate(stream), flat)
+    assert np.array_equal(np.concatenate(ev.training_stream(train, 10**9)), np.concatenate(train))
     summary = store.summary(ev.ngram_key(mix["mixture_key"], sets_key, tokens, 4, None))
+    assert summary["tokens_trained"] == len(flat)
     for order in (1, 2, 4):
         lm = fit_ngram(stream, order, tok.vocab_size)
         for name, docs in sets.items():

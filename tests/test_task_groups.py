@@ -97,7 +97,9 @@ def test_a_stage_submits_a_window_of_task_runs_and_refills_it(
     started: list[int] = []
     start = flows.mix._start
     monkeypatch.setattr(flows.mix, "in_flight", lambda: 2)
-    monkeypatch.setattr(flows.mix, "_start", lambda ls, n: started.append(n) or start(ls, n))
+    monkeypatch.setattr(
+        flows.mix, "_start", lambda ls, n, *since: started.append(n) or start(ls, n, *since)
+    )
     windowed = run_mix(tiny_config(corpus, tmp_path / "windowed", **cluster))
     assert windowed["computed"]["embed"] == 12
     # tokens, embed and quality start 2 runs each, then one more as each of 12 finishes.

@@ -49,7 +49,7 @@ from samplemix.reporting.compare import read_plan
 from samplemix.scoring.models import model_fingerprint, set_torch_threads
 
 # proxy 2: device presets (ProxyConfig.resolved), untied head, Muon.
-VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "2", "ngram": "1"}
+VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "2", "ngram": "2"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
 DOMAIN = "domain/"
 TARGET = "target"
@@ -440,13 +440,14 @@ def ngram_key(mixture: str, evalsets: Key, tokens: int, order: int, docs: int | 
 
 
 def training_stream(train: Sequence[np.ndarray], tokens: int) -> list[np.ndarray]:
-    """``train``'s documents in order, cycled when they hold fewer than ``tokens`` tokens
-    (as the proxy cycles its windows), cut at ``tokens``: the n-gram's training data."""
-    total = sum(len(d) for d in train)
-    if total == 0:
+    """``train``'s documents in order, cut at ``tokens`` tokens: the n-gram's training
+    data. Never cycled (the proxy cycles its windows when the mixture is short): a count
+    model fitted on k copies sees no singletons, so Kneser–Ney's discounts, estimated from
+    the counts of counts, lose the mass they give unseen continuations; and a GPU preset's
+    10^8 tokens would copy a small mixture into gigabytes."""
+    if not any(len(d) for d in train):
         raise ValueError("the mixture holds no tokens to fit an n-gram model on")
-    cycles = -(-tokens // total)
-    return cut(list(train) * cycles, tokens)
+    return cut(train, tokens)
 
 
 def run_ngram(
@@ -461,8 +462,8 @@ def run_ngram(
 ) -> dict:
     """Fit interpolated Kneser–Ney models of order 1, 2 and ``evaluate.ngram_order`` on
     the first ``tokens`` proxy tokens of the mixture under ``output`` (its first ``docs``
-    rows, for a ``repeat`` control) and score every evaluation set; no seed, so one run
-    per mixture.
+    rows, for a ``repeat`` control; all of them when it holds fewer) and score every
+    evaluation set; no seed, so one run per mixture.
 
     Summary: ``losses`` {order: {set name without ``domain/``: nats/token}},
     ``objectives`` {order: ``objective(...)``}, ``order``, ``tokens_trained``. Stores
