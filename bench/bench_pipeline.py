@@ -17,19 +17,18 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from distributed import Client, LocalCluster
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from bench.bench_scale import ProcessTree  # noqa: E402
 from bench.flops import flops_per_token, matmul_rate  # noqa: E402
 from flows.mix import run_mix  # noqa: E402
 from flows.runtime import local_cluster
@@ -229,36 +228,6 @@ def run_direct(cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
-class PeakWorkerMemory:
-    """Samples the RSS of this process's children (the Dask workers) every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for child in me.children(recursive=True):
-                try:
-                    if "uvicorn" in " ".join(child.cmdline()):
-                        continue  # the Prefect server is not a worker
-                    rss = child.memory_info().rss
-                except psutil.Error:
-                    continue
-                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakWorkerMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def replicate(src: Path, dst: Path, times: int) -> Path:
     """``times`` copies of every shard (as extra shards in the same domain folders)."""
     for shard in sorted(p for p in src.rglob("*") if p.is_file() and "part-" in p.name):
@@ -335,9 +304,10 @@ def main() -> None:
                     "embed.max_length": 64,
                 },
             )
-            with PeakWorkerMemory() as mem:
+            with ProcessTree(os.getpid()) as tree:  # this process runs the flow
                 s = run_mix(cfg)
-            peak = max(mem.peak.values()) / 2**20
+            workers = [p for p in tree.seen.values() if p["class"] == "worker"]
+            peak = max(p.get("peak_rss", 0) for p in workers) / 2**20
             rows.append(
                 (
                     f"memory: {times}x data ({s['documents']} docs), peak worker RSS MiB",
