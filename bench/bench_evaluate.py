@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from pathlib import Path
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from samplemix.config import load_config, parse_count
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before Prefect loads
+
+from samplemix.config import load_config, parse_count  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "corpus"
