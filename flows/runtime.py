@@ -46,6 +46,15 @@ WORKER_CONFIG = {
     # A worker that the scheduler dropped while it lived restarts and rejoins instead of
     # taking its nanny down with it (tasks/workers.py).
     "distributed.worker.preload": ["tasks.workers"],
+    # Dask's developer logs keep this many entries each; among them every BatchedSend keeps
+    # its last N batches sent, whole: the scheduler's stream to each worker thus holds the
+    # compute-task messages (run_spec: the task's calls, Store and serialized Prefect
+    # context, ~150 KB of objects each) of its last N batches after the tasks are gone, and
+    # the client's stream its last N update-graph messages. At Dask's 1000 a local cluster's
+    # scheduler (in the flow's process) grew ~0.15 MB per finished task run up to
+    # ~1000 batches per worker (+300 MB with 2 workers; N x workers x 150 KB in all).
+    # 10 costs the transition log and the scheduler's event topics their history.
+    "distributed.admin.low-level-log-length": 10,
 }
 dask.config.set(WORKER_CONFIG)
 

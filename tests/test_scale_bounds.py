@@ -389,3 +389,21 @@ def test_report_rates_keep_about_report_sample_per_domain() -> None:
     tokens = [{"domain_docs": {"a": 10**6, "b": 50}}, {"domain_docs": {"a": 10**6}}]
     rates = stages.report_rates(tokens)
     assert rates == {"a": pytest.approx(stages.REPORT_SAMPLE / 2e6, rel=1e-5), "b": 1.0}
+
+
+def test_the_scheduler_keeps_no_history_of_the_tasks_it_sent(cluster: dict) -> None:
+    """Dask's BatchedSend keeps its last ``distributed.admin.low-level-log-length``
+    batches whole: at Dask's 1000, the scheduler's stream to a worker kept every task's
+    run_spec (~150 KB) long after the task, and the flow's process (which hosts a local
+    cluster's scheduler) grew with the task runs. flows/runtime.py sets 10."""
+    from distributed import Client
+
+    with Client(cluster["compute.scheduler_address"]) as client:
+        for i in range(40):  # one batch each: the next is sent after the last finished
+            assert client.submit(int, i, pure=False).result() == i
+        kept = client.run_on_scheduler(
+            lambda dask_scheduler: {
+                w: len(c.recent_message_log) for w, c in dask_scheduler.stream_comms.items()
+            }
+        )
+    assert kept and max(kept.values()) <= 10, kept
