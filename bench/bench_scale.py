@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from bench.bench_evaluate import cpu
 from flows.mix import TASK_RUNS_PER_STAGE, task_groups
 from samplemix.config import load_config
-from samplemix.pipeline.graph import GRAPH_BY_NAME
+from samplemix.pipeline.graph import GRAPH, OUTPUT_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "corpus"
@@ -398,11 +398,12 @@ def projection(first: dict, last: dict, args: argparse.Namespace, max_part_bytes
     workers = math.ceil(TARGET / (rate * window * UTILISATION))
     shards = math.ceil(TARGET / args.shard_docs)
     parts = math.ceil(last["expected_mixture_bytes"] * scale / max_part_bytes)
+    per_shard = {s.name: s.per_shard for s in (*GRAPH, *OUTPUT_STAGES)}
     runs = {}
     for stage, calls in last["calls"].items():
         if stage == "materialise":
             calls = parts
-        elif GRAPH_BY_NAME[stage].per_shard:
+        elif per_shard[stage]:
             calls = round(calls * shards / last["shards"])
         runs[stage] = len(task_groups(calls, None))
 
