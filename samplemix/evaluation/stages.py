@@ -48,7 +48,7 @@ from samplemix.pipeline.graph import Stage, made_by_runner
 from samplemix.reporting.compare import read_plan
 from samplemix.scoring.models import model_fingerprint, set_torch_threads
 
-# proxy 2: device presets (ProxyConfig.resolved), untied head, Muon.
+# proxy 2: device presets (ProxyConfig.resolved), untied head, Muon. ngram 2: never cycled.
 VERSIONS = {"proxytok": "1", "evalsets": "1", "proxy": "2", "ngram": "2"}
 #: Evaluation set names: ``domain/<name>`` per domain, and ``target``.
 DOMAIN = "domain/"
