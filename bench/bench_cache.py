@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.bench_pipeline import ROOT, print_table, run_direct  # noqa: E402

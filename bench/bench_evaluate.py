@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pyarrow.json as pj
 import pyarrow.parquet as pq
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before Prefect loads
 
 from samplemix.config import load_config, parse_count  # noqa: E402
 

@@ -1,11 +1,12 @@
 """Peak memory of writing one mixture part: samplemix's sliced gather (``gather`` +
-``part_bytes``: sorted slices of ``SLICE_BYTES`` written as row groups) against the
-plain way (the whole part reordered at once, then ``pq.write_table``).
+``write_part``: slice r of every encoded piece, sorted, written as row group r) against
+the plain way (the whole part read, reordered at once, then ``pq.write_table``).
 
 Each variant runs in a fresh child process that builds the scattered pieces of one
 part (``--pieces`` tables of random documents, ``--mib`` MiB of Arrow data in all) and
-reports its peak RSS above the RSS it had with the pieces built: what writing the part
-costs a worker beyond holding its input.
+saves them as the counts stage does (samplemix: ``encode_piece``; plain: Parquet), then
+reads them back and writes the part to a file, and reports its peak RSS above the RSS
+it had before reading: what writing the part costs a worker.
 
     python -m bench.bench_gather [--mib 64 256] [--pieces 200]
 """
@@ -13,18 +14,25 @@ costs a worker beyond holding its input.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from samplemix.io.mixture_shards import MIXTURE_SCHEMA, gather, part_bytes, scatter
+from samplemix.io.mixture_shards import (
+    MIXTURE_SCHEMA,
+    encode_piece,
+    gather,
+    scatter,
+    slice_count,
+    write_part,
+)
 
 
 def pieces(mib: int, n_pieces: int) -> list[pa.Table]:
@@ -54,54 +62,96 @@ def pieces(mib: int, n_pieces: int) -> list[pa.Table]:
     return out
 
 
-def plain(parts: list[pa.Table]) -> int:
-    """The whole part sorted and taken at once, then written: its bytes."""
-    table = pa.concat_tables(parts)
+def plain(pieces: list[Path], out: Path) -> None:
+    """The whole part read, sorted and taken at once, then written."""
+    table = pa.concat_tables([pq.read_table(p) for p in pieces])
     order = pc.sort_indices(
         table, sort_keys=[("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
     )
-    part = table.take(order).drop_columns(["key"]).cast(MIXTURE_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(part, buf)
-    return len(buf.getvalue())
+    pq.write_table(table.take(order).drop_columns(["key"]).cast(MIXTURE_SCHEMA), out)
 
 
-def child(variant: str, mib: int, n_pieces: int) -> None:
+def samplemix(pieces: list[Path], n_slices: int, out: Path) -> None:
+    """The part written slice by slice, each slice's ranges read from the pieces' files."""
+
+    def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
+        got = []
+        for p, start, end in ranges:
+            with pieces[p].open("rb") as f:
+                f.seek(start)
+                got.append(f.read(end - start))
+        return got
+
+    with out.open("wb") as f:
+        write_part(gather(len(pieces), n_slices, read_ranges), f)
+
+
+def save(mib: int, n_pieces: int, folder: Path) -> int:
+    """The pieces of one part saved in ``folder`` both ways (samplemix-i, plain-i); its
+    slice count."""
     built = pieces(mib, n_pieces)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, after the pieces
-    size = len(part_bytes(gather(built))[0]) if variant == "samplemix" else plain(built)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    arrow = sum(t.nbytes for t in built)
-    print(json.dumps({"arrow_mib": arrow / 2**20, "above_mib": (peak - base) / 1024, "file": size}))
+    n_slices = slice_count(sum(t.nbytes for t in built), 1)
+    for i, table in enumerate(built):
+        (folder / f"samplemix-{i}").write_bytes(encode_piece(table, n_slices))
+        pq.write_table(table, folder / f"plain-{i}")
+    return n_slices
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def child(variant: str, folder: Path, n_pieces: int, n_slices: int) -> None:
+    """Write the part from the saved pieces; print the peak RSS above the RSS at the
+    start (an upper bound of what writing it held: the peak may predate the start)."""
+    files = [folder / f"{variant}-{i}" for i in range(n_pieces)]
+    base = status_kib("VmRSS")
+    out = folder / f"part-{variant}.parquet"
+    if variant == "samplemix":
+        samplemix(files, n_slices, out)
+    else:
+        plain(files, out)
+    peak = status_kib("VmHWM")
+    print(json.dumps({"above_mib": (peak - base) / 1024, "file": out.stat().st_size}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--pieces", type=int, default=200)
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        variant, folder, n_pieces, n_slices = args.child
+        child(variant, Path(folder), int(n_pieces), int(n_slices))
         return
     print(
-        "| part, Arrow MiB | peak above the input, MiB: samplemix | plain | ratio "
+        "| part, Arrow MiB | slices | peak above the start, MiB: samplemix | plain | ratio "
         "| file MiB: samplemix / plain |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for mib in args.mib:
-        got = {}
-        for variant in ("samplemix", "plain"):
-            cmd = [sys.executable, "-m", "bench.bench_gather", "--child", variant]
-            out = subprocess.run(
-                [*cmd, str(mib), str(args.pieces)], capture_output=True, text=True, check=True
-            )
-            got[variant] = json.loads(out.stdout)
+        with tempfile.TemporaryDirectory() as tmp:
+            n_slices = save(mib, args.pieces, Path(tmp))
+            got = {}
+            for variant in ("samplemix", "plain"):
+                cmd = [sys.executable, "-m", "bench.bench_gather", "--child", variant, tmp]
+                out = subprocess.run(
+                    [*cmd, str(args.pieces), str(n_slices)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                got[variant] = json.loads(out.stdout)
         s, p = got["samplemix"], got["plain"]
         ratio = s["above_mib"] / p["above_mib"]
         files = f"{s['file'] / 2**20:.1f} / {p['file'] / 2**20:.1f}"
         print(
-            f"| {s['arrow_mib']:.0f} | {s['above_mib']:.0f} | {p['above_mib']:.0f} "
+            f"| {mib} | {n_slices} | {s['above_mib']:.0f} | {p['above_mib']:.0f} "
             f"| {ratio:.2f} | {files} |"
         )
 

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from distributed import Client, LocalCluster
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.bench_scale import ProcessTree  # noqa: E402

@@ -240,7 +240,6 @@ def measured_run(
     cmd += ["--output", str(out), "--budget-ratio", "0.5"]
     cmd += [arg for s in settings for arg in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a temporary server
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     log = work / f"run-{docs}.log"
     cpu_before, t0 = children_cpu_s(), time.perf_counter()
     with log.open("w") as sink:
@@ -280,7 +279,7 @@ def measured_run(
         "expected_mixture_bytes": json.loads(budget.read_text())["summary"]["expected_bytes"],
         "store_bytes": du_bytes(out / "store"),
         "store_files": sum(len(files) for _, _, files in os.walk(out / "store")),
-        "scatter_files": sum(1 for _ in (out / "store" / "counts").glob("*/bucket-*.parquet")),
+        "scatter_files": sum(1 for _ in (out / "store" / "counts").glob("*/bucket-*.arrows")),
         "mixture_rows": summary["mixture_rows"],
         "processes": sorted(procs, key=lambda p: p["pid"]),
     }

@@ -12,7 +12,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -176,8 +175,6 @@ def _config_command(
 def _run_flow(module: str, name: str, *args: Any) -> Any:
     """``flows.<module>.<name>(*args)``, with the errors a user can fix printed instead
     of a traceback (exit code 1)."""
-    # Prefect reads this when it is imported: a command-line run sends no analytics.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     flow = getattr(importlib.import_module(f"flows.{module}"), name)
     # After the import, which sets distributed's logger to INFO: cluster chatter is
     # not progress.

@@ -17,11 +17,16 @@ import pytest
 from samplemix.io import mixture_shards as materialise
 from samplemix.io.mixture_shards import (
     MIXTURE_SCHEMA,
+    PIECE_SCHEMA,
     bucket_count,
     copy_keys,
+    encode_piece,
     gather,
-    part_bytes,
+    header_bytes,
     scatter,
+    slice_count,
+    slice_of,
+    write_part,
 )
 
 COUNTS = np.array([0, 1, 3, 2], dtype=np.int64)
@@ -42,15 +47,37 @@ def docs_table(n: int = 4) -> pa.Table:
     )
 
 
-def shuffle(tables: list[tuple[pa.Table, np.ndarray]], n_buckets: int, seed: int) -> list[pa.Table]:
+def shuffle(
+    tables: list[tuple[pa.Table, np.ndarray]], n_buckets: int, seed: int, n_slices: int = 3
+) -> list[pa.Table]:
     """scatter every (docs, counts) source shard, then gather bucket by bucket."""
     scattered = [scatter(docs, counts, n_buckets, seed) for docs, counts in tables]
-    return [part([s[b] for s in scattered if b in s]) for b in range(n_buckets)]
+    encoded = [{b: encode_piece(t, n_slices) for b, t in s.items()} for s in scattered]
+    return [part([e[b] for e in encoded if b in e], n_slices) for b in range(n_buckets)]
 
 
-def part(pieces: list[pa.Table]) -> pa.Table:
-    """The output shard ``gather`` gives for ``pieces``, read back from its bytes."""
-    data, rows = part_bytes(gather(pieces))
+def reader(pieces: list[bytes], calls: list | None = None):
+    """``gather``'s read_ranges over pieces held in memory; each call's ranges are
+    appended to ``calls``."""
+
+    def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
+        if calls is not None:
+            calls.append(ranges)
+        return [pieces[p][a:b] for p, a, b in ranges]
+
+    return read_ranges
+
+
+def part_file(pieces: list[bytes], n_slices: int) -> tuple[bytes, int]:
+    """The part file ``gather`` and ``write_part`` make of encoded ``pieces``, and its rows."""
+    buf = io.BytesIO()
+    rows = write_part(gather(len(pieces), n_slices, reader(pieces)), buf)
+    return buf.getvalue(), rows
+
+
+def part(pieces: list[bytes], n_slices: int) -> pa.Table:
+    """The output shard for encoded ``pieces``, read back from its bytes."""
+    data, rows = part_file(pieces, n_slices)
     table = pq.read_table(io.BytesIO(data))
     assert table.num_rows == rows
     return table
@@ -85,12 +112,24 @@ def test_scatter_buckets_by_key() -> None:
     assert sum(t.num_rows for t in parts.values()) == 6
     for b, t in parts.items():
         assert 0 <= b < 3 and t.num_rows > 0  # empty buckets are omitted
-        assert t.column("key").type == pa.uint64()
+        assert t.schema == PIECE_SCHEMA
         keys = np.array(t.column("key").to_pylist(), dtype=np.uint64)
         assert np.all(keys % np.uint64(3) == b)
+        assert np.all(keys[:-1] <= keys[1:])  # in the part's order already
         ids = t.column("id").to_pylist()
         copies = np.array(t.column("copy").to_pylist())
         np.testing.assert_array_equal(keys, copy_keys(ids, copies, 0))
+
+
+def test_slices_are_ranges_of_keys() -> None:
+    keys = np.array([0, 2**63 - 1, 2**63, 2**64 - 1, 2**62], dtype=np.uint64)
+    np.testing.assert_array_equal(slice_of(keys, 1), [0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(slice_of(keys, 2), [0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(slice_of(keys, 4), [0, 1, 2, 3, 1])
+    # Slices per part: the part's expected bytes over SLICE_BYTES, at least one.
+    assert slice_count(0.0, 1) == 1
+    assert slice_count(3 * materialise.SLICE_BYTES + 1, 1) == 4
+    assert slice_count(8 * materialise.SLICE_BYTES, 4) == 2
 
 
 def test_gather_sorts_by_key_and_seed_changes_order() -> None:
@@ -140,34 +179,65 @@ def test_rerun_gives_identical_parquet() -> None:
     b = shuffle([(docs_table(), COUNTS)], 2, seed=11)
     for x, y in zip(a, b, strict=True):
         assert parquet_bytes(x) == parquet_bytes(y)
-    pieces = [scatter(docs_table(), COUNTS, 1, seed=11)[0]]
-    assert part_bytes(gather(pieces)) == part_bytes(gather(pieces))
+    pieces = [encode_piece(scatter(docs_table(), COUNTS, 1, seed=11)[0], 2)]
+    assert part_file(pieces, 2) == part_file(pieces, 2)
 
 
 def test_nothing_selected() -> None:
     assert scatter(docs_table(), np.zeros(4, np.int64), 3, seed=0) == {}
-    assert list(gather([])) == []
-    empty = part([])
+    assert list(gather(0, 3, reader([]))) == []
+    empty = part([], 3)
     assert empty.num_rows == 0 and empty.schema == MIXTURE_SCHEMA
 
 
-def test_a_part_written_in_slices_is_the_part_sorted_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each slice is a row group; together they are the bucket sorted by key, id, copy."""
+@pytest.mark.parametrize("n_slices", [1, 4, 50])
+def test_a_part_written_in_slices_is_the_part_sorted_at_once(n_slices: int) -> None:
+    """Row group r is slice r, sorted; together they are the bucket sorted by key, id,
+    copy, with as many slices as asked (50 for 24 rows: most of them empty)."""
     counts = np.array([3, 1, 4, 2, 5, 1, 2, 3, 1, 2])
-    (whole,) = shuffle([(docs_table(10), counts)], 1, seed=5)
-    assert whole.num_rows == counts.sum() == 24
-    monkeypatch.setattr(materialise, "SLICE_BYTES", 100)  # a few rows per slice
-    scattered = scatter(docs_table(10), counts, 1, seed=5)[0]
-    slices = list(gather([scattered.slice(0, 10), scattered.slice(10)]))
-    assert len(slices) > 3
-    data, rows = part_bytes(slices)
-    assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == len(slices)
-    assert pq.read_table(io.BytesIO(data)).equals(whole)
+    docs = docs_table(10)
+    scattered = [
+        scatter(docs.slice(0, 4), counts[:4], 1, seed=5)[0],
+        scatter(docs.slice(4), counts[4:], 1, seed=5)[0],
+    ]
+    data, rows = part_file([encode_piece(t, n_slices) for t in scattered], n_slices)
+    assert rows == counts.sum() == 24
+    whole = pq.read_table(io.BytesIO(data))
     # The order, derived here: by key, then id, then copy.
-    sort = scattered.sort_by([("key", "ascending"), ("id", "ascending"), ("copy", "ascending")])
-    assert whole.column("id").to_pylist() == sort.column("id").to_pylist()
+    expected = pa.concat_tables(scattered).sort_by(
+        [("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
+    )
+    assert whole.equals(expected.drop_columns(["key"]).cast(MIXTURE_SCHEMA))
+    keys = expected.column("key").to_numpy()
+    groups = pq.ParquetFile(io.BytesIO(data)).metadata
+    assert groups.num_row_groups == len(np.unique(slice_of(keys, n_slices)))
+    first = 0
+    for g in range(groups.num_row_groups):
+        n = groups.row_group(g).num_rows
+        assert len(np.unique(slice_of(keys[first : first + n], n_slices))) == 1
+        first += n
+
+
+def test_gather_holds_one_slice_of_every_piece() -> None:
+    """After the headers, each read asks for one slice of each piece: about 1 / n_slices
+    of the part's bytes, never the part."""
+    docs = docs_table(26)
+    counts = np.full(26, 8)
+    n_slices = 8
+    pieces = [
+        encode_piece(scatter(docs.slice(i, 13), counts[i : i + 13], 1, seed=2)[0], n_slices)
+        for i in (0, 13)
+    ]
+    calls: list = []
+    rows = sum(t.num_rows for t in gather(2, n_slices, reader(pieces, calls)))
+    assert rows == 26 * 8
+    heads, *slices = calls
+    assert heads == [(p, 0, header_bytes(n_slices)) for p in range(2)]
+    assert len(slices) == n_slices  # 208 rows: no slice is empty
+    body = sum(len(p) - header_bytes(n_slices) for p in pieces)
+    read = [sum(b - a for _, a, b in ranges) for ranges in slices]
+    assert sum(read) < body  # every row once (the stream's schema is never read)
+    assert max(read) < body / 2
 
 
 @pytest.mark.parametrize(

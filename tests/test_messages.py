@@ -202,7 +202,7 @@ def test_a_budget_missed_by_one_huge_document_is_a_warning_naming_it(tmp_path: P
     store.put_array(qual, "quality.npy", np.zeros(6))
     store.put_table(assign, "assign.parquet", pa.table({"cluster": [0] * 6, "distance": [0.0] * 6}))
     store.put_arrays(weights, "weights.npz", diversity=np.zeros(6), weight=expected)  # scale 1
-    store.commit(budget, {"scale": 1.0, "buckets": 1})
+    store.commit(budget, {"scale": 1.0, "buckets": 1, "slices": 1})
     summary = stages.run_counts(
         shard, tok, ids, qual, assign, weights, budget, {}, cfg, store, counts
     )

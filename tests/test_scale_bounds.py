@@ -5,17 +5,21 @@ bytes (``output.max_part_bytes``), and a k-means fit on a sample bounded whateve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
+import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import save_tiny_encoder
+from s3 import KEY, REGION, SECRET
 
 from samplemix.config import Config, ConfigError, load_config, parse_bytes
 from samplemix.io.mixture_shards import bucket_count
-from samplemix.io.store import Key, Store, artifact_key
+from samplemix.io.store import Key, Output, Store, StoreError, artifact_key
 from samplemix.mixing.kmeans import auto_k, fit_sample_rows
 from samplemix.mixing.weights import doc_uniforms
 from samplemix.pipeline import keys, stages
@@ -345,6 +349,73 @@ def test_get_rows_on_s3(moto) -> None:  # noqa: ANN001 - s3.MotoServer
     store.put_array(key, "embeddings.npy", x)
     rows = np.array([0, 1, 2, 999, 1_000, 2_999])
     np.testing.assert_array_equal(store.get_rows(key, "embeddings.npy", rows), x[rows])
+
+
+def test_get_ranges_reads_byte_ranges_of_many_files_in_order(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    a, b = (artifact_key("counts", "t", s, source=s) for s in ("s0", "s1"))
+    store.put_bytes(a, "x.bin", b"0123456789")
+    store.put_bytes(b, "x.bin", b"abcdefghij")
+    got = store.get_ranges([(b, "x.bin", 2, 5), (a, "x.bin", 0, 1), (a, "x.bin", 9, 10)])
+    assert got == [b"cde", b"0", b"9"]
+    assert store.get_ranges([]) == []
+
+
+class Planted(RuntimeError):
+    pass
+
+
+def streamed_write_is_whole_or_nothing(
+    out: Output, listed: Callable[[], list[str]], read: Callable[[str], bytes]
+) -> None:
+    """A part streamed to ``out`` in 1 MiB writes (9 MiB: more than one S3 upload part)
+    is there whole when the writer returns, and absent, leftovers included, when it
+    raises."""
+    chunk = bytes(range(256)) * 4096
+
+    def fill(f: BinaryIO, fail: bool = False) -> int:
+        for _ in range(9):
+            f.write(chunk)
+        if fail:
+            raise Planted("the gather failed half way")
+        return 9
+
+    assert out.put_stream("mixture/part-00000.parquet", fill) == 9
+    with pytest.raises(StoreError, match="the gather failed half way"):
+        out.put_stream("mixture/part-00001.parquet", lambda f: fill(f, fail=True))
+    assert listed() == ["mixture/part-00000.parquet"]
+    assert read("mixture/part-00000.parquet") == chunk * 9
+
+
+def test_a_streamed_part_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = Output(str(tmp_path / "out"))
+    root = tmp_path / "out"
+    streamed_write_is_whole_or_nothing(
+        out,
+        lambda: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()),
+        lambda name: (root / name).read_bytes(),
+    )
+
+
+def test_a_streamed_part_is_published_whole_or_not_at_all_on_s3(moto) -> None:  # noqa: ANN001
+    out = Output("s3://mix/streamed", moto.storage_options())
+    uploads = boto3.client(
+        "s3",
+        endpoint_url=moto.endpoint,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name=REGION,
+    )
+
+    def listed() -> list[str]:
+        out.fs.invalidate_cache()
+        # An aborted multipart upload leaves no part behind either.
+        assert not uploads.list_multipart_uploads(Bucket="mix").get("Uploads")
+        return sorted(p.removeprefix("mix/streamed/") for p in out.fs.find("mix/streamed"))
+
+    streamed_write_is_whole_or_nothing(
+        out, listed, lambda name: out.fs.cat_file(f"mix/streamed/{name}")
+    )
 
 
 # ---- the report's sample: the same few documents whatever the corpus's sharding --------

@@ -1,24 +1,27 @@
 """Mixture shards: each selected document repeated n(x) times, globally shuffled.
 
-A bucketed shuffle that never holds the mixture in one place: every copy of a
-document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it to bucket
-key mod B from its source shard; ``gather`` reads one bucket from every source
-shard and sorts it by key. Each output shard is one bucket, so memory per worker is
-one bucket, and the order is the same whatever the sharding or worker count.
-B comes from the bytes the copies will weigh (``bucket_count``), so a part's size is
-bounded in bytes whatever the corpus's size or its documents' lengths.
+A bucketed shuffle that never holds the mixture, nor one part of it, in one place:
+every copy of a document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it
+to bucket key mod B from its source shard, sorted by key; ``encode_piece`` stores each
+bucket's piece in slices (ranges of the key's top bits); ``gather`` reads slice r of
+every piece of a bucket, sorts it and writes it as the part's row group r. Memory per
+worker is one slice of a part (about ``SLICE_BYTES``), and the order is the same
+whatever the sharding or worker count. B comes from the bytes the copies will weigh
+(``bucket_count``), so a part's size is bounded in bytes whatever the corpus's size or
+its documents' lengths.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
 MIXTURE_SCHEMA = pa.schema(
@@ -77,11 +80,34 @@ def copy_keys(ids: list[str], copies: np.ndarray, seed: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8")
 
 
+#: The order of a part's rows: by shuffle key, then id and copy, so that equal keys
+#: from duplicate ids still order deterministically.
+PART_ORDER = [("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
+#: A scattered piece's rows: a mixture row and its shuffle key.
+PIECE_SCHEMA = MIXTURE_SCHEMA.append(pa.field("key", pa.uint64()))
+#: The bytes of a part held at once while it is written: one slice of every piece.
+#: A part held whole (sorted, then encoded) peaked at ~3.6x its Arrow bytes.
+SLICE_BYTES = 8 << 20
+
+
+def slice_count(expected_bytes: float, buckets: int) -> int:
+    """Slices per mixture part: the part's expected bytes (``expected_bytes`` of copies
+    over ``buckets`` parts) in pieces of about ``SLICE_BYTES``. At least 1."""
+    return max(1, math.ceil(expected_bytes / max(1, buckets) / SLICE_BYTES))
+
+
+def slice_of(keys: np.ndarray, n_slices: int) -> np.ndarray:
+    """The slice (0 .. n_slices-1) of each shuffle key: its top 32 bits scaled to
+    ``n_slices``, so slices are ranges of keys and slice order is key order. int64."""
+    return ((keys >> np.uint64(32)) * np.uint64(n_slices) >> np.uint64(32)).astype(np.int64)
+
+
 def scatter(docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int) -> dict[int, pa.Table]:
     """Repeat row i of ``docs`` counts[i] times and split the copies into buckets.
 
     ``docs`` has the MIXTURE_SCHEMA columns except ``copy``. Returns bucket ->
-    table with MIXTURE_SCHEMA plus a ``key`` column (uint64); empty buckets omitted.
+    table with ``PIECE_SCHEMA`` (MIXTURE_SCHEMA plus ``key``), sorted by key, id, copy
+    (the part's order); empty buckets omitted.
     """
     rows = np.repeat(np.arange(len(counts)), counts)
     if len(rows) == 0:
@@ -91,67 +117,88 @@ def scatter(docs: pa.Table, counts: np.ndarray, n_buckets: int, seed: int) -> di
     expanded = docs.take(pa.array(rows))
     keys = copy_keys(expanded.column("id").to_pylist(), copy, seed)
     table = expanded.append_column("copy", pa.array(copy)).append_column("key", pa.array(keys))
-    table = table.select([*MIXTURE_SCHEMA.names, "key"])
-    # Sorting by bucket and slicing is O(rows log rows), whatever the bucket count.
+    table = table.select(PIECE_SCHEMA.names).cast(PIECE_SCHEMA)
+    # Sorted by bucket, then in each bucket by the part's order; sliced per bucket.
     bucket = keys % np.uint64(n_buckets)
-    order = np.argsort(bucket, kind="stable")
-    table = table.take(pa.array(order))
-    present, starts = np.unique(bucket[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
+    table = table.append_column("bucket", pa.array(bucket)).sort_by(
+        [("bucket", "ascending"), *PART_ORDER]
+    )
+    bucket = table.column("bucket").to_numpy()
+    table = table.drop_columns(["bucket"])
+    present, starts = np.unique(bucket, return_index=True)
+    ends = np.append(starts[1:], len(bucket))
     return {
         int(b): table.slice(int(start), int(end - start))
         for b, start, end in zip(present, starts, ends, strict=True)
     }
 
 
-#: Rows of a part taken and written at once: the part's row groups. The whole part
-#: reordered at once, then encoded, peaked at ~3.6x its Arrow bytes in the worker;
-#: slices keep that to the part as read plus its encoded bytes.
-SLICE_BYTES = 8 << 20
+def header_bytes(n_slices: int) -> int:
+    """The length of an encoded piece's header: its slices' n_slices + 1 offsets."""
+    return 8 * (n_slices + 1)
 
 
-def gather(parts: list[pa.Table]) -> Iterator[pa.Table]:
-    """One output shard, in slices of about ``SLICE_BYTES``: all parts of a bucket,
-    sorted by key (then id, copy, so that equal keys from duplicate ids still order
-    deterministically), key dropped; each slice has MIXTURE_SCHEMA. Nothing (no
-    slice) when the parts hold no rows."""
-    parts = [p for p in parts if p.num_rows]
-    if not parts:
-        return
-    table = pa.concat_tables(parts)
-    order = (
-        pc.sort_indices(
-            table, sort_keys=[("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
-        )
-        .to_numpy()
-        .astype(np.int64)
+def encode_piece(piece: pa.Table, n_slices: int) -> bytes:
+    """``piece`` (a ``scatter`` bucket, sorted by key) as a file whose slices can be
+    read alone: a header of n_slices + 1 little-endian uint64 byte offsets, then an
+    Arrow IPC stream (zstd) whose record batch r, from offset r to offset r + 1, holds
+    the piece's rows of slice r (``slice_of``); an empty slice is an empty range."""
+    rows = piece.num_rows
+    edges = np.searchsorted(
+        slice_of(piece.column("key").to_numpy(), n_slices), np.arange(n_slices + 1)
     )
-    # Arrow's take on a table of many chunks joins each column's chunks first (a copy of
-    # the whole part per slice): take each slice's rows piece by piece instead.
-    sizes = np.array([p.num_rows for p in parts])
-    piece_of = np.repeat(np.arange(len(parts)), sizes)
-    first_row = np.cumsum(sizes) - sizes
-    rows = max(1, table.num_rows * SLICE_BYTES // max(1, table.nbytes))
-    for start in range(0, len(order), rows):
-        wanted = order[start : start + rows]
-        by_piece = np.argsort(piece_of[wanted], kind="stable")
-        grouped = wanted[by_piece]
-        bounds = np.flatnonzero(np.diff(piece_of[grouped])) + 1
-        taken = [
-            parts[piece_of[g[0]]].take(pa.array(g - first_row[piece_of[g[0]]]))
-            for g in np.split(grouped, bounds)
+    edges[-1] = rows
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    offsets = [0] * (n_slices + 1)
+    with pa.ipc.new_stream(sink, PIECE_SCHEMA, options=options) as writer:
+        # The stream's schema goes out with its first batch: an empty one, before slice 0.
+        writer.write_batch(pa.RecordBatch.from_pylist([], schema=PIECE_SCHEMA))
+        offsets[0] = sink.tell()
+        for r in range(n_slices):
+            if edges[r + 1] > edges[r]:
+                batch = piece.slice(int(edges[r]), int(edges[r + 1] - edges[r]))
+                writer.write_table(batch.combine_chunks(), max_chunksize=rows)
+            offsets[r + 1] = sink.tell()
+    head = header_bytes(n_slices)
+    header = (np.array(offsets, dtype="<u8") + np.uint64(head)).tobytes()
+    return header + sink.getvalue().to_pybytes()
+
+
+def gather(
+    n_pieces: int,
+    n_slices: int,
+    read_ranges: Callable[[list[tuple[int, int, int]]], list[bytes]],
+) -> Iterator[pa.Table]:
+    """One output shard from ``n_pieces`` encoded pieces (``encode_piece``), slice by
+    slice: slice r of every piece, sorted by ``PART_ORDER``, key dropped; each yielded
+    table has MIXTURE_SCHEMA and at least one row. Together they are every piece's rows
+    in the part's order, since a slice is a range of keys.
+
+    ``read_ranges`` takes (piece, start, end) triples and returns those byte ranges of
+    those pieces, in order. Memory holds one slice of every piece (about SLICE_BYTES),
+    never the part."""
+    heads = read_ranges([(p, 0, header_bytes(n_slices)) for p in range(n_pieces)])
+    offsets = [np.frombuffer(h, dtype="<u8").astype(np.int64) for h in heads]
+    for r in range(n_slices):
+        wanted = [(p, int(o[r]), int(o[r + 1])) for p, o in enumerate(offsets) if o[r + 1] > o[r]]
+        if not wanted:
+            continue
+        batches = [
+            pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), PIECE_SCHEMA)
+            for data in read_ranges(wanted)
         ]
-        # Back from piece order to sorted order: row j of ``taken`` is slice row by_piece[j].
-        piece = pa.concat_tables(taken).combine_chunks().take(pa.array(np.argsort(by_piece)))
-        yield piece.drop_columns(["key"]).cast(MIXTURE_SCHEMA)
+        table = pa.Table.from_batches(batches, PIECE_SCHEMA).sort_by(PART_ORDER)
+        yield table.drop_columns(["key"]).combine_chunks()
 
 
-def part_bytes(slices: Iterable[pa.Table]) -> tuple[bytes, int]:
-    """``slices`` (``gather``) as one Parquet file, a row group per slice, and its rows.
-    A part with no rows is a file with MIXTURE_SCHEMA and no rows."""
-    buf, rows = io.BytesIO(), 0
-    with pq.ParquetWriter(buf, MIXTURE_SCHEMA) as writer:
+def write_part(slices: Iterable[pa.Table], sink: BinaryIO) -> int:
+    """Write ``slices`` (``gather``) to ``sink`` as one Parquet file, a row group per
+    slice; return its rows. A part with no rows is a file with MIXTURE_SCHEMA and no
+    rows."""
+    rows = 0
+    with pq.ParquetWriter(sink, MIXTURE_SCHEMA) as writer:
         for piece in slices:
             writer.write_table(piece, row_group_size=piece.num_rows)
             rows += piece.num_rows
-    return buf.getvalue(), rows
+    return rows

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
@@ -135,6 +135,34 @@ def put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def write_stream(fs: fsspec.AbstractFileSystem, path: str, fill: Callable[[BinaryIO], T]) -> T:
+    """``fill(f)`` on a file opened for writing at ``path``, published whole or not at
+    all: a local file is written beside its place and renamed; an S3 object is a
+    multipart upload, aborted if ``fill`` raises. Returns what ``fill`` returns."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with fs.open(tmp, "wb") as f:
+                result = fill(f)
+            fs.mv(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        return result
+    # Parts of 8 MiB (S3's minimum is 5): the upload holds one part, not the file.
+    f = fs.open(path, "wb", block_size=8 << 20)
+    try:
+        result = fill(f)
+    except BaseException:
+        f.discard()  # abort the upload: nothing is published
+        f.closed = True  # else closing it (when collected) would upload what it holds
+        raise
+    f.close()
+    return result
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -213,7 +241,7 @@ class Location:
         for attempt in range(self.retries + 1):
             try:
                 return op()
-            except FileNotFoundError:
+            except (FileNotFoundError, StoreError):  # StoreError: explained where it failed
                 raise
             except Exception as e:  # noqa: BLE001 - classified by transient()
                 if not transient(e) or attempt == self.retries:
@@ -400,6 +428,19 @@ class Store(Location):
                 out[lo + f : lo + last + 1] = got_rows[r[f : last + 1] - r[f]]
         return out
 
+    def get_ranges(self, ranges: list[tuple[Key, str, int, int]]) -> list[bytes]:
+        """Bytes [start, end) of file ``name`` of ``key``, for each (key, name, start,
+        end), fetched together (concurrently on S3), in order."""
+        if not ranges:
+            return []
+        paths = [self._path(k, name) for k, name, _, _ in ranges]
+        starts = [start for _, _, start, _ in ranges]
+        ends = [end for _, _, _, end in ranges]
+        return self._retry(
+            lambda: self.fs.cat_ranges(paths, starts, ends, on_error="raise"),
+            self._url(paths[0]),
+        )
+
     def get_arrays(self, key: Key, name: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -508,6 +549,12 @@ class Output(Location):
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self._write(f"{self._base}/{name}", data)
+
+    def put_stream(self, name: str, fill: Callable[[BinaryIO], T]) -> T:
+        """Write file ``name`` by ``fill(f)`` (``write_stream``), the whole of it tried
+        again while it fails transiently; returns what ``fill`` returns."""
+        path = f"{self._base}/{name}"
+        return self._retry(lambda: write_stream(self.fs, path, fill), self._url(path))
 
     def manifest(self) -> dict[str, Any] | None:
         return self._json(f"{self._base}/{self.MANIFEST}")

@@ -36,11 +36,13 @@ VERSIONS = {
     "clusters": "1",
     "ranks": "1",
     "weights": "3",  # 2: duplicate ids; 3: methods
-    "budget": "2",  # 2: mixture parts from bytes (output.max_part_bytes), not rows
+    # 2: mixture parts from bytes (output.max_part_bytes), not rows; 3: slices per part
+    "budget": "3",
     # 3: the documents that hold most of the rounding spread; 4: the report's sample
-    # drawn at a rate per domain (stages.report_rates), not 500 per shard
-    "counts": "4",
-    "output": "1",
+    # drawn at a rate per domain (stages.report_rates), not 500 per shard; 5: copies
+    # stored in slices (mixture_shards.encode_piece), not one Parquet table per part
+    "counts": "5",
+    "output": "2",  # 2: a part's row groups are its slices (ranges of keys)
 }
 
 

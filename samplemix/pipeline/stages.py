@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -616,7 +617,8 @@ def run_budget(
     (and ``output.rows_per_shard``) on average.
 
     Summary: scale, expected_rows = Σ c(x), expected_bytes = Σ c(x) · bytes(x) (the
-    index's bytes: what a copy weighs in a part), buckets (mixture parts).
+    index's bytes: what a copy weighs in a part), buckets (mixture parts), slices
+    (per part: what a worker writing it holds at once is one slice).
     """
 
     def per_shard(column: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -634,8 +636,9 @@ def run_budget(
         nbytes += float(np.dot(c, copy_bytes))
     out = cfg.output
     buckets = materialise.bucket_count(nbytes, out.max_part_bytes, rows, out.rows_per_shard)
+    slices = materialise.slice_count(nbytes, buckets)
     summary = {"scale": scale, "expected_rows": rows, "expected_bytes": nbytes}
-    return store.commit(key, summary | {"buckets": buckets})
+    return store.commit(key, summary | {"buckets": buckets, "slices": slices})
 
 
 def run_counts(
@@ -697,7 +700,7 @@ def run_counts(
         columns = ["id", "domain", "quality", "diversity", "weight"]
         mix_docs = plan.select(columns).append_column("text", text)
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
-            store.put_table(key, f"bucket-{b:05d}.parquet", part)
+            store.put_bytes(key, piece_name(b), materialise.encode_piece(part, budget["slices"]))
             buckets.append(b)
     summary = _counts_summary(plan, kept_ids, rates, cfg)
     return store.commit(key, {**summary, "buckets": buckets})
@@ -746,14 +749,27 @@ def _counts_summary(plan: pa.Table, ids: list[str], rates: dict[str, float], cfg
     }
 
 
-def run_gather(bucket: int, counts_keys: list[Key], out: Output, store: Store, key: Key) -> dict:
-    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it
-    (``key``: the output's, which the output's manifest records). Summary: rows."""
-    name = f"bucket-{bucket:05d}.parquet"
-    slices = materialise.gather([store.get_table(ck, name) for ck in counts_keys])
-    data, rows = materialise.part_bytes(slices)
-    out.put_bytes(f"mixture/part-{bucket:05d}.parquet", data)
-    return {"rows": rows}
+def piece_name(bucket: int) -> str:
+    """The counts artifact's file holding its copies in mixture part ``bucket``."""
+    return f"bucket-{bucket:05d}.arrows"
+
+
+def run_gather(
+    bucket: int, counts_keys: list[Key], slices: int, out: Output, store: Store, key: Key
+) -> dict:
+    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it,
+    in ``slices`` slices (the budget's), streamed to the output (``key``: the output's,
+    which the output's manifest records). Summary: rows."""
+    name = piece_name(bucket)
+
+    def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
+        return store.get_ranges([(counts_keys[p], name, a, b) for p, a, b in ranges])
+
+    def fill(f: BinaryIO) -> int:
+        parts = materialise.gather(len(counts_keys), slices, read_ranges)
+        return materialise.write_part(parts, f)
+
+    return {"rows": out.put_stream(f"mixture/part-{bucket:05d}.parquet", fill)}
 
 
 def run_publish_plan(part: int, counts: Key, out: Output, store: Store, key: Key) -> dict:
