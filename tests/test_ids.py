@@ -1,15 +1,39 @@
-"""Duplicate ids resolved by policy: hand-built shards, expected rows written out."""
+"""Duplicate ids resolved by policy: hand-built shards, expected rows written out; the
+same answer in one pass or several (the reduce's memory bound)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from samplemix.io.duplicate_ids import duplicates, id_hashes
+from samplemix.io import duplicate_ids
+from samplemix.io.duplicate_ids import ENTRY_BYTES, id_hashes, pass_count
 
 SHARDS = ["a.jsonl", "b.jsonl", "c.jsonl"]
 IDS = [["x", "y", "x", "z"], ["w", "y"], ["x", "v"]]  # x three times, y twice
 ROWS = [[0, 1, 3, 4], [0, 2], [7, 8]]  # file rows (a blank line or a reject skipped some)
+
+
+def duplicates(
+    shards: list[str],
+    hashes: list[np.ndarray],
+    rows_of: Callable[[int, np.ndarray], tuple[list[str], np.ndarray]],
+    policy: str,
+):  # noqa: ANN201 - pa.Table
+    """``duplicate_ids.duplicates`` over hashes held in a list."""
+    n_docs = sum(len(h) for h in hashes)
+    return duplicate_ids.duplicates(shards, hashes.__getitem__, n_docs, rows_of, policy)
+
+
+@pytest.fixture(params=[1, 3], ids=["one pass", "three passes"], autouse=True)
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every test in one pass, then in three (8 documents: 3 entries' bytes a pass),
+    spilled to files."""
+    if request.param > 1:
+        monkeypatch.setattr(duplicate_ids, "PASS_BYTES", 3 * ENTRY_BYTES)
+    return request.param
 
 
 def resolve(policy: str, hashes: list[np.ndarray] | None = None) -> list[tuple]:
@@ -71,3 +95,40 @@ def test_unique_ids_and_hash_collisions_give_nothing() -> None:
 @pytest.mark.parametrize("policy", ["keep_first", "reject", "disambiguate"])
 def test_empty_corpus(policy: str) -> None:
     assert duplicates([], [], lambda i, p: ([], p), policy).num_rows == 0
+
+
+def test_passes_split_the_hashes_and_change_nothing(
+    passes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 documents in 7 shards with planted repeats: keep_first drops every copy after
+    the first in (shard, position) order, derived here with a dict; every shard's hashes
+    are read once, however many passes."""
+    rng = np.random.default_rng(0)
+    ids = [f"d{i}" for i in range(1_700)] + [f"d{i}" for i in rng.integers(0, 1_700, 300)]
+    order = rng.permutation(len(ids))
+    shard_ids = [[ids[j] for j in part] for part in np.array_split(order, 7)]
+    shards = [f"s{i}" for i in range(7)]
+    if passes > 1:
+        monkeypatch.setattr(duplicate_ids, "PASS_BYTES", 200 * ENTRY_BYTES)
+    n_passes = pass_count(2_000)
+    assert n_passes == (1 if passes == 1 else 10)
+    reads: list[int] = []
+
+    def hashes_of(i: int) -> np.ndarray:
+        reads.append(i)
+        return id_hashes(shard_ids[i])
+
+    def rows_of(i: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
+        return [shard_ids[i][p] for p in positions], positions
+
+    t = duplicate_ids.duplicates(shards, hashes_of, 2_000, rows_of, "keep_first").to_pydict()
+    seen: set[str] = set()
+    expected = []
+    for s, names in enumerate(shard_ids):
+        for p, name in enumerate(names):
+            if name in seen:
+                expected.append((shards[s], p, name))
+            seen.add(name)
+    assert list(zip(t["shard"], t["position"], t["id"], strict=True)) == expected
+    assert len(expected) == 2_000 - len(set(ids))
+    assert reads == list(range(7))

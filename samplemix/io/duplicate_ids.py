@@ -9,14 +9,20 @@ Documents are ordered by (shard order, row); among the documents sharing an id:
 ``keep_first``: the first is kept, the later ones are rejected (``duplicate_id``).
 ``reject``: all of them are rejected, as no copy can be trusted over another.
 
-Ids are compared exactly; 64-bit hashes only find the candidates, so memory is
-8 bytes per document plus the candidates' ids.
+Ids are compared exactly; 64-bit hashes only find the candidates. When the hashes
+would hold more than ``PASS_BYTES``, they are split by value into passes
+(``pass_count``): every shard's hashes are read once and spilled to one local file
+per pass (16 bytes per document), then each pass compares its file's hashes alone.
+Memory is one pass plus the candidates' ids, whatever the corpus's size.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +40,21 @@ DUPLICATES_SCHEMA = pa.schema(
 )
 
 
+#: What one pass of ``duplicates`` may hold: its documents' entries (hash, shard and
+#: position: ``ENTRY``, 16 bytes) and np.unique's sorted copy, order, inverse and counts
+#: (8 bytes each). Past ``MAX_PASSES`` (one spill file each) a pass holds more instead:
+#: 1.9 GB at 10^10 documents.
+PASS_BYTES = 256 << 20
+ENTRY_BYTES = 48
+MAX_PASSES = 256
+ENTRY = np.dtype([("hash", "<u8"), ("shard", "<i4"), ("position", "<i4")])
+
+
+def pass_count(n_docs: int) -> int:
+    """Passes over the hashes that keep each within ``PASS_BYTES``: 1 to MAX_PASSES."""
+    return min(MAX_PASSES, max(1, math.ceil(n_docs * ENTRY_BYTES / PASS_BYTES)))
+
+
 def id_hashes(ids: Sequence[str]) -> np.ndarray:
     """A 64-bit hash per id: uint64 (len(ids),)."""
     raw = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
@@ -42,32 +63,43 @@ def id_hashes(ids: Sequence[str]) -> np.ndarray:
 
 def duplicates(
     shards: Sequence[str],
-    hashes: Sequence[np.ndarray],
+    hashes_of: Callable[[int], np.ndarray],
+    n_docs: int,
     rows_of: Callable[[int, np.ndarray], tuple[list[str], np.ndarray]],
     policy: str,
 ) -> pa.Table:
     """The documents ``policy`` drops or renames, in (shard, position) order.
 
-    ``hashes[i]`` are ``id_hashes`` of shard ``shards[i]``'s accepted documents;
-    ``rows_of(i, positions)`` returns those documents' (ids, file rows). Returns a
-    DUPLICATES_SCHEMA table; empty when every id is unique.
+    ``hashes_of(i)`` returns ``id_hashes`` of shard ``shards[i]``'s accepted documents
+    (read once); ``n_docs`` is their total; ``rows_of(i, positions)`` returns
+    those documents' (ids, file rows). Returns a DUPLICATES_SCHEMA table; empty when
+    every id is unique.
     """
-    if not hashes or not sum(len(h) for h in hashes):
-        return DUPLICATES_SCHEMA.empty_table()
-    flat = np.concatenate(hashes)
-    _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    candidate = counts[inverse] > 1
-    if not candidate.any():
-        return DUPLICATES_SCHEMA.empty_table()
-    bounds = np.cumsum([0, *map(len, hashes)])
-    members: dict[str, list[tuple[int, int, int]]] = {}  # id -> [(shard, position, row)]
-    for s in range(len(shards)):
-        positions = np.flatnonzero(candidate[bounds[s] : bounds[s + 1]])
-        if not len(positions):
+    passes = pass_count(n_docs)
+    found: list[list[np.ndarray]] = [[] for _ in shards]  # per shard, candidate positions
+    for entries in _passes(len(shards), hashes_of, passes):
+        if not len(entries):
             continue
+        _, inverse, counts = np.unique(entries["hash"], return_inverse=True, return_counts=True)
+        shared = entries[counts[inverse] > 1]
+        del inverse, counts
+        if not len(shared):
+            continue
+        # Grouped by shard: entries are in shard order, so a shard's run is contiguous.
+        present, starts = np.unique(shared["shard"], return_index=True)
+        runs = np.split(shared["position"], starts[1:])
+        for s, run in zip(present.tolist(), runs, strict=True):
+            found[s].append(run)
+    members: dict[str, list[tuple[int, int, int]]] = {}  # id -> [(shard, position, row)]
+    for s, pieces in enumerate(found):
+        if not pieces:
+            continue
+        positions = np.sort(np.concatenate(pieces)).astype(np.int64)
         ids, rows = rows_of(s, positions)
         for i, p, r in zip(ids, positions.tolist(), rows.tolist(), strict=True):
             members.setdefault(i, []).append((s, p, r))
+    if not members:
+        return DUPLICATES_SCHEMA.empty_table()
     out: dict[str, list] = {name: [] for name in DUPLICATES_SCHEMA.names}
     for doc_id, group in members.items():
         if len(group) < 2:  # a hash collision between different ids
@@ -88,3 +120,39 @@ def duplicates(
     order = {name: i for i, name in enumerate(shards)}
     keys = [order[s] for s in out["shard"]]
     return table.take(np.lexsort((np.array(out["position"]), np.array(keys))))
+
+
+def _entries(s: int, hashes: np.ndarray) -> np.ndarray:
+    """ENTRY records (hash, shard s, position) of one shard's ``hashes``."""
+    out = np.empty(len(hashes), dtype=ENTRY)
+    out["hash"], out["shard"], out["position"] = hashes, s, np.arange(len(hashes))
+    return out
+
+
+def _passes(
+    n_shards: int, hashes_of: Callable[[int], np.ndarray], passes: int
+) -> Iterator[np.ndarray]:
+    """Each pass's ENTRY records, in shard order: with one pass every shard's, held at
+    once; with more, pass p's are the hashes that are p modulo ``passes``, spilled to a
+    temporary file per pass as the shards are read, then read back pass by pass."""
+    if passes == 1:
+        held = [_entries(s, hashes_of(s)) for s in range(n_shards)]
+        yield np.concatenate(held) if held else np.empty(0, dtype=ENTRY)
+        return
+    with tempfile.TemporaryDirectory(prefix="samplemix-ids-") as tmp:
+        files = [Path(tmp) / f"pass-{p:05d}" for p in range(passes)]
+        sinks = [f.open("wb") for f in files]
+        try:
+            for s in range(n_shards):
+                entries = _entries(s, hashes_of(s))
+                which = entries["hash"] % np.uint64(passes)
+                entries = entries[np.argsort(which, kind="stable")]
+                present, starts = np.unique(np.sort(which), return_index=True)
+                for p, run in zip(present.tolist(), np.split(entries, starts[1:]), strict=True):
+                    sinks[p].write(run.tobytes())
+        finally:
+            for sink in sinks:
+                sink.close()
+        for f in files:
+            yield np.fromfile(f, dtype=ENTRY)
+            f.unlink()

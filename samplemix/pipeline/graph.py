@@ -156,7 +156,9 @@ def _ids_done(w: Walk) -> None:
 
 def _ids_calls(w: Walk) -> list[Call]:
     tok = w.keys("tokens")
-    return [Call(keys.ids_key(tok, w.cfg), "duplicates", (tok, w.cfg))]
+    docs = [None if r is None else r["docs"] for r in w.summaries("tokens", partial=True)]
+    n_docs = sum(d or 0 for d in docs)  # all known whenever the reduce runs
+    return [Call(keys.ids_key(tok, w.cfg), "duplicates", (tok, n_docs, w.cfg))]
 
 
 # ---- clusters and diversity ------------------------------------------------------------

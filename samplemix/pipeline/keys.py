@@ -20,9 +20,10 @@ from samplemix.scoring.reference import TOKENIZER_VERSION
 # Bump a stage's version when its logic changes: its artifacts and all downstream recompute.
 VERSIONS = {
     # 2: rows read; 3: a skipped shard reads 0 rows and counts its own; 4: the index's
-    # bytes column (what a copy weighs in the mixture: the budget sizes parts by it)
-    "tokens": "4",
-    "ids": "1",
+    # bytes column (what a copy weighs in the mixture: the budget sizes parts by it);
+    # 5: the ids' hashes stored (id_hashes.npy), which the ids reduce reads in passes
+    "tokens": "5",
+    "ids": "2",  # 2: from the stored hashes, in passes (duplicate_ids.pass_count)
     "bigrams": "1",
     "domains": "1",
     "reference": "1",

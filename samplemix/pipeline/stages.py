@@ -68,7 +68,8 @@ def _texts(shard: Shard, cfg: Config) -> list[str]:
 
 def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     """Index the shard (row, id, domain, tokens, bytes: what a copy weighs in the
-    mixture, ``mixture_shards.copy_bytes``) and record its rejects.
+    mixture, ``mixture_shards.copy_bytes``), hash its ids (id_hashes.npy, for the ids
+    reduce) and record its rejects.
 
     Summary: read (rows read = docs + rejected rows), docs, tokens, rejects
     {reason: count} of rejected rows, domain_docs, domain_tokens, skipped (the shard
@@ -87,6 +88,7 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     sized = index.select(["id", "domain"]).append_column("text", sd.docs.column("text"))
     index = index.append_column("bytes", materialise.copy_bytes(sized))
     store.put_table(key, "index.parquet", index)
+    store.put_array(key, "id_hashes.npy", dup.id_hashes(index.column("id").to_pylist()))
     store.put_table(key, "rejects.parquet", sd.rejects)
     domains = index.column("domain").to_pylist()
     domain_tokens: Counter[str] = Counter()
@@ -110,42 +112,48 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
     )
 
 
-def run_ids(tokens: list[Key], cfg: Config, store: Store, key: Key) -> dict:
+def run_ids(tokens: list[Key], n_docs: int, cfg: Config, store: Store, key: Key) -> dict:
     """Documents whose id another document has, resolved by ``corpus.duplicate_ids``
-    (ids.py), from every shard's index (``tokens``, in shard order).
+    (ids.py), from every shard's id hashes (``tokens``, in shard order; ``n_docs`` in
+    all), in passes that bound what it holds (``duplicate_ids.pass_count``).
 
     Writes duplicates.parquet (ids.DUPLICATES_SCHEMA). Summary: dropped, renamed,
     dropped_tokens, each {shard: count} over the shards that have any.
     """
 
-    def index(i: int, columns: list[str]) -> pa.Table:
-        return store.get_table(tokens[i], "index.parquet", columns=columns)
-
     def rows_of(i: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
-        t = index(i, ["id", "row"]).take(pa.array(positions))
+        t = store.get_table(tokens[i], "index.parquet", columns=["id", "row"])
+        t = t.take(pa.array(positions))
         return t.column("id").to_pylist(), t.column("row").to_numpy()
 
-    hashes = [dup.id_hashes(index(i, ["id"]).column("id").to_pylist()) for i in range(len(tokens))]
+    def hashes_of(i: int) -> np.ndarray:
+        return store.get_array(tokens[i], "id_hashes.npy")
+
     shards = [str(k.shard) for k in tokens]
-    table = dup.duplicates(shards, hashes, rows_of, cfg.corpus.duplicate_ids)
+    table = dup.duplicates(shards, hashes_of, n_docs, rows_of, cfg.corpus.duplicate_ids)
     store.put_table(key, "duplicates.parquet", table)
     dropped: Counter[str] = Counter()
     renamed: Counter[str] = Counter()
     dropped_tokens: Counter[str] = Counter()
-    for i, shard in enumerate(shards):
-        mine = table.filter(pc.equal(table.column("shard"), shard))
-        if not mine.num_rows:
-            continue
-        drop = mine.filter(pc.equal(mine.column("action"), "drop"))
-        dropped[shard] = drop.num_rows
-        renamed[shard] = mine.num_rows - drop.num_rows
-        n_tok = index(i, ["tokens"]).column("tokens").to_numpy()
-        dropped_tokens[shard] = int(n_tok[drop.column("position").to_numpy()].sum())
+    position_of = {name: i for i, name in enumerate(shards)}
+    rows = table.to_pydict()
+    drops: dict[str, list[int]] = {}
+    for shard, position, action in zip(
+        rows["shard"], rows["position"], rows["action"], strict=True
+    ):
+        if action == "drop":
+            dropped[shard] += 1
+            drops.setdefault(shard, []).append(position)
+        else:
+            renamed[shard] += 1
+    for shard, positions in drops.items():
+        index = store.get_table(tokens[position_of[shard]], "index.parquet", columns=["tokens"])
+        dropped_tokens[shard] = int(index.column("tokens").to_numpy()[positions].sum())
     return store.commit(
         key,
         {
-            "dropped": {k: v for k, v in dropped.items() if v},
-            "renamed": {k: v for k, v in renamed.items() if v},
+            "dropped": dict(dropped),
+            "renamed": dict(renamed),
             "dropped_tokens": {k: v for k, v in dropped_tokens.items() if v},
         },
     )
