@@ -41,11 +41,12 @@ DUPLICATES_SCHEMA = pa.schema(
 
 
 #: What one pass of ``duplicates`` may hold: its documents' entries (hash, shard and
-#: position: ``ENTRY``, 16 bytes) and np.unique's sorted copy, order, inverse and counts
-#: (8 bytes each). Past ``MAX_PASSES`` (one spill file each) a pass holds more instead:
-#: 1.9 GB at 10^10 documents.
+#: position: ``ENTRY``, 16 bytes) and np.unique's copy of the hashes, its order, sorted
+#: values, inverse and counts (8 bytes each): 82 bytes a document in all, measured
+#: (bench/bench_ids.py). Past ``MAX_PASSES`` (one spill file each) a pass holds more
+#: instead: 3 GB at 10^10 documents.
 PASS_BYTES = 256 << 20
-ENTRY_BYTES = 48
+ENTRY_BYTES = 80
 MAX_PASSES = 256
 ENTRY = np.dtype([("hash", "<u8"), ("shard", "<i4"), ("position", "<i4")])
 
@@ -77,7 +78,7 @@ def duplicates(
     """
     passes = pass_count(n_docs)
     found: list[list[np.ndarray]] = [[] for _ in shards]  # per shard, candidate positions
-    for entries in _passes(len(shards), hashes_of, passes):
+    for entries in _passes(len(shards), hashes_of, n_docs, passes):
         if not len(entries):
             continue
         _, inverse, counts = np.unique(entries["hash"], return_inverse=True, return_counts=True)
@@ -122,22 +123,30 @@ def duplicates(
     return table.take(np.lexsort((np.array(out["position"]), np.array(keys))))
 
 
-def _entries(s: int, hashes: np.ndarray) -> np.ndarray:
-    """ENTRY records (hash, shard s, position) of one shard's ``hashes``."""
-    out = np.empty(len(hashes), dtype=ENTRY)
+def _entries(s: int, hashes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """ENTRY records (hash, shard s, position) of one shard's ``hashes``, in ``out`` if
+    given (len(hashes) records)."""
+    out = np.empty(len(hashes), dtype=ENTRY) if out is None else out
     out["hash"], out["shard"], out["position"] = hashes, s, np.arange(len(hashes))
     return out
 
 
 def _passes(
-    n_shards: int, hashes_of: Callable[[int], np.ndarray], passes: int
+    n_shards: int, hashes_of: Callable[[int], np.ndarray], n_docs: int, passes: int
 ) -> Iterator[np.ndarray]:
-    """Each pass's ENTRY records, in shard order: with one pass every shard's, held at
-    once; with more, pass p's are the hashes that are p modulo ``passes``, spilled to a
-    temporary file per pass as the shards are read, then read back pass by pass."""
+    """Each pass's ENTRY records, in shard order: with one pass every shard's (``n_docs``
+    in all), held at once; with more, pass p's are the hashes that are p modulo
+    ``passes``, spilled to a temporary file per pass as the shards are read, then read
+    back pass by pass."""
     if passes == 1:
-        held = [_entries(s, hashes_of(s)) for s in range(n_shards)]
-        yield np.concatenate(held) if held else np.empty(0, dtype=ENTRY)
+        held, start = np.empty(n_docs, dtype=ENTRY), 0
+        for s in range(n_shards):
+            h = hashes_of(s)
+            if start + len(h) > n_docs:
+                raise ValueError(f"shard {s} takes the ids past the {n_docs} documents counted")
+            _entries(s, h, held[start : start + len(h)])
+            start += len(h)
+        yield held[:start]
         return
     with tempfile.TemporaryDirectory(prefix="samplemix-ids-") as tmp:
         files = [Path(tmp) / f"pass-{p:05d}" for p in range(passes)]
