@@ -162,11 +162,13 @@ def process_class(proc: psutil.Process, root: int) -> str:
 
 class ProcessTree:
     """Samples process ``root`` and its descendants every ``every`` s until the context
-    exits. ``seen[(pid, start time)]``: class, command line, peak RSS and CPU-s (user +
-    system) as last sampled."""
+    exits. ``seen[(pid, start time)]``: class, command line, peak RSS, when the peak was
+    first seen (``peak_at_s``, seconds since the sampling began: the run's log says
+    which stage was running then) and CPU-s (user + system) as last sampled."""
 
     def __init__(self, root: int, every: float = 0.5) -> None:
         self.root, self.every = root, every
+        self.t0 = time.perf_counter()
         self.seen: dict[tuple[int, float], dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -191,6 +193,8 @@ class ProcessTree:
                     rss = peak_rss(proc.pid)
             except (psutil.Error, OSError, StopIteration):  # gone meanwhile
                 continue
+            if rss > self.seen[key].get("peak_rss", 0):
+                self.seen[key]["peak_at_s"] = round(time.perf_counter() - self.t0, 1)
             self.seen[key] |= {"cpu_s": times.user + times.system, "peak_rss": rss}
 
     def _run(self) -> None:
@@ -242,6 +246,7 @@ def measured_run(
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a temporary server
     log = work / f"run-{docs}.log"
     cpu_before, t0 = children_cpu_s(), time.perf_counter()
+    started = datetime.datetime.now().isoformat(timespec="seconds")  # peak_at_s counts from here
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=sink)
         with ProcessTree(proc.pid) as tree:
@@ -259,6 +264,7 @@ def measured_run(
         "documents_accepted": summary["documents"],
         "shards": sum(1 for _ in corpus.rglob("*.parquet")),
         "command": cmd,
+        "started": started,
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu_s, 1),
         "cpu_s_per_1k": round(1000 * cpu_s / docs, 2),
