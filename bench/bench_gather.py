@@ -4,7 +4,7 @@ the plain way (the whole part read, reordered at once, then ``pq.write_table``).
 
 Each variant runs in a fresh child process that builds the scattered pieces of one
 part (``--pieces`` tables of random documents, ``--mib`` MiB of Arrow data in all) and
-saves them as the counts stage does (samplemix: ``encode_piece``; plain: Parquet), then
+saves them as the counts stage does (samplemix: ``piece_bytes``; plain: Parquet), then
 reads them back and writes the part to a file, and reports its peak RSS above the RSS
 it had before reading: what writing the part costs a worker.
 
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from samplemix.io.mixture_shards import (
     MIXTURE_SCHEMA,
-    encode_piece,
     gather,
+    piece_bytes,
     scatter,
     slice_count,
     write_part,
@@ -83,7 +83,7 @@ def samplemix(pieces: list[Path], n_slices: int, out: Path) -> None:
         return got
 
     with out.open("wb") as f:
-        write_part(gather(len(pieces), n_slices, read_ranges), f)
+        write_part(gather([str(p) for p in pieces], n_slices, read_ranges), f)
 
 
 def save(mib: int, n_pieces: int, folder: Path) -> int:
@@ -92,7 +92,7 @@ def save(mib: int, n_pieces: int, folder: Path) -> int:
     built = pieces(mib, n_pieces)
     n_slices = slice_count(sum(t.nbytes for t in built), 1)
     for i, table in enumerate(built):
-        (folder / f"samplemix-{i}").write_bytes(encode_piece(table, n_slices))
+        (folder / f"samplemix-{i}").write_bytes(piece_bytes(table, n_slices))
         pq.write_table(table, folder / f"plain-{i}")
     return n_slices
 

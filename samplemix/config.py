@@ -167,13 +167,13 @@ class OutputConfig(_Section):
     store: str | None = Field(
         None, description="Artifact store (folder or s3://); default OUT/store"
     )
-    # 256 MiB: the gather that writes a part peaks at ~3.6x its bytes (measured: 909 MiB
-    # for a 256 MiB part), which fits a worker beside a model; 10^9 documents of ~4 kB
-    # make ~15,000 parts at one copy each, and a training reader fetches one at a time.
+    # 256 MiB: no worker holds a part (it is written slice by slice, mixture_shards),
+    # so the size only sets the file count: 10^9 documents of ~4 kB make ~15,000 parts
+    # at one copy each, and a training reader fetches one at a time.
     max_part_bytes: int = Field(
         256 * 2**20,
-        description="Bytes of one mixture part, at most on average, as the worker holds it "
-        "(Arrow; the Parquet file is smaller), e.g. '256MiB', '4MB': parts = "
+        description="Bytes of one mixture part, at most on average, in Arrow (the Parquet "
+        "file is smaller), e.g. '256MiB', '4MB': parts = "
         "ceil(sum of c(x) * bytes of x's row / max_part_bytes). The shuffle spreads copies "
         "by a hash, so parts vary around the mean, less the more rows a part holds "
         "(shared corpus: sd 8% at 1,100 rows a part, the largest of 133 parts +25%)",

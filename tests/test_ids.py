@@ -11,9 +11,10 @@ import pytest
 from samplemix.io import duplicate_ids
 from samplemix.io.duplicate_ids import ENTRY_BYTES, id_hashes, pass_count
 
-SHARDS = ["a.jsonl", "b.jsonl", "c.jsonl"]
-IDS = [["x", "y", "x", "z"], ["w", "y"], ["x", "v"]]  # x three times, y twice
-ROWS = [[0, 1, 3, 4], [0, 2], [7, 8]]  # file rows (a blank line or a reject skipped some)
+# x three times, y twice; e.jsonl has no document (skipped, or every row rejected).
+SHARDS = ["a.jsonl", "b.jsonl", "e.jsonl", "c.jsonl"]
+IDS = [["x", "y", "x", "z"], ["w", "y"], [], ["x", "v"]]
+ROWS = [[0, 1, 3, 4], [0, 2], [], [7, 8]]  # file rows (a blank line or a reject skipped some)
 
 
 def duplicates(
@@ -81,10 +82,11 @@ def test_detail_points_at_another_copy() -> None:
 
 
 def test_unique_ids_and_hash_collisions_give_nothing() -> None:
-    assert resolve("keep_first", [id_hashes(["p", "q"]), id_hashes(["r"]), id_hashes([])]) == []
+    unique = [id_hashes(["p", "q"]), id_hashes(["r"]), id_hashes([]), id_hashes(["s"])]
+    assert resolve("keep_first", unique) == []
     # Equal hashes for different ids (forced here) are compared by the ids themselves.
-    collide = [np.zeros(4, np.uint64), np.zeros(2, np.uint64), np.zeros(2, np.uint64)]
-    unique_ids = [["a", "b", "c", "d"], ["e", "f"], ["g", "h"]]
+    collide = [np.zeros(n, np.uint64) for n in (4, 2, 0, 2)]
+    unique_ids = [["a", "b", "c", "d"], ["e", "f"], [], ["g", "h"]]
 
     def rows_of(i: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
         return [unique_ids[i][p] for p in positions], positions

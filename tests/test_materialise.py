@@ -20,9 +20,9 @@ from samplemix.io.mixture_shards import (
     PIECE_SCHEMA,
     bucket_count,
     copy_keys,
-    encode_piece,
     gather,
     header_bytes,
+    piece_bytes,
     scatter,
     slice_count,
     slice_of,
@@ -52,7 +52,7 @@ def shuffle(
 ) -> list[pa.Table]:
     """scatter every (docs, counts) source shard, then gather bucket by bucket."""
     scattered = [scatter(docs, counts, n_buckets, seed) for docs, counts in tables]
-    encoded = [{b: encode_piece(t, n_slices) for b, t in s.items()} for s in scattered]
+    encoded = [{b: piece_bytes(t, n_slices) for b, t in s.items()} for s in scattered]
     return [part([e[b] for e in encoded if b in e], n_slices) for b in range(n_buckets)]
 
 
@@ -71,7 +71,8 @@ def reader(pieces: list[bytes], calls: list | None = None):
 def part_file(pieces: list[bytes], n_slices: int) -> tuple[bytes, int]:
     """The part file ``gather`` and ``write_part`` make of encoded ``pieces``, and its rows."""
     buf = io.BytesIO()
-    rows = write_part(gather(len(pieces), n_slices, reader(pieces)), buf)
+    names = [f"piece-{i}" for i in range(len(pieces))]
+    rows = write_part(gather(names, n_slices, reader(pieces)), buf)
     return buf.getvalue(), rows
 
 
@@ -161,6 +162,16 @@ def test_same_output_whatever_the_source_sharding(n_buckets: int) -> None:
     for a, b, c in zip(whole, split, swapped, strict=True):
         assert a.equals(b) and a.equals(c)
         assert parquet_bytes(a) == parquet_bytes(b)
+    # The part files themselves, row groups included, with several slices a part.
+    files = []
+    for sources in (
+        [(docs, counts)],
+        [(docs.slice(0, 5), counts[:5]), (docs.slice(5), counts[5:])],
+    ):
+        scattered = [scatter(d, c, n_buckets, 7) for d, c in sources]
+        encoded = [{b: piece_bytes(t, 4) for b, t in got.items()} for got in scattered]
+        files.append([part_file([e[b] for e in encoded if b in e], 4) for b in range(n_buckets)])
+    assert files[0] == files[1]
 
 
 def test_bucket_count_only_changes_the_split() -> None:
@@ -179,13 +190,13 @@ def test_rerun_gives_identical_parquet() -> None:
     b = shuffle([(docs_table(), COUNTS)], 2, seed=11)
     for x, y in zip(a, b, strict=True):
         assert parquet_bytes(x) == parquet_bytes(y)
-    pieces = [encode_piece(scatter(docs_table(), COUNTS, 1, seed=11)[0], 2)]
+    pieces = [piece_bytes(scatter(docs_table(), COUNTS, 1, seed=11)[0], 2)]
     assert part_file(pieces, 2) == part_file(pieces, 2)
 
 
 def test_nothing_selected() -> None:
     assert scatter(docs_table(), np.zeros(4, np.int64), 3, seed=0) == {}
-    assert list(gather(0, 3, reader([]))) == []
+    assert list(gather([], 3, reader([]))) == []
     empty = part([], 3)
     assert empty.num_rows == 0 and empty.schema == MIXTURE_SCHEMA
 
@@ -200,7 +211,7 @@ def test_a_part_written_in_slices_is_the_part_sorted_at_once(n_slices: int) -> N
         scatter(docs.slice(0, 4), counts[:4], 1, seed=5)[0],
         scatter(docs.slice(4), counts[4:], 1, seed=5)[0],
     ]
-    data, rows = part_file([encode_piece(t, n_slices) for t in scattered], n_slices)
+    data, rows = part_file([piece_bytes(t, n_slices) for t in scattered], n_slices)
     assert rows == counts.sum() == 24
     whole = pq.read_table(io.BytesIO(data))
     # The order, derived here: by key, then id, then copy.
@@ -218,18 +229,23 @@ def test_a_part_written_in_slices_is_the_part_sorted_at_once(n_slices: int) -> N
         first += n
 
 
-def test_gather_holds_one_slice_of_every_piece() -> None:
-    """After the headers, each read asks for one slice of each piece: about 1 / n_slices
-    of the part's bytes, never the part."""
-    docs = docs_table(26)
-    counts = np.full(26, 8)
-    n_slices = 8
-    pieces = [
-        encode_piece(scatter(docs.slice(i, 13), counts[i : i + 13], 1, seed=2)[0], n_slices)
+def two_pieces(n_slices: int) -> list[bytes]:
+    """26 documents, 8 copies each, in two source shards: one bucket's two pieces."""
+    docs, counts = docs_table(26), np.full(26, 8)
+    return [
+        piece_bytes(scatter(docs.slice(i, 13), counts[i : i + 13], 1, seed=2)[0], n_slices)
         for i in (0, 13)
     ]
+
+
+def test_gather_holds_one_slice_of_every_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no read-ahead, each read after the headers asks for one slice of each piece:
+    about 1 / n_slices of the part's bytes, never the part."""
+    monkeypatch.setattr(materialise, "READ_AHEAD_BYTES", 0)
+    n_slices = 8
+    pieces = two_pieces(n_slices)
     calls: list = []
-    rows = sum(t.num_rows for t in gather(2, n_slices, reader(pieces, calls)))
+    rows = sum(t.num_rows for t in gather(["a", "b"], n_slices, reader(pieces, calls)))
     assert rows == 26 * 8
     heads, *slices = calls
     assert heads == [(p, 0, header_bytes(n_slices)) for p in range(2)]
@@ -238,6 +254,43 @@ def test_gather_holds_one_slice_of_every_piece() -> None:
     read = [sum(b - a for _, a, b in ranges) for ranges in slices]
     assert sum(read) < body  # every row once (the stream's schema is never read)
     assert max(read) < body / 2
+
+
+def test_gather_reads_small_pieces_ahead_within_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each piece's next slices come in one request while they fit its share of
+    READ_AHEAD_BYTES: all of them at the default (one read per piece); with a share of
+    about three slices, fewer reads than slices and none above the share but a single
+    slice. The part is the same either way."""
+    n_slices = 8
+    pieces = two_pieces(n_slices)
+    whole = part_file(pieces, n_slices)
+    calls: list = []
+    list(gather(["a", "b"], n_slices, reader(pieces, calls)))
+    assert len(calls) == 2 and len(calls[1]) == 2  # the headers, then each piece once
+    slice_sizes = [
+        np.diff(np.frombuffer(p[: header_bytes(n_slices)], "<u8").astype(np.int64)) for p in pieces
+    ]
+    share = int(3 * max(s.mean() for s in slice_sizes))
+    monkeypatch.setattr(materialise, "READ_AHEAD_BYTES", 2 * share)
+    calls = []
+    assert part_file(pieces, n_slices) == whole
+    list(gather(["a", "b"], n_slices, reader(pieces, calls)))
+    reads = [(p, b - a) for ranges in calls[1:] for p, a, b in ranges]
+    assert len(reads) < 2 * n_slices
+    assert all(n <= max(share, slice_sizes[p].max()) for p, n in reads)
+
+
+def test_a_damaged_piece_is_named() -> None:
+    (piece,) = two_pieces(4)[:1]
+    name = "s3://x/counts/k/bucket-00000.arrows"
+    scrambled = np.array([900, 50, 0, 0, 0], "<u8").tobytes() + piece[header_bytes(4) :]
+    with pytest.raises(ValueError, match=f"{name} is not a mixture piece of 4 slices"):
+        list(gather([name], 4, reader([scrambled])))
+    cut = piece[: header_bytes(4)] + b"\xff" * (len(piece) - header_bytes(4))
+    with pytest.raises(ValueError, match="p0: a slice cannot be read"):
+        list(gather(["p0"], 4, reader([cut])))
 
 
 @pytest.mark.parametrize(

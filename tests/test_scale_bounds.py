@@ -4,6 +4,7 @@ bytes (``output.max_part_bytes``), and a k-means fit on a sample bounded whateve
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from s3 import KEY, REGION, SECRET
 
 from samplemix.config import Config, ConfigError, load_config, parse_bytes
 from samplemix.io.mixture_shards import bucket_count
-from samplemix.io.store import Key, Output, Store, StoreError, artifact_key
+from samplemix.io.store import Key, Output, Store, artifact_key
 from samplemix.mixing.kmeans import auto_k, fit_sample_rows
 from samplemix.mixing.weights import doc_uniforms
 from samplemix.pipeline import keys, stages
@@ -370,7 +371,7 @@ def streamed_write_is_whole_or_nothing(
 ) -> None:
     """A part streamed to ``out`` in 1 MiB writes (9 MiB: more than one S3 upload part)
     is there whole when the writer returns, and absent, leftovers included, when it
-    raises."""
+    raises; what the writer raised is raised as it is (it is not the output's fault)."""
     chunk = bytes(range(256)) * 4096
 
     def fill(f: BinaryIO, fail: bool = False) -> int:
@@ -381,7 +382,7 @@ def streamed_write_is_whole_or_nothing(
         return 9
 
     assert out.put_stream("mixture/part-00000.parquet", fill) == 9
-    with pytest.raises(StoreError, match="the gather failed half way"):
+    with pytest.raises(Planted, match="the gather failed half way"):
         out.put_stream("mixture/part-00001.parquet", lambda f: fill(f, fail=True))
     assert listed() == ["mixture/part-00000.parquet"]
     assert read("mixture/part-00000.parquet") == chunk * 9
@@ -397,15 +398,19 @@ def test_a_streamed_part_is_published_whole_or_not_at_all(tmp_path: Path) -> Non
     )
 
 
-def test_a_streamed_part_is_published_whole_or_not_at_all_on_s3(moto) -> None:  # noqa: ANN001
-    out = Output("s3://mix/streamed", moto.storage_options())
-    uploads = boto3.client(
+def s3_client(moto):  # noqa: ANN001, ANN201 - s3.MotoServer, a boto3 S3 client
+    return boto3.client(
         "s3",
         endpoint_url=moto.endpoint,
         aws_access_key_id=KEY,
         aws_secret_access_key=SECRET,
         region_name=REGION,
     )
+
+
+def test_a_streamed_part_is_published_whole_or_not_at_all_on_s3(moto) -> None:  # noqa: ANN001
+    out = Output("s3://mix/streamed", moto.storage_options())
+    uploads = s3_client(moto)
 
     def listed() -> list[str]:
         out.fs.invalidate_cache()
@@ -416,6 +421,31 @@ def test_a_streamed_part_is_published_whole_or_not_at_all_on_s3(moto) -> None:  
     streamed_write_is_whole_or_nothing(
         out, listed, lambda name: out.fs.cat_file(f"mix/streamed/{name}")
     )
+
+
+def test_a_failed_abort_publishes_nothing_either(moto, monkeypatch) -> None:  # noqa: ANN001
+    """When the upload's abort fails too (the network is down), the file object is not
+    completed when collected: no truncated part appears, and the writer's own error is
+    the one raised."""
+    out = Output("s3://mix/aborts", moto.storage_options())
+
+    def abort_fails(*args: object, **kwargs: object) -> None:
+        raise ConnectionResetError("the network went away")
+
+    monkeypatch.setattr(out.fs, "abort_mpu", abort_fails)
+
+    def fill(f: BinaryIO) -> int:
+        f.write(b"x" * (9 << 20))  # one 8 MiB upload part sent
+        raise Planted("the gather failed half way")
+
+    with pytest.raises(Planted):
+        out.put_stream("mixture/part-00000.parquet", fill)
+    gc.collect()
+    out.fs.invalidate_cache()
+    assert out.fs.find("mix/aborts") == []
+    client = s3_client(moto)
+    for upload in client.list_multipart_uploads(Bucket="mix").get("Uploads", []):
+        client.abort_multipart_upload(Bucket="mix", Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 # ---- the report's sample: the same few documents whatever the corpus's sharding --------

@@ -18,6 +18,7 @@ Memory is one pass plus the candidates' ids, whatever the corpus's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import tempfile
@@ -43,10 +44,10 @@ DUPLICATES_SCHEMA = pa.schema(
 #: What one pass of ``duplicates`` may hold: its documents' entries (hash, shard and
 #: position: ``ENTRY``, 16 bytes) and np.unique's copy of the hashes, its order, sorted
 #: values, inverse and counts (8 bytes each): 82 bytes a document in all, measured
-#: (bench/bench_ids.py). Past ``MAX_PASSES`` (one spill file each) a pass holds more
-#: instead: 3 GB at 10^10 documents.
+#: (bench/bench_ids.py). Past ``MAX_PASSES`` (one spill file open each) a pass holds
+#: more instead: 3.2 GB at 10^10 documents.
 PASS_BYTES = 256 << 20
-ENTRY_BYTES = 80
+ENTRY_BYTES = 82
 MAX_PASSES = 256
 ENTRY = np.dtype([("hash", "<u8"), ("shard", "<i4"), ("position", "<i4")])
 
@@ -78,7 +79,7 @@ def duplicates(
     """
     passes = pass_count(n_docs)
     found: list[list[np.ndarray]] = [[] for _ in shards]  # per shard, candidate positions
-    for entries in _passes(len(shards), hashes_of, n_docs, passes):
+    for entries in _passes(shards, hashes_of, n_docs, passes):
         if not len(entries):
             continue
         _, inverse, counts = np.unique(entries["hash"], return_inverse=True, return_counts=True)
@@ -132,36 +133,38 @@ def _entries(s: int, hashes: np.ndarray, out: np.ndarray | None = None) -> np.nd
 
 
 def _passes(
-    n_shards: int, hashes_of: Callable[[int], np.ndarray], n_docs: int, passes: int
+    shards: Sequence[str], hashes_of: Callable[[int], np.ndarray], n_docs: int, passes: int
 ) -> Iterator[np.ndarray]:
     """Each pass's ENTRY records, in shard order: with one pass every shard's (``n_docs``
     in all), held at once; with more, pass p's are the hashes that are p modulo
     ``passes``, spilled to a temporary file per pass as the shards are read, then read
-    back pass by pass."""
+    back pass by pass. The passes hold about the same share each as long as most ids
+    are distinct (many copies of one id all fall in one pass)."""
     if passes == 1:
         held, start = np.empty(n_docs, dtype=ENTRY), 0
-        for s in range(n_shards):
+        for s in range(len(shards)):
             h = hashes_of(s)
             if start + len(h) > n_docs:
-                raise ValueError(f"shard {s} takes the ids past the {n_docs} documents counted")
+                raise ValueError(
+                    f"{shards[s]} has more ids than the {n_docs} documents its tokens "
+                    "summaries count: delete the store's tokens artifacts and rerun"
+                )
             _entries(s, h, held[start : start + len(h)])
             start += len(h)
         yield held[:start]
         return
     with tempfile.TemporaryDirectory(prefix="samplemix-ids-") as tmp:
         files = [Path(tmp) / f"pass-{p:05d}" for p in range(passes)]
-        sinks = [f.open("wb") for f in files]
-        try:
-            for s in range(n_shards):
+        with contextlib.ExitStack() as stack:
+            sinks = [stack.enter_context(f.open("wb")) for f in files]
+            for s in range(len(shards)):
                 entries = _entries(s, hashes_of(s))
                 which = entries["hash"] % np.uint64(passes)
-                entries = entries[np.argsort(which, kind="stable")]
-                present, starts = np.unique(np.sort(which), return_index=True)
-                for p, run in zip(present.tolist(), np.split(entries, starts[1:]), strict=True):
-                    sinks[p].write(run.tobytes())
-        finally:
-            for sink in sinks:
-                sink.close()
+                order = np.argsort(which, kind="stable")
+                bounds = np.searchsorted(which[order], np.arange(passes + 1))
+                entries = entries[order]
+                for p in np.flatnonzero(np.diff(bounds)).tolist():
+                    sinks[p].write(entries[bounds[p] : bounds[p + 1]].tobytes())
         for f in files:
             yield np.fromfile(f, dtype=ENTRY)
             f.unlink()

@@ -2,7 +2,7 @@
 
 A bucketed shuffle that never holds the mixture, nor one part of it, in one place:
 every copy of a document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it
-to bucket key mod B from its source shard, sorted by key; ``encode_piece`` stores each
+to bucket key mod B from its source shard, sorted by key; ``piece_bytes`` stores each
 bucket's piece in slices (ranges of the key's top bits); ``gather`` reads slice r of
 every piece of a bucket, sorts it and writes it as the part's row group r. Memory per
 worker is one slice of a part (about ``SLICE_BYTES``), and the order is the same
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -80,14 +80,19 @@ def copy_keys(ids: list[str], copies: np.ndarray, seed: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8")
 
 
-#: The order of a part's rows: by shuffle key, then id and copy, so that equal keys
-#: from duplicate ids still order deterministically.
+#: The order of a part's rows: by shuffle key, then id and copy, which break a tie
+#: between two (id, copy) whose 64-bit keys collide. (id, copy) is unique: the ids
+#: stage renames or drops duplicate ids.
 PART_ORDER = [("key", "ascending"), ("id", "ascending"), ("copy", "ascending")]
 #: A scattered piece's rows: a mixture row and its shuffle key.
 PIECE_SCHEMA = MIXTURE_SCHEMA.append(pa.field("key", pa.uint64()))
 #: The bytes of a part held at once while it is written: one slice of every piece.
 #: A part held whole (sorted, then encoded) peaked at ~3.6x its Arrow bytes.
 SLICE_BYTES = 8 << 20
+#: Compressed bytes of the pieces' slices a gather holds at most ahead of the slice it
+#: sorts: each piece's next slices are read in one request while they fit its share,
+#: so a part of many small pieces costs a few requests per piece, not one per slice.
+READ_AHEAD_BYTES = 4 * SLICE_BYTES
 
 
 def slice_count(expected_bytes: float, buckets: int) -> int:
@@ -138,16 +143,15 @@ def header_bytes(n_slices: int) -> int:
     return 8 * (n_slices + 1)
 
 
-def encode_piece(piece: pa.Table, n_slices: int) -> bytes:
+def piece_bytes(piece: pa.Table, n_slices: int) -> bytes:
     """``piece`` (a ``scatter`` bucket, sorted by key) as a file whose slices can be
     read alone: a header of n_slices + 1 little-endian uint64 byte offsets, then an
-    Arrow IPC stream (zstd) whose record batch r, from offset r to offset r + 1, holds
-    the piece's rows of slice r (``slice_of``); an empty slice is an empty range."""
-    rows = piece.num_rows
-    edges = np.searchsorted(
-        slice_of(piece.column("key").to_numpy(), n_slices), np.arange(n_slices + 1)
-    )
-    edges[-1] = rows
+    Arrow IPC stream (zstd) whose record batches from offset r to offset r + 1 hold the
+    piece's rows of slice r (``slice_of``); an empty slice is an empty range."""
+    keys = piece.column("key").to_numpy()
+    if np.any(keys[1:] < keys[:-1]):
+        raise ValueError("a mixture piece must be sorted by key (scatter sorts it)")
+    edges = np.searchsorted(slice_of(keys, n_slices), np.arange(n_slices + 1))
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     offsets = [0] * (n_slices + 1)
@@ -157,39 +161,81 @@ def encode_piece(piece: pa.Table, n_slices: int) -> bytes:
         offsets[0] = sink.tell()
         for r in range(n_slices):
             if edges[r + 1] > edges[r]:
-                batch = piece.slice(int(edges[r]), int(edges[r + 1] - edges[r]))
-                writer.write_table(batch.combine_chunks(), max_chunksize=rows)
+                writer.write_table(piece.slice(int(edges[r]), int(edges[r + 1] - edges[r])))
             offsets[r + 1] = sink.tell()
     head = header_bytes(n_slices)
     header = (np.array(offsets, dtype="<u8") + np.uint64(head)).tobytes()
     return header + sink.getvalue().to_pybytes()
 
 
+def slice_offsets(name: str, header: bytes, n_slices: int) -> np.ndarray:
+    """The n_slices + 1 byte offsets in the header of piece ``name``, int64. Raises
+    ValueError, naming the piece, when the header cannot be one of n_slices slices."""
+    offsets = np.frombuffer(header, dtype="<u8").astype(np.int64)
+    head = header_bytes(n_slices)
+    if len(header) != head or offsets[0] < head or np.any(np.diff(offsets) < 0):
+        raise ValueError(
+            f"{name} is not a mixture piece of {n_slices} slices (its header: "
+            f"{offsets[:4].tolist()}...): delete its counts artifact folder and rerun"
+        )
+    return offsets
+
+
+def slice_rows(name: str, data: pa.Buffer) -> list[pa.RecordBatch]:
+    """The record batches (PIECE_SCHEMA) in ``data``, one slice of piece ``name``.
+    Raises ValueError, naming the piece, when they cannot be read."""
+    reader = pa.ipc.MessageReader.open_stream(data)
+    batches = []
+    try:
+        while True:
+            batches.append(pa.ipc.read_record_batch(reader.read_next_message(), PIECE_SCHEMA))
+    except StopIteration:
+        return batches
+    # Parsing bytes in memory: ArrowInvalid, or a plain OSError for a bad length.
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(
+            f"{name}: a slice cannot be read ({e}): delete its counts artifact folder and rerun"
+        ) from e
+
+
 def gather(
-    n_pieces: int,
+    names: Sequence[str],
     n_slices: int,
     read_ranges: Callable[[list[tuple[int, int, int]]], list[bytes]],
 ) -> Iterator[pa.Table]:
-    """One output shard from ``n_pieces`` encoded pieces (``encode_piece``), slice by
+    """One output shard from the encoded pieces ``names`` (``piece_bytes``), slice by
     slice: slice r of every piece, sorted by ``PART_ORDER``, key dropped; each yielded
     table has MIXTURE_SCHEMA and at least one row. Together they are every piece's rows
     in the part's order, since a slice is a range of keys.
 
-    ``read_ranges`` takes (piece, start, end) triples and returns those byte ranges of
-    those pieces, in order. Memory holds one slice of every piece (about SLICE_BYTES),
-    never the part."""
-    heads = read_ranges([(p, 0, header_bytes(n_slices)) for p in range(n_pieces)])
-    offsets = [np.frombuffer(h, dtype="<u8").astype(np.int64) for h in heads]
+    ``read_ranges`` takes (piece index, start, end) triples and returns those byte
+    ranges, in order. Memory holds one slice of every piece (about SLICE_BYTES) plus
+    what was read ahead (at most ``READ_AHEAD_BYTES``, or one slice of a piece larger
+    than its share), never the part."""
+    heads = read_ranges([(p, 0, header_bytes(n_slices)) for p in range(len(names))])
+    offsets = [slice_offsets(n, h, n_slices) for n, h in zip(names, heads, strict=True)]
+    share = max(1, READ_AHEAD_BYTES // max(1, len(names)))
+    held: list[tuple[int, pa.Buffer]] = [(0, pa.py_buffer(b""))] * len(names)  # (from, bytes)
+    held_to = [0] * len(names)  # slices below this index are in held[p]
     for r in range(n_slices):
-        wanted = [(p, int(o[r]), int(o[r + 1])) for p, o in enumerate(offsets) if o[r + 1] > o[r]]
-        if not wanted:
-            continue
-        batches = [
-            pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), PIECE_SCHEMA)
-            for data in read_ranges(wanted)
-        ]
-        table = pa.Table.from_batches(batches, PIECE_SCHEMA).sort_by(PART_ORDER)
-        yield table.drop_columns(["key"]).combine_chunks()
+        wanted = []  # (piece, first slice, end slice) to read now
+        for p, o in enumerate(offsets):
+            if o[r + 1] > o[r] and held_to[p] <= r:
+                end = r + 1
+                while end < n_slices and o[end + 1] - o[r] <= share:
+                    end += 1
+                wanted.append((p, r, end))
+        ranges = [(p, int(offsets[p][a]), int(offsets[p][b])) for p, a, b in wanted]
+        for (p, a, b), data in zip(wanted, read_ranges(ranges) if ranges else [], strict=True):
+            held[p], held_to[p] = (int(offsets[p][a]), pa.py_buffer(data)), b
+        batches = []
+        for p, o in enumerate(offsets):
+            if o[r + 1] > o[r]:
+                start, data = held[p]
+                batches += slice_rows(names[p], data.slice(o[r] - start, o[r + 1] - o[r]))
+        if batches:
+            table = pa.Table.from_batches(batches, PIECE_SCHEMA).sort_by(PART_ORDER)
+            yield table.drop_columns(["key"]).combine_chunks()
 
 
 def write_part(slices: Iterable[pa.Table], sink: BinaryIO) -> int:

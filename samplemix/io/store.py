@@ -155,11 +155,12 @@ def write_stream(fs: fsspec.AbstractFileSystem, path: str, fill: Callable[[Binar
     f = fs.open(path, "wb", block_size=8 << 20)
     try:
         result = fill(f)
+        f.close()  # completes the upload
     except BaseException:
-        f.discard()  # abort the upload: nothing is published
-        f.closed = True  # else closing it (when collected) would upload what it holds
+        f.closed = True  # first: closing it (when collected) would publish what it holds
+        with contextlib.suppress(Exception):  # the error to report is the one above
+            f.discard()  # abort the upload; one left behind is never visible
         raise
-    f.close()
     return result
 
 
@@ -234,16 +235,19 @@ class Location:
             "that the server is up, and the network"
         )
 
-    def _retry(self, op: Callable[[], T], url: str) -> T:
+    def _retry(self, op: Callable[[], T], url: str, ours: type[Exception] | None = None) -> T:
         """``op()``, tried again after 0.5, 1, 2, 4, 8… s (capped at 15 s) while it fails
         transiently, at most ``retries`` times. A missing file raises FileNotFoundError
-        (the caller's to handle); other failures raise StoreError."""
+        (the caller's to handle); other failures raise StoreError, except those not of
+        type ``ours`` when given (an op that also computes: its errors are not ours)."""
         for attempt in range(self.retries + 1):
             try:
                 return op()
             except (FileNotFoundError, StoreError):  # StoreError: explained where it failed
                 raise
             except Exception as e:  # noqa: BLE001 - classified by transient()
+                if ours is not None and not isinstance(e, ours):
+                    raise
                 if not transient(e) or attempt == self.retries:
                     raise self._explain(e, url) from e
                 time.sleep(min(0.5 * 2**attempt, 15.0))
@@ -436,10 +440,10 @@ class Store(Location):
         paths = [self._path(k, name) for k, name, _, _ in ranges]
         starts = [start for _, _, start, _ in ranges]
         ends = [end for _, _, _, end in ranges]
-        return self._retry(
-            lambda: self.fs.cat_ranges(paths, starts, ends, on_error="raise"),
-            self._url(paths[0]),
-        )
+        folders = sorted({p.rsplit("/", 2)[0] for p in paths})  # the stages read
+        where = self._url(paths[0]) if len(paths) == 1 else f"{len(paths)} files under "
+        where += "" if len(paths) == 1 else ", ".join(self._url(f) for f in folders)
+        return self._retry(lambda: self.fs.cat_ranges(paths, starts, ends, on_error="raise"), where)
 
     def get_arrays(self, key: Key, name: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(self._read(self._path(key, name))), allow_pickle=False) as z:
@@ -552,9 +556,11 @@ class Output(Location):
 
     def put_stream(self, name: str, fill: Callable[[BinaryIO], T]) -> T:
         """Write file ``name`` by ``fill(f)`` (``write_stream``), the whole of it tried
-        again while it fails transiently; returns what ``fill`` returns."""
+        again while it fails transiently; returns what ``fill`` returns. I/O errors are
+        explained as the output's (StoreError); anything else ``fill`` raises is raised
+        as it is."""
         path = f"{self._base}/{name}"
-        return self._retry(lambda: write_stream(self.fs, path, fill), self._url(path))
+        return self._retry(lambda: write_stream(self.fs, path, fill), self._url(path), OSError)
 
     def manifest(self) -> dict[str, Any] | None:
         return self._json(f"{self._base}/{self.MANIFEST}")

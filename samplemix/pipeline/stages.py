@@ -114,11 +114,11 @@ def run_tokens(shard: Shard, cfg: Config, store: Store, key: Key) -> dict:
 
 def run_ids(tokens: list[Key], n_docs: int, cfg: Config, store: Store, key: Key) -> dict:
     """Documents whose id another document has, resolved by ``corpus.duplicate_ids``
-    (ids.py), from every shard's id hashes (``tokens``, in shard order; ``n_docs`` in
+    (io/duplicate_ids.py), from every shard's id hashes (``tokens``, in shard order; ``n_docs`` in
     all), in passes that bound what it holds (``duplicate_ids.pass_count``).
 
-    Writes duplicates.parquet (ids.DUPLICATES_SCHEMA). Summary: dropped, renamed,
-    dropped_tokens, each {shard: count} over the shards that have any.
+    Writes duplicates.parquet (duplicate_ids.DUPLICATES_SCHEMA). Summary: dropped,
+    renamed, dropped_tokens, each {shard: count} over the shards that have any.
     """
 
     def rows_of(i: int, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -135,7 +135,7 @@ def run_ids(tokens: list[Key], n_docs: int, cfg: Config, store: Store, key: Key)
     dropped: Counter[str] = Counter()
     renamed: Counter[str] = Counter()
     dropped_tokens: Counter[str] = Counter()
-    position_of = {name: i for i, name in enumerate(shards)}
+    shard_index = {name: i for i, name in enumerate(shards)}
     rows = table.to_pydict()
     drops: dict[str, list[int]] = {}
     for shard, position, action in zip(
@@ -147,7 +147,7 @@ def run_ids(tokens: list[Key], n_docs: int, cfg: Config, store: Store, key: Key)
         else:
             renamed[shard] += 1
     for shard, positions in drops.items():
-        index = store.get_table(tokens[position_of[shard]], "index.parquet", columns=["tokens"])
+        index = store.get_table(tokens[shard_index[shard]], "index.parquet", columns=["tokens"])
         dropped_tokens[shard] = int(index.column("tokens").to_numpy()[positions].sum())
     return store.commit(
         key,
@@ -708,7 +708,7 @@ def run_counts(
         columns = ["id", "domain", "quality", "diversity", "weight"]
         mix_docs = plan.select(columns).append_column("text", text)
         for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
-            store.put_bytes(key, piece_name(b), materialise.encode_piece(part, budget["slices"]))
+            store.put_bytes(key, piece_name(b), materialise.piece_bytes(part, budget["slices"]))
             buckets.append(b)
     summary = _counts_summary(plan, kept_ids, rates, cfg)
     return store.commit(key, {**summary, "buckets": buckets})
@@ -769,13 +769,13 @@ def run_gather(
     in ``slices`` slices (the budget's), streamed to the output (``key``: the output's,
     which the output's manifest records). Summary: rows."""
     name = piece_name(bucket)
+    urls = [store.url(ck, name) for ck in counts_keys]
 
     def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
         return store.get_ranges([(counts_keys[p], name, a, b) for p, a, b in ranges])
 
     def fill(f: BinaryIO) -> int:
-        parts = materialise.gather(len(counts_keys), slices, read_ranges)
-        return materialise.write_part(parts, f)
+        return materialise.write_part(materialise.gather(urls, slices, read_ranges), f)
 
     return {"rows": out.put_stream(f"mixture/part-{bucket:05d}.parquet", fill)}
 
