@@ -23,7 +23,14 @@ from s3 import KEY, REGION, SECRET, FlakyProxy, MotoServer, free_port, s3_storag
 from flows.mix import run_mix
 from samplemix.config import load_config
 from samplemix.io.corpus import CorpusError, discover_shards, read_docs
-from samplemix.io.store import KILL_BEFORE_COMMIT, Store, StoreError, artifact_key, transient
+from samplemix.io.store import (
+    KILL_BEFORE_COMMIT,
+    Output,
+    Store,
+    StoreError,
+    artifact_key,
+    transient,
+)
 from samplemix.pipeline import keys, stages
 from samplemix.pipeline.plan import plan_steps
 
@@ -201,6 +208,30 @@ def test_outage_is_retried_with_backoff(proxy: FlakyProxy) -> None:
     store.commit(key, {"docs": 6})
     assert store.summary(key) == {"docs": 6}
     np.testing.assert_array_equal(store.get_array(key, "embeddings.npy"), np.arange(6.0))
+
+
+def test_a_part_cut_off_mid_upload_is_written_again_whole(
+    moto: MotoServer, proxy: FlakyProxy
+) -> None:
+    """The link goes down for 12 s after the first 8 MiB upload part of a 20 MiB part:
+    s3fs's own retries give up, the upload is dropped, and the whole part is written
+    again once the link is back; readers see the whole file, never a piece of it."""
+    out = Output("s3://mix/cut", s3_storage_options(proxy.endpoint), retries=6)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    tries = []
+
+    def fill(f) -> int:  # noqa: ANN001 - a binary file object
+        tries.append(len(tries))
+        for i in range(20):
+            f.write(chunk)
+            if len(tries) == 1 and i == 9:  # one 8 MiB part has gone up
+                proxy.down_for(12.0)
+        return 20
+
+    assert out.put_stream("mixture/part-00000.parquet", fill) == 20
+    assert len(tries) >= 2
+    direct = Output("s3://mix/cut", moto.storage_options())
+    assert direct.fs.cat_file("mix/cut/mixture/part-00000.parquet") == chunk * 20
 
 
 def test_corpus_read_during_an_outage_is_retried_not_skipped(

@@ -238,19 +238,21 @@ class Location:
     def _retry(self, op: Callable[[], T], url: str, ours: type[Exception] | None = None) -> T:
         """``op()``, tried again after 0.5, 1, 2, 4, 8… s (capped at 15 s) while it fails
         transiently, at most ``retries`` times. A missing file raises FileNotFoundError
-        (the caller's to handle); other failures raise StoreError, except those not of
-        type ``ours`` when given (an op that also computes: its errors are not ours)."""
+        (the caller's to handle); other failures raise StoreError, except permanent ones
+        not of type ``ours`` when given (an op that also computes: those are not the
+        store's, and are raised as they are)."""
         for attempt in range(self.retries + 1):
             try:
                 return op()
             except (FileNotFoundError, StoreError):  # StoreError: explained where it failed
                 raise
             except Exception as e:  # noqa: BLE001 - classified by transient()
-                if ours is not None and not isinstance(e, ours):
+                if transient(e) and attempt < self.retries:
+                    time.sleep(min(0.5 * 2**attempt, 15.0))
+                    continue
+                if ours is not None and not transient(e) and not isinstance(e, ours):
                     raise
-                if not transient(e) or attempt == self.retries:
-                    raise self._explain(e, url) from e
-                time.sleep(min(0.5 * 2**attempt, 15.0))
+                raise self._explain(e, url) from e
         raise AssertionError("unreachable")
 
     def check(self) -> None:
