@@ -288,12 +288,12 @@ class KMeansConfig(_Section):
         64, gt=0, description="Fit sample: this many embeddings per centroid, at most"
     )
     # 64 x 4,096 (auto_k's cap): the auto K always gets its 64 points per centroid, and
-    # the fit holds at most 262,144 x dim float32 (384 MiB for MiniLM) whatever N.
+    # the fit holds at most 262,144 x dim float16 (192 MiB for MiniLM) whatever N.
     max_sample: int = Field(
         262_144,
         gt=0,
         description="Fit sample: this many embeddings at most, whatever N and K (bounds "
-        "the fit's memory, max_sample x dim x 4 bytes, and time)",
+        "the fit's memory, max_sample x dim x 2 bytes, and time)",
     )
     niter: int = Field(20, gt=0)
     nredo: int = Field(3, gt=0, description="Restarts from random centroids; best fit wins")

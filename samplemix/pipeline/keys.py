@@ -32,7 +32,8 @@ VERSIONS = {
     # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
     # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
     "embed": "3",
-    "kmeans": "2",  # 2: the sample's size bounded (max_sample), its rows read alone
+    # 2: the sample's size bounded (max_sample), its rows read alone; 3: fit on float16
+    "kmeans": "3",
     "assign": "1",
     "clusters": "1",
     "ranks": "1",

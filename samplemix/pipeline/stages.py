@@ -477,7 +477,8 @@ def run_kmeans(
         if len(rows):
             vectors = store.get_rows(emb, "embeddings.npy", rows)
             if sample is None:
-                sample = np.empty((sum(len(r) for r, _ in picks), vectors.shape[1]), np.float32)
+                # float16, as the fit holds it (kmeans.fit_centroids): half the memory.
+                sample = np.empty((sum(len(r) for r, _ in picks), vectors.shape[1]), np.float16)
             sample[slots] = vectors
     if sample is None:
         raise ValueError("no embeddings to fit k-means on")
