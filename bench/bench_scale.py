@@ -164,7 +164,8 @@ class ProcessTree:
     """Samples process ``root`` and its descendants every ``every`` s until the context
     exits. ``seen[(pid, start time)]``: class, command line, peak RSS, when the peak was
     first seen (``peak_at_s``, seconds since the sampling began: the run's log says
-    which stage was running then) and CPU-s (user + system) as last sampled."""
+    which stage was running then), the RSS over time (``rss_timeline``: (s, bytes)
+    whenever it moved by 4 MiB) and CPU-s (user + system) as last sampled."""
 
     def __init__(self, root: int, every: float = 0.5) -> None:
         self.root, self.every = root, every
@@ -191,11 +192,17 @@ class ProcessTree:
                         }
                     times = proc.cpu_times()
                     rss = peak_rss(proc.pid)
+                    resident = proc.memory_info().rss
             except (psutil.Error, OSError, StopIteration):  # gone meanwhile
                 continue
-            if rss > self.seen[key].get("peak_rss", 0):
-                self.seen[key]["peak_at_s"] = round(time.perf_counter() - self.t0, 1)
-            self.seen[key] |= {"cpu_s": times.user + times.system, "peak_rss": rss}
+            seen, now = self.seen[key], round(time.perf_counter() - self.t0, 1)
+            if rss > seen.get("peak_rss", 0):
+                seen["peak_at_s"] = now
+            # The resident set over time, a point whenever it moved by 4 MiB or more.
+            timeline = seen.setdefault("rss_timeline", [])
+            if not timeline or abs(resident - timeline[-1][1]) >= 4 * MiB:
+                timeline.append((now, resident))
+            seen |= {"cpu_s": times.user + times.system, "peak_rss": rss}
 
     def _run(self) -> None:
         while not self._stop.is_set():
