@@ -134,7 +134,7 @@ class DaskExecutor:
         launched, gpu, calls = handle
         results = _collect(launched, stage.name, gpu, self.cfg.compute)
         for r, c in zip(results, calls, strict=True):
-            r["key"] = c.key  # the walk's own: a worker's result brings a copy of each key
+            r["key"] = c.key  # the walk's own, not a copy (call_result)
         return results
 
     def unknown(self, stage: Stage, shards: list[str | None], reason: str) -> None:

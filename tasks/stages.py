@@ -3,7 +3,7 @@ group of consecutive per-shard calls (``label`` then names the first and how man
 
 The task serves a committed artifact from the store instead of recomputing it (the run
 then ends in a ``Cached`` state, as the UI shows it), retries I/O failures, and returns
-each call's summary with ``key``, ``cached`` and ``seconds`` added (walk.call_result).
+each call's summary with ``cached`` and ``seconds`` added (walk.call_result).
 No maths here.
 """
 

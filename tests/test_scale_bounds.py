@@ -4,6 +4,7 @@ bytes (``output.max_part_bytes``), and a k-means fit on a sample bounded whateve
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 from collections.abc import Callable
@@ -508,3 +509,25 @@ def test_the_scheduler_keeps_no_history_of_the_tasks_it_sent(cluster: dict) -> N
             }
         )
     assert kept and max(kept.values()) <= 10, kept
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="glibc only")
+def test_free_memory_left_in_the_heap_is_handed_back() -> None:
+    """What earlier tasks freed stays in glibc's heap (small blocks, the heap's top held
+    by a block still in use) until release_free_memory hands it back."""
+    blocks = [bytearray(48 << 10) for _ in range(4096)]  # 192 MiB in heap-sized blocks
+    top = bytearray(48 << 10)  # allocated last: the heap cannot shrink past it
+    before = _rss_mib()
+    del blocks
+    gc.collect()
+    held = _rss_mib()
+    stages.release_free_memory()
+    after = _rss_mib()
+    assert held > before - 32  # freed, yet still held by the process
+    assert after < held - 128  # most of the 192 MiB handed back
+    del top

@@ -58,15 +58,16 @@ class Executor(Protocol):
 
 
 def call_result(stage: Stage, call: Call, store: Store, cached: dict | None = None) -> dict:
-    """Call ``call`` of ``stage``: its summary with ``key``, ``cached`` (served from the
-    store: ``cached`` given, or committed meanwhile by another run) and ``seconds``
-    (wall time computing it, 0 when cached)."""
+    """Call ``call`` of ``stage``: its summary with ``cached`` (served from the store:
+    ``cached`` given, or committed meanwhile by another run) and ``seconds`` (wall time
+    computing it, 0 when cached). Not the key, which the executor adds: a worker's
+    result would bring a copy of it, and a reduce's key lists every shard's."""
     hit = cached if cached is not None else store.summary(call.key)
     if hit is not None:
-        return {**hit, "key": call.key, "cached": True, "seconds": 0.0}
+        return {**hit, "cached": True, "seconds": 0.0}
     t0 = time.perf_counter()
     result = stage.run(*call.args, store, call.key)
-    return {**result, "key": call.key, "cached": False, "seconds": time.perf_counter() - t0}
+    return {**result, "cached": False, "seconds": time.perf_counter() - t0}
 
 
 class Walk:
@@ -255,7 +256,8 @@ class InProcess:
 
     def submit(self, stage: Stage, calls: list[Call], cached: list[dict | None]) -> list[dict]:
         return [
-            call_result(stage, c, self.store, hit) for c, hit in zip(calls, cached, strict=True)
+            {**call_result(stage, c, self.store, hit), "key": c.key}
+            for c, hit in zip(calls, cached, strict=True)
         ]
 
     def collect(self, stage: Stage, handle: list[dict]) -> list[dict]:
