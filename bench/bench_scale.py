@@ -292,7 +292,7 @@ def measured_run(
         "expected_mixture_bytes": json.loads(budget.read_text())["summary"]["expected_bytes"],
         "store_bytes": du_bytes(out / "store"),
         "store_files": sum(len(files) for _, _, files in os.walk(out / "store")),
-        "scatter_files": sum(1 for _ in (out / "store" / "counts").glob("*/bucket-*.arrows")),
+        "scatter_files": sum(1 for _ in (out / "store" / "counts").glob("*/pieces.arrows")),
         "mixture_rows": summary["mixture_rows"],
         "processes": sorted(procs, key=lambda p: p["pid"]),
     }

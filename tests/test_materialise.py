@@ -22,7 +22,10 @@ from samplemix.io.mixture_shards import (
     copy_keys,
     gather,
     header_bytes,
+    index_bytes,
     piece_bytes,
+    piece_span,
+    pieces_file,
     scatter,
     slice_count,
     slice_of,
@@ -291,6 +294,28 @@ def test_a_damaged_piece_is_named() -> None:
     cut = piece[: header_bytes(4)] + b"\xff" * (len(piece) - header_bytes(4))
     with pytest.raises(ValueError, match="p0: a slice cannot be read"):
         list(gather(["p0"], 4, reader([cut])))
+
+
+def test_a_shards_pieces_file_holds_each_bucket_at_its_span() -> None:
+    """One file per shard: bucket b's piece is the range its index entry names, an
+    empty range where the shard has no copies in b."""
+    counts = np.arange(40) % 4  # 60 copies in 64 buckets: some hold none
+    pieces = {b: piece_bytes(t, 2) for b, t in scatter(docs_table(40), counts, 64, 3).items()}
+    assert 1 < len(pieces) < 64
+    data = pieces_file(pieces, 64)
+    assert len(data) == index_bytes(64) + sum(len(p) for p in pieces.values())
+    for b in range(64):
+        start, end = piece_span("f", data[8 * b : 8 * b + 16], 64)
+        assert data[start:end] == pieces.get(b, b"")
+    empty = pieces_file({}, 3)
+    assert [piece_span("f", empty[8 * b : 8 * b + 16], 3) for b in range(3)] == [(32, 32)] * 3
+
+
+def test_a_damaged_pieces_index_is_named() -> None:
+    name = "s3://x/counts/k/pieces.arrows"
+    for entry in ([8, 100], [200, 100]):  # inside the index; ending before it starts
+        with pytest.raises(ValueError, match=f"{name} is not a pieces file of 4 mixture parts"):
+            piece_span(name, np.array(entry, "<u8").tobytes(), 4)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@
 A bucketed shuffle that never holds the mixture, nor one part of it, in one place:
 every copy of a document gets a 64-bit key from (seed, id, copy); ``scatter`` sends it
 to bucket key mod B from its source shard, sorted by key; ``piece_bytes`` stores each
-bucket's piece in slices (ranges of the key's top bits); ``gather`` reads slice r of
-every piece of a bucket, sorts it and writes it as the part's row group r. Memory per
+bucket's piece in slices (ranges of the key's top bits), and ``pieces_file`` all of a
+shard's pieces in one file (one file per shard, not per shard and part: 7,400 parts at
+10^9 documents); ``gather`` reads slice r of every shard's piece of a bucket, sorts it
+and writes it as the part's row group r. Memory per
 worker is one slice of a part (about ``SLICE_BYTES``), and the order is the same
 whatever the sharding or worker count. B comes from the bytes the copies will weigh
 (``bucket_count``), so a part's size is bounded in bytes whatever the corpus's size or
@@ -166,6 +168,36 @@ def piece_bytes(piece: pa.Table, n_slices: int) -> bytes:
     head = header_bytes(n_slices)
     header = (np.array(offsets, dtype="<u8") + np.uint64(head)).tobytes()
     return header + sink.getvalue().to_pybytes()
+
+
+def index_bytes(n_buckets: int) -> int:
+    """The length of a shard's pieces file's index: n_buckets + 1 offsets."""
+    return 8 * (n_buckets + 1)
+
+
+def pieces_file(pieces: dict[int, bytes], n_buckets: int) -> bytes:
+    """A shard's pieces (bucket -> ``piece_bytes``) as one file: an index of n_buckets + 1
+    little-endian uint64 byte offsets, then the pieces in bucket order; bucket b's piece
+    is the bytes from offset b to offset b + 1 (an empty range where it has none)."""
+    sizes = np.zeros(n_buckets, np.int64)
+    for b, data in pieces.items():
+        sizes[b] = len(data)
+    offsets = index_bytes(n_buckets) + np.concatenate([[0], np.cumsum(sizes)])
+    body = b"".join(pieces[b] for b in sorted(pieces))
+    return offsets.astype("<u8").tobytes() + body
+
+
+def piece_span(name: str, entry: bytes, n_buckets: int) -> tuple[int, int]:
+    """(start, end) of a bucket's piece in the pieces file ``name``, from its index
+    entry ``entry`` (16 bytes: offsets b and b + 1). Raises ValueError, naming the file,
+    when the entry cannot be one of an index of ``n_buckets`` buckets."""
+    span = np.frombuffer(entry, dtype="<u8").astype(np.int64)
+    if len(entry) != 16 or span[0] < index_bytes(n_buckets) or span[1] < span[0]:
+        raise ValueError(
+            f"{name} is not a pieces file of {n_buckets} mixture parts (an index entry: "
+            f"{span.tolist()}): delete its counts artifact folder and rerun"
+        )
+    return int(span[0]), int(span[1])
 
 
 def slice_offsets(name: str, header: bytes, n_slices: int) -> np.ndarray:

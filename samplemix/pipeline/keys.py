@@ -42,8 +42,9 @@ VERSIONS = {
     "budget": "3",
     # 3: the documents that hold most of the rounding spread; 4: the report's sample
     # drawn at a rate per domain (stages.report_rates), not 500 per shard; 5: copies
-    # stored in slices (mixture_shards.piece_bytes), not one Parquet table per part
-    "counts": "5",
+    # stored in slices (mixture_shards.piece_bytes), not one Parquet table per part;
+    # 6: a shard's pieces in one file (mixture_shards.pieces_file)
+    "counts": "6",
     "output": "2",  # 2: a part's row groups are its slices (ranges of keys)
 }
 

@@ -722,16 +722,16 @@ def run_counts(
     n = mixing.realised_counts(c, kept_ids, cfg.mixing.seed)
     plan = plan.add_column(6, "expected_count", pa.array(c)).add_column(7, "count", pa.array(n))
     store.put_table(key, "plan.parquet", plan)
-    buckets: list[int] = []
+    pieces = {}
     if n.any():
         text = read_docs(shard, cfg).docs.column("text").filter(pa.array(keep))
         columns = ["id", "domain", "quality", "diversity", "weight"]
         mix_docs = plan.select(columns).append_column("text", text)
-        for b, part in materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed).items():
-            store.put_bytes(key, piece_name(b), materialise.piece_bytes(part, budget["slices"]))
-            buckets.append(b)
+        scattered = materialise.scatter(mix_docs, n, budget["buckets"], cfg.mixing.seed)
+        pieces = {b: materialise.piece_bytes(t, budget["slices"]) for b, t in scattered.items()}
+        store.put_bytes(key, PIECES, materialise.pieces_file(pieces, budget["buckets"]))
     summary = _counts_summary(plan, kept_ids, rates, cfg)
-    return store.commit(key, {**summary, "buckets": buckets})
+    return store.commit(key, {**summary, "pieces": len(pieces)})
 
 
 def _counts_summary(plan: pa.Table, ids: list[str], rates: dict[str, float], cfg: Config) -> dict:
@@ -777,23 +777,39 @@ def _counts_summary(plan: pa.Table, ids: list[str], rates: dict[str, float], cfg
     }
 
 
-def piece_name(bucket: int) -> str:
-    """The counts artifact's file holding its copies in mixture part ``bucket``."""
-    return f"bucket-{bucket:05d}.arrows"
+#: The counts artifact's file of its copies, one piece per mixture part that has any
+#: (``mixture_shards.pieces_file``).
+PIECES = "pieces.arrows"
 
 
 def run_gather(
-    bucket: int, counts_keys: list[Key], slices: int, out: Output, store: Store, key: Key
+    bucket: int,
+    counts_keys: list[Key],
+    buckets: int,
+    slices: int,
+    out: Output,
+    store: Store,
+    key: Key,
 ) -> dict:
-    """Write mixture shard ``bucket`` from the counts artifacts that hold copies in it,
-    in ``slices`` slices (the budget's), streamed to the output (``key``: the output's,
-    which the output's manifest records). Summary: rows."""
+    """Write mixture part ``bucket`` of ``buckets`` from the pieces of the counts
+    artifacts ``counts_keys`` (those that hold copies), in ``slices`` slices (the
+    budget's), streamed to the output (``key``: the output's, which the output's
+    manifest records). Summary: rows."""
     release_free_memory()  # the gather holds slices of a part of up to max_part_bytes
-    name = piece_name(bucket)
-    urls = [store.url(ck, name) for ck in counts_keys]
+    entries = store.get_ranges([(ck, PIECES, 8 * bucket, 8 * bucket + 16) for ck in counts_keys])
+    holders, spans, urls = [], [], []
+    for ck, entry in zip(counts_keys, entries, strict=True):
+        url = store.url(ck, PIECES)
+        start, end = materialise.piece_span(url, entry, buckets)
+        if end > start:
+            holders.append(ck)
+            spans.append(start)
+            urls.append(url)
 
     def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
-        return store.get_ranges([(counts_keys[p], name, a, b) for p, a, b in ranges])
+        return store.get_ranges(
+            [(holders[p], PIECES, spans[p] + a, spans[p] + b) for p, a, b in ranges]
+        )
 
     def fill(f: BinaryIO) -> int:
         return materialise.write_part(materialise.gather(urls, slices, read_ranges), f)
