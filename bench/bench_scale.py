@@ -419,11 +419,9 @@ def projection(first: dict, last: dict, args: argparse.Namespace, max_part_bytes
             calls = round(calls * shards / last["shards"])
         runs[stage] = len(task_groups(calls, None))
 
-    # Each shard's counts write one file per part that holds copies of its documents
-    # (hashed: occupied buckets of ``parts`` after ``copies`` throws), and the flow holds
-    # one entry per such file to gather the parts.
-    copies = last["mixture_rows"] / last["docs"] * args.shard_docs
-    scatter = shards * parts * -math.expm1(copies * math.log1p(-1 / parts)) if parts > 1 else shards
+    # Each shard's counts write one pieces file (every part's copies); each part's writer
+    # reads an index entry and a piece from every shard with copies: shards x parts reads.
+    reads = shards * parts
     other_files = (last["store_files"] - last["scatter_files"]) * scale
 
     def memory(cls: str) -> str:
@@ -447,9 +445,9 @@ def projection(first: dict, last: dict, args: argparse.Namespace, max_part_bytes
             + f" ({sum(runs.values()):,} in all)",
             f"- mixture parts of {max_part_bytes / MiB:g} MiB: {parts:,}",
             f"- store: {last['store_bytes'] * scale / 2**40:,.2f} TiB (linear in N); files: "
-            f"{other_files:,.0f} (linear) + {scatter:,.3g} scatter files of counts (one per "
-            f"shard and part that holds any of its ~{copies:,.0f} copies; the flow holds an "
-            "entry per scatter file to gather the parts)",
+            f"{other_files:,.0f} (linear) + {shards:,} pieces files of counts (one per "
+            f"shard); the parts' writers read {reads:,.3g} pieces (shards x parts: use "
+            "larger shards at this size)",
         ]
     )
 

@@ -313,9 +313,10 @@ def test_a_shards_pieces_file_holds_each_bucket_at_its_span() -> None:
 
 def test_a_damaged_pieces_index_is_named() -> None:
     name = "s3://x/counts/k/pieces.arrows"
-    for entry in ([8, 100], [200, 100]):  # inside the index; ending before it starts
+    inside, backwards = np.array([8, 100], "<u8").tobytes(), np.array([200, 100], "<u8").tobytes()
+    for entry in (inside, backwards, inside[:12]):  # the last: a file cut in its index
         with pytest.raises(ValueError, match=f"{name} is not a pieces file of 4 mixture parts"):
-            piece_span(name, np.array(entry, "<u8").tobytes(), 4)
+            piece_span(name, entry, 4)
 
 
 @pytest.mark.parametrize(
@@ -334,3 +335,32 @@ def test_a_damaged_pieces_index_is_named() -> None:
 def test_bucket_count_by_rows(expected_rows: float, rows_per_shard: int, buckets: int) -> None:
     # The optional rows bound (output.rows_per_shard) alone: no bytes to hold.
     assert bucket_count(0.0, 1, expected_rows, rows_per_shard) == buckets
+
+
+def test_a_part_is_written_from_each_shards_span_and_a_damaged_one_is_named(tmp_path) -> None:  # noqa: ANN001
+    """run_gather reads each shard's piece of the part from its pieces file; an index
+    entry that cuts a piece short fails naming the file instead of reading the next one."""
+    from samplemix.io.store import Output, Store, artifact_key
+    from samplemix.pipeline.stages import PIECES, run_gather
+
+    store, out = Store(str(tmp_path / "store")), Output(str(tmp_path / "out"))
+    docs, counts = docs_table(40), np.arange(40) % 4
+    shards = [(docs.slice(0, 25), counts[:25]), (docs.slice(25), counts[25:])]
+    keys, files = [], []
+    for i, (d, c) in enumerate(shards):
+        pieces = {b: piece_bytes(t, 2) for b, t in scatter(d, c, 3, seed=5).items()}
+        keys.append(artifact_key("counts", "6", f"s{i}", rows=d.num_rows, first=i * 25))
+        files.append(pieces_file(pieces, 3))
+        store.put_bytes(keys[-1], PIECES, files[-1])
+    whole = shuffle(shards, 3, seed=5, n_slices=2)
+    out_key = artifact_key("output", "2")
+    for b in range(3):
+        assert run_gather(b, keys, 3, 2, out, store, out_key) == {"rows": whole[b].num_rows}
+        got = pq.read_table(tmp_path / "out" / "mixture" / f"part-{b:05d}.parquet")
+        assert got.equals(whole[b])
+    index = np.frombuffer(files[1][: index_bytes(3)], "<u8").copy()
+    index[1] -= 10  # shard 1's piece of part 0 ends 10 bytes short (part 1's starts there)
+    damaged = index.tobytes() + files[1][index_bytes(3) :]
+    store.put_bytes(keys[1], PIECES, damaged)
+    with pytest.raises(ValueError, match=f"{store.url(keys[1], PIECES)}: the piece of part 0 ends"):
+        run_gather(0, keys, 3, 2, out, store, out_key)

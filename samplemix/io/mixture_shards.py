@@ -183,28 +183,28 @@ def pieces_file(pieces: dict[int, bytes], n_buckets: int) -> bytes:
     for b, data in pieces.items():
         sizes[b] = len(data)
     offsets = index_bytes(n_buckets) + np.concatenate([[0], np.cumsum(sizes)])
-    body = b"".join(pieces[b] for b in sorted(pieces))
-    return offsets.astype("<u8").tobytes() + body
+    return b"".join([offsets.astype("<u8").tobytes(), *(pieces[b] for b in sorted(pieces))])
 
 
 def piece_span(name: str, entry: bytes, n_buckets: int) -> tuple[int, int]:
     """(start, end) of a bucket's piece in the pieces file ``name``, from its index
     entry ``entry`` (16 bytes: offsets b and b + 1). Raises ValueError, naming the file,
     when the entry cannot be one of an index of ``n_buckets`` buckets."""
-    span = np.frombuffer(entry, dtype="<u8").astype(np.int64)
-    if len(entry) != 16 or span[0] < index_bytes(n_buckets) or span[1] < span[0]:
-        raise ValueError(
-            f"{name} is not a pieces file of {n_buckets} mixture parts (an index entry: "
-            f"{span.tolist()}): delete its counts artifact folder and rerun"
-        )
-    return int(span[0]), int(span[1])
+    if len(entry) == 16:
+        start, end = (int(x) for x in np.frombuffer(entry, dtype="<u8"))
+        if index_bytes(n_buckets) <= start <= end:
+            return start, end
+    raise ValueError(
+        f"{name} is not a pieces file of {n_buckets} mixture parts (an index entry: "
+        f"{entry.hex()}): delete its counts artifact folder and rerun"
+    )
 
 
 def slice_offsets(name: str, header: bytes, n_slices: int) -> np.ndarray:
     """The n_slices + 1 byte offsets in the header of piece ``name``, int64. Raises
     ValueError, naming the piece, when the header cannot be one of n_slices slices."""
-    offsets = np.frombuffer(header, dtype="<u8").astype(np.int64)
     head = header_bytes(n_slices)
+    offsets = np.frombuffer(header[: len(header) // 8 * 8], dtype="<u8").astype(np.int64)
     if len(header) != head or offsets[0] < head or np.any(np.diff(offsets) < 0):
         raise ValueError(
             f"{name} is not a mixture piece of {n_slices} slices (its header: "

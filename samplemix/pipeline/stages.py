@@ -691,7 +691,8 @@ def run_counts(
     and d of the documents the report samples (domain d's at ``rates[d]``, drawn by a
     hash of the id: ``report_rates``), and spread: the
     ``SPREAD_DOCS`` documents with the largest rounding variance (id, shard, tokens,
-    expected, count, variance), largest first.
+    expected, count, variance), largest first; pieces: the mixture parts the shard has
+    copies in (its ``PIECES`` file is written only when there are any).
     """
     budget = store.summary(budget_key)
     assert budget is not None  # committed before the counts run
@@ -797,18 +798,25 @@ def run_gather(
     manifest records). Summary: rows."""
     release_free_memory()  # the gather holds slices of a part of up to max_part_bytes
     entries = store.get_ranges([(ck, PIECES, 8 * bucket, 8 * bucket + 16) for ck in counts_keys])
-    holders, spans, urls = [], [], []
+    holders, spans, urls = [], [], []  # spans: (start, end) of each holder's piece
     for ck, entry in zip(counts_keys, entries, strict=True):
         url = store.url(ck, PIECES)
         start, end = materialise.piece_span(url, entry, buckets)
         if end > start:
             holders.append(ck)
-            spans.append(start)
+            spans.append((start, end))
             urls.append(url)
 
     def read_ranges(ranges: list[tuple[int, int, int]]) -> list[bytes]:
+        for p, _, b in ranges:
+            if spans[p][0] + b > spans[p][1]:  # a damaged index or header
+                raise ValueError(
+                    f"{urls[p]}: the piece of part {bucket} ends at byte {spans[p][1]}, but "
+                    f"its header points to byte {spans[p][0] + b}: delete its counts "
+                    "artifact folder and rerun"
+                )
         return store.get_ranges(
-            [(holders[p], PIECES, spans[p] + a, spans[p] + b) for p, a, b in ranges]
+            [(holders[p], PIECES, spans[p][0] + a, spans[p][0] + b) for p, a, b in ranges]
         )
 
     def fill(f: BinaryIO) -> int:

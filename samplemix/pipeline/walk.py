@@ -173,7 +173,7 @@ class Built:
 
 def _write_output(w: Walk, out: Output, out_key: Key, fresh: bool) -> dict[str, list[dict]]:
     """Per output stage (``OUTPUT_STAGES``), its calls' results: the mixture's parts,
-    each written from the counts artifacts holding copies in it, the plan shard by
+    each written from the pieces of every counts artifact with copies, the plan shard by
     shard and the rejects, all started together. When the output is current (not
     ``fresh``) every call is served as cached, the parts' rows from its manifest."""
     budget = w.summary("budget")
