@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bench.procfs import status_bytes
 from samplemix.io.mixture_shards import (
     MIXTURE_SCHEMA,
     gather,
@@ -97,25 +98,17 @@ def save(mib: int, n_pieces: int, folder: Path) -> int:
     return n_slices
 
 
-def status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: its peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def child(variant: str, folder: Path, n_pieces: int, n_slices: int) -> None:
     """Write the part from the saved pieces; print the peak RSS above the RSS at the
     start (an upper bound of what writing it held: the peak may predate the start)."""
     files = [folder / f"{variant}-{i}" for i in range(n_pieces)]
-    base = status_kib("VmRSS")
+    base = status_bytes("VmRSS") // 1024
     out = folder / f"part-{variant}.parquet"
     if variant == "samplemix":
         samplemix(files, n_slices, out)
     else:
         plain(files, out)
-    peak = status_kib("VmHWM")
+    peak = status_bytes("VmHWM") // 1024
     print(json.dumps({"above_mib": (peak - base) / 1024, "file": out.stat().st_size}))
 
 

@@ -18,19 +18,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.procfs import status_bytes
 from samplemix.io import duplicate_ids
-
-
-def status_mib(field: str) -> float:
-    """A field of /proc/self/status in MiB (VmRSS: resident now; VmHWM: its peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def shard_hashes(s: int, shard_docs: int) -> np.ndarray:
@@ -47,7 +39,7 @@ def shard_hashes(s: int, shard_docs: int) -> np.ndarray:
 
 def child(variant: str, docs: int, shard_docs: int, pass_mib: int) -> None:
     n_shards = docs // shard_docs
-    base = status_mib("VmRSS")
+    base = status_bytes("VmRSS") / 2**20
     t0 = time.perf_counter()
     if variant == "plain":
         flat = np.concatenate([shard_hashes(s, shard_docs) for s in range(n_shards)])
@@ -70,7 +62,7 @@ def child(variant: str, docs: int, shard_docs: int, pass_mib: int) -> None:
         )
         found = table.num_rows
     seconds = time.perf_counter() - t0
-    out = {"above_mib": status_mib("VmHWM") - base, "s": seconds, "found": found}
+    out = {"above_mib": status_bytes("VmHWM") / 2**20 - base, "s": seconds, "found": found}
     out["passes"] = duplicate_ids.pass_count(docs) if variant != "plain" else 1
     print(json.dumps(out))
 

@@ -59,6 +59,7 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from bench.bench_evaluate import cpu
+from bench.procfs import status_bytes
 from flows.mix import TASK_RUNS_PER_STAGE, task_groups
 from samplemix.config import load_config
 from samplemix.pipeline.graph import GRAPH, OUTPUT_STAGES
@@ -141,12 +142,6 @@ def static_embedder(work: Path) -> Path:
 # ---- the process tree ---------------------------------------------------------------------
 
 
-def peak_rss(pid: int) -> int:
-    """The process's peak resident set size in bytes (VmHWM; Linux)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def process_class(proc: psutil.Process, root: int) -> str:
     """``flow`` (``root``), ``worker`` (a process a Dask nanny in ``root`` spawned),
     ``server`` (uvicorn: the Prefect server) or ``other``."""
@@ -191,7 +186,7 @@ class ProcessTree:
                             "cmdline": " ".join(proc.cmdline())[:200],
                         }
                     times = proc.cpu_times()
-                    rss = peak_rss(proc.pid)
+                    rss = status_bytes("VmHWM", proc.pid)
                     resident = proc.memory_info().rss
             except (psutil.Error, OSError, StopIteration):  # gone meanwhile
                 continue

@@ -120,27 +120,27 @@ def transient(e: BaseException) -> bool:
     return False
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see all of it or nothing: a local
-    file is written beside its place and renamed (atomic on one filesystem); an S3
-    PUT is atomic already."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+    file as ``write_stream`` writes it (beside its place, then renamed); on S3 one PUT,
+    atomic already."""
+    if _is_local(fs):
+        write_stream(fs, path, lambda f: f.write(data))
     else:
         fs.pipe_file(path, data)
 
 
 def write_stream(fs: fsspec.AbstractFileSystem, path: str, fill: Callable[[BinaryIO], T]) -> T:
     """``fill(f)`` on a file opened for writing at ``path``, published whole or not at
-    all: a local file is written beside its place and renamed; an S3 object is a
+    all: a local file is written beside its place and renamed (atomic on one
+    filesystem; the temporary file is removed if ``fill`` raises); an S3 object is a
     multipart upload, aborted if ``fill`` raises. Returns what ``fill`` returns."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
+    if _is_local(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
