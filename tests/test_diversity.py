@@ -314,3 +314,20 @@ def test_duplicate_centroids_have_zero_not_negative_separation() -> None:
 
 def test_auto_k_targets_200_docs_per_cluster_within_bounds() -> None:
     assert [auto_k(n) for n in (1, 10, 1_400, 8_400, 10**9)] == [2, 2, 7, 42, 4096]
+
+
+@pytest.mark.parametrize("how", ["nearest", "mean", "mean_nearest"])
+def test_separation_in_blocks_of_rows_matches_each_cluster_by_hand(how: str) -> None:
+    """K = 600 spans three blocks of SEPARATION_ROWS; each cluster's separation is
+    computed here from its own row of distances, one cluster at a time."""
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(600, 16)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    nonempty = rng.random(600) > 0.2
+    cfg = DiversityConfig(separation=how, m=4)
+    expected = np.zeros(600)
+    for k in np.flatnonzero(nonempty):
+        others = [j for j in np.flatnonzero(nonempty) if j != k]
+        d = np.sort([1.0 - float(np.dot(c[k].astype(np.float64), c[j])) for j in others])
+        expected[k] = {"nearest": d[0], "mean": d.mean(), "mean_nearest": d[:4].mean()}[how]
+    np.testing.assert_allclose(separation(c, nonempty, cfg), expected, rtol=1e-12, atol=1e-12)

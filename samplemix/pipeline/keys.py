@@ -32,10 +32,11 @@ VERSIONS = {
     # 3: every batch on one intra-op thread (models.batch_outputs): before, the bytes
     # under one key depended on the worker's torch thread count (bf16 on AMX: 6e-4).
     "embed": "3",
-    # 2: the sample's size bounded (max_sample), its rows read alone; 3: fit on float16
-    "kmeans": "3",
+    # 2: the sample's size bounded (max_sample), its rows read alone; 3: fit on float16;
+    # 4: decoded 8,192 rows at a time (the search's blocks change results by ulps)
+    "kmeans": "4",
     "assign": "1",
-    "clusters": "1",
+    "clusters": "2",  # 2: separation in blocks of rows (ulp-level differences)
     "ranks": "1",
     "weights": "3",  # 2: duplicate ids; 3: methods
     # 2: mixture parts from bytes (output.max_part_bytes), not rows; 3: slices per part
