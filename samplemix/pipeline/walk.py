@@ -181,8 +181,9 @@ def _write_output(w: Walk, out: Output, out_key: Key, fresh: bool) -> dict[str, 
     holders = [
         k for k, c in zip(w.keys("counts"), w.summaries("counts"), strict=True) if c["pieces"]
     ]
-    args = [(b, holders, buckets, slices, out) for b in range(buckets)]
-    parts = [Call(out_key, f"part-{a[0]:05d}", a) for a in args]
+    parts = [
+        Call(out_key, f"part-{b:05d}", (b, holders, buckets, slices, out)) for b in range(buckets)
+    ]
     rows = None if fresh else out.manifest()["summary"]["part_rows"]  # type: ignore[index]
     counts = enumerate(zip(w.shards, w.keys("counts"), strict=True))
     rejects = (w.keys("tokens"), w.keys("ids")[0], out)
